@@ -1,0 +1,213 @@
+"""kvstore's configuration: one flat set of names, read from a YAML file and the environment.
+
+Every setting has one name. In the YAML file it is a top-level key (`host_tier_bytes: 4GiB`); in
+the environment it is that name upper-cased behind `KVSTORE_` (`KVSTORE_HOST_TIER_BYTES=4GiB`).
+The environment wins over the file, the file over the defaults. The Helm chart renders its
+ConfigMap with these same names, and its tests load the rendered file with `load_config`, so
+the chart and the service cannot drift apart.
+
+`docs/configuration.md` is generated from the table below (`kvstore config --markdown`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from kvstore.errors import ConfigError
+
+ENV_PREFIX = "KVSTORE_"
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "t": 1000**4, "tb": 1000**4,
+    "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3,
+    "ti": 1024**4, "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: Any, name: str = "size") -> int:
+    """Bytes from an int or a string such as "512MiB", "4GiB", "2G" (SI) or "1048576"."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} is not a size")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{name}={value!r} is negative")
+        return value
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m and m.group(2).lower() in _SIZE_UNITS:
+            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    raise ConfigError(
+        f"{name}={value!r} is not a size; use bytes or a number with a unit such as 512MiB or 4GiB"
+    )
+
+
+def _setting(default: Any, doc: str, kind: str = "str", choices: tuple = ()) -> Any:
+    return dataclasses.field(default=default, metadata={"doc": doc, "kind": kind, "choices": choices})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """All settings of a kvstore node and service. Build with `load_config`, not by hand."""
+
+    namespace: str = _setting("default", "Tenant namespace salted into every block key; two namespaces never share a block.")
+    slot_bytes: int = _setting(2 * 1024**2, "Size of one arena slot; a layout whose block is larger is refused. Set it to your model's block size.", "size")
+    hbm_tier_bytes: int = _setting(0, "GPU memory for the HBM tier (0 disables it; needs CUDA).", "size")
+    host_tier_bytes: int = _setting(1024**3, "Shared-memory host tier per node (/dev/shm must be at least this large).", "size")
+    nvme_tier_bytes: int = _setting(0, "Size of the NVMe tier's preallocated file (0 disables it).", "size")
+    nvme_path: str = _setting("", "Directory that holds the NVMe tier's file (kvstore-blocks.dat).")
+    nvme_direct_io: bool = _setting(True, "Use O_DIRECT for the NVMe tier; falls back to buffered I/O with a warning where the filesystem refuses it.", "bool")
+    io_threads: int = _setting(4, "Threads doing NVMe reads and writes in parallel.", "int")
+    eviction_policy: str = _setting("lru", "Order in which each tier evicts: lru or s3fifo (scan-resistant).", "str", ("lru", "s3fifo"))
+    prefix_aware_eviction: bool = _setting(True, "Evict a block's children before the block itself.", "bool")
+    promote_on_hit: bool = _setting(True, "Copy a block hit in a lower tier up into the top tier.", "bool")
+    shm_prefix: str = _setting("kvstore", "Prefix of the POSIX shared-memory names of host arenas.")
+    ray_address: str = _setting("", "Ray cluster to join; empty starts an embedded local Ray.")
+    ray_namespace: str = _setting("kvstore", "Ray namespace of the controller and node actors.")
+    flight_host: str = _setting("127.0.0.1", "Address the node's Arrow Flight server binds to and advertises.")
+    flight_port: int = _setting(0, "Port of the node's Arrow Flight server (0 picks a free one).", "int")
+    http_host: str = _setting("127.0.0.1", "Address the HTTP service binds to.")
+    http_port: int = _setting(8470, "Port of the HTTP service.", "int")
+    auth_token: str = _setting("", "Shared secret for Flight and HTTP; empty generates one at start (printed once).")
+    auth_token_file: str = _setting("", "File holding the auth token (a mounted Secret); wins over auth_token.")
+    lease_ttl_s: float = _setting(30.0, "How long a handoff lease keeps its blocks pinned if never consumed.", "float")
+    event_batch_ms: int = _setting(20, "How long a node gathers block events before sending them to the controller.", "int")
+    max_request_bytes: int = _setting(1024**3, "Largest payload one data-plane request may move.", "size")
+    log_level: str = _setting("INFO", "Logging level.", "str", ("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    def __post_init__(self) -> None:
+        if self.slot_bytes <= 0:
+            raise ConfigError(f"slot_bytes={self.slot_bytes!r} must be positive")
+        if self.nvme_tier_bytes and not self.nvme_path:
+            raise ConfigError("nvme_tier_bytes is set but nvme_path is empty; name a directory for the NVMe file")
+        if self.io_threads < 1:
+            raise ConfigError(f"io_threads={self.io_threads!r} must be at least 1")
+        if not 0 <= self.flight_port <= 65535:
+            raise ConfigError(f"flight_port={self.flight_port!r} is not a port")
+        if not 0 < self.http_port <= 65535:
+            raise ConfigError(f"http_port={self.http_port!r} is not a port")
+        if self.lease_ttl_s <= 0:
+            raise ConfigError(f"lease_ttl_s={self.lease_ttl_s!r} must be positive")
+        if self.event_batch_ms < 0:
+            raise ConfigError(f"event_batch_ms={self.event_batch_ms!r} must not be negative")
+
+    def token(self) -> str:
+        """The auth token: from auth_token_file when set, else auth_token (may be empty)."""
+        if self.auth_token_file:
+            try:
+                return Path(self.auth_token_file).read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"auth_token_file={self.auth_token_file!r} cannot be read: {e.strerror}") from e
+        return self.auth_token
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    meta = FIELDS[name].metadata
+    kind = meta["kind"]
+    if kind == "size":
+        return parse_size(value, name)
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}={value!r} is not a boolean (true/false)")
+    if kind in ("int", "float"):
+        cast = int if kind == "int" else float
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} is not a number")
+        try:
+            out = cast(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}={value!r} is not {'an integer' if kind == 'int' else 'a number'}") from None
+        if kind == "int" and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{name}={value!r} is not an integer")
+        return out
+    if not isinstance(value, str):
+        raise ConfigError(f"{name}={value!r} must be a string")
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(meta['choices'])}")
+    return value
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Config:
+    """Defaults, then the YAML file at `path` (if given), then `KVSTORE_*` variables, then overrides.
+
+    Unknown keys in the file or the environment are errors (a misspelt setting must not be
+    silently ignored).
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping, not {type(data).__name__}")
+        for key, value in data.items():
+            if key not in FIELDS:
+                raise ConfigError(f"config file {str(path)!r}: unknown setting {key!r}")
+            values[key] = _coerce(key, value)
+    env = os.environ if env is None else env
+    for var, value in env.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        key = var[len(ENV_PREFIX):].lower()
+        if key not in FIELDS:
+            if key in _ENV_NOT_SETTINGS:
+                continue
+            raise ConfigError(f"environment variable {var} names no setting")
+        values[key] = _coerce(key, value)
+    for key, value in overrides.items():
+        if key not in FIELDS:
+            raise ConfigError(f"unknown setting {key!r}")
+        values[key] = _coerce(key, value)
+    return Config(**values)
+
+
+# KVSTORE_* variables that are not settings (they steer the tooling, not the service).
+_ENV_NOT_SETTINGS = {"config"}
+
+
+def markdown_table() -> str:
+    """The settings as a Markdown table, for docs/configuration.md."""
+    rows = ["| name | environment | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(Config):
+        default = f.default
+        if f.metadata["kind"] == "size":
+            default = _format_size(default)
+        choices = f" One of: {', '.join(f.metadata['choices'])}." if f.metadata["choices"] else ""
+        rows.append(
+            f"| `{f.name}` | `{ENV_PREFIX}{f.name.upper()}` | `{default!r}` | {f.metadata['doc']}{choices} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def _format_size(n: int) -> str:
+    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
