@@ -1,0 +1,103 @@
+"""Block events in the shape of vLLM's KV events, encoded with msgpack.
+
+vLLM publishes `EventBatch(ts, events)` where each event is a tagged array:
+`["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium]`,
+`["BlockRemoved", block_hashes, medium]`, `["AllBlocksCleared"]`. kvstore emits the same shapes
+(block hashes are our 16-byte keys), so a KV-aware router that consumes vLLM's events can consume
+kvstore's. A block moving between tiers is a BlockRemoved from one medium and a BlockStored on
+the other, as vLLM reports its own CPU offloading.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence, Union
+
+import msgpack
+
+from kvstore.errors import KVStoreError
+
+MAX_EVENT_BATCH_BYTES = 64 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockStored:
+    block_hashes: list[bytes]
+    parent_block_hash: bytes | None
+    medium: str
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    block_size: int = 0
+    lora_id: int | None = None
+
+    def to_wire(self) -> list:
+        return ["BlockStored", self.block_hashes, self.parent_block_hash, self.token_ids,
+                self.block_size, self.lora_id, self.medium]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockRemoved:
+    block_hashes: list[bytes]
+    medium: str
+
+    def to_wire(self) -> list:
+        return ["BlockRemoved", self.block_hashes, self.medium]
+
+
+@dataclasses.dataclass(frozen=True)
+class AllBlocksCleared:
+    def to_wire(self) -> list:
+        return ["AllBlocksCleared"]
+
+
+Event = Union[BlockStored, BlockRemoved, AllBlocksCleared]
+
+
+def stored_events(keys: Sequence[bytes], parents: Sequence[bytes | None], medium: str) -> list[BlockStored]:
+    """One BlockStored per run of keys that form a chain (each the parent of the next)."""
+    events: list[BlockStored] = []
+    run: list[bytes] = []
+    run_parent: bytes | None = None
+    for key, parent in zip(keys, parents):
+        if run and parent == run[-1]:
+            run.append(key)
+            continue
+        if run:
+            events.append(BlockStored(run, run_parent, medium))
+        run, run_parent = [key], parent
+    if run:
+        events.append(BlockStored(run, run_parent, medium))
+    return events
+
+
+def encode_batch(events: Sequence[Event], ts: float | None = None) -> bytes:
+    """msgpack of `[ts, [event, ...]]`, vLLM's EventBatch shape."""
+    return msgpack.packb([time.time() if ts is None else ts, [e.to_wire() for e in events]], use_bin_type=True)
+
+
+class EventDecodeError(KVStoreError, ValueError):
+    """An event batch is not msgpack in the shape encode_batch writes."""
+
+
+def decode_batch(data: bytes) -> tuple[float, list[Event]]:
+    if len(data) > MAX_EVENT_BATCH_BYTES:
+        raise EventDecodeError(f"event batch of {len(data)} bytes exceeds {MAX_EVENT_BATCH_BYTES}")
+    try:
+        ts, raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        events: list[Event] = []
+        for item in raw:
+            tag = item[0]
+            if tag == "BlockStored":
+                _, hashes, parent, token_ids, block_size, lora_id, medium = item
+                events.append(BlockStored(list(hashes), parent, medium, list(token_ids), block_size, lora_id))
+            elif tag == "BlockRemoved":
+                _, hashes, medium = item
+                events.append(BlockRemoved(list(hashes), medium))
+            elif tag == "AllBlocksCleared":
+                events.append(AllBlocksCleared())
+            else:
+                raise EventDecodeError(f"unknown event tag {tag!r}")
+        return float(ts), events
+    except EventDecodeError:
+        raise
+    except (ValueError, TypeError, IndexError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        raise EventDecodeError(f"malformed event batch ({len(data)} bytes): {e}") from None

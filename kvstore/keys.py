@@ -1,0 +1,93 @@
+"""Block keys: a 16-byte chained hash over token ids, salted by namespace and layout.
+
+    root = H("kvstore/v1", namespace, layout.id)
+    k_0  = H_keyed(root,    tokens[0:T])
+    k_i  = H_keyed(k_{i-1}, tokens[i*T:(i+1)*T])
+
+H is BLAKE2b with a 16-byte digest, keyed with the previous key: a key names its whole prefix,
+is the same in every process and host (never Python's `hash()`), and a tenant cannot craft a
+prompt whose key collides with another's. Only full blocks get keys; a partial tail is left to
+the engine to recompute. Token ids are hashed as little-endian uint32.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from kvstore.errors import InvalidKeyError, InvalidTokensError
+from kvstore.layout import Layout
+
+KEY_BYTES = 16
+_MAX_TOKEN = 2**32
+
+
+def root_key(layout: Layout, namespace: str = "default") -> bytes:
+    """The chain's seed for one namespace and layout: two namespaces never share a key."""
+    if not isinstance(namespace, str) or not namespace or len(namespace) > 256:
+        raise InvalidKeyError(f"namespace={namespace!r} must be a non-empty string of at most 256 characters")
+    h = hashlib.blake2b(digest_size=KEY_BYTES, person=b"kvstore.root.v1")
+    h.update(namespace.encode())
+    h.update(b"\0")
+    h.update(layout.id)
+    return h.digest()
+
+
+def token_array(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Token ids as a contiguous little-endian uint32 array; rejects anything else by value."""
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise InvalidTokensError(f"token ids must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.empty(0, dtype="<u4")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise InvalidTokensError(f"token ids must be integers, got dtype {arr.dtype}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= _MAX_TOKEN:
+        bad = lo if lo < 0 else hi
+        raise InvalidTokensError(f"token id {bad} is outside [0, 2**32)")
+    return np.ascontiguousarray(arr, dtype="<u4")
+
+
+def block_keys(
+    tokens: Sequence[int] | np.ndarray,
+    layout: Layout,
+    namespace: str = "default",
+    parent: bytes | None = None,
+) -> list[bytes]:
+    """Keys of every full block of `tokens`.
+
+    With `parent`, the tokens continue the chain after that key (its namespace and layout are
+    already folded into it); otherwise the chain starts at `root_key(layout, namespace)`.
+    """
+    prev = root_key(layout, namespace) if parent is None else check_key(parent)
+    data = memoryview(token_array(tokens)).cast("B")
+    step = 4 * layout.block_tokens
+    blake2b = hashlib.blake2b
+    keys = []
+    for start in range(0, len(data) - step + 1, step):
+        prev = blake2b(data[start:start + step], digest_size=KEY_BYTES, key=prev).digest()
+        keys.append(prev)
+    return keys
+
+
+def check_key(key: object, index: int | None = None) -> bytes:
+    """Returns the key as bytes, or raises InvalidKeyError naming it (and its position)."""
+    where = "" if index is None else f" at position {index}"
+    if isinstance(key, (bytearray, memoryview)):
+        key = bytes(key)
+    if not isinstance(key, bytes):
+        raise InvalidKeyError(f"block key{where} must be bytes, got {type(key).__name__}: {key!r:.80}")
+    if len(key) != KEY_BYTES:
+        raise InvalidKeyError(f"block key{where} must be {KEY_BYTES} bytes, got {len(key)}: {key.hex()[:64]}")
+    return key
+
+
+def check_keys(keys: Iterable[object]) -> list[bytes]:
+    return [check_key(k, i) for i, k in enumerate(keys)]
+
+
+def chain_parents(keys: Sequence[bytes], first_parent: bytes | None = None) -> list[bytes | None]:
+    """Parents of a chain of keys: the first has `first_parent`, each other the key before it."""
+    return [first_parent, *keys[:-1]] if keys else []

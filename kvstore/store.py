@@ -1,0 +1,564 @@
+"""TieredStore: one node's KV blocks across its tiers (e.g. HBM -> host -> NVMe).
+
+The store keeps the index (key -> BlockEntry: tier, slot, state, pins) and moves bytes between
+callers and tiers. Puts land in the top tier; making room demotes the policy's victims one tier
+down, and only the bottom tier drops blocks. A hit in a lower tier is promoted to the top when
+`promote_on_hit` is set. Moves are exclusive: a block lives in exactly one tier.
+
+Concurrency: one lock guards the index, the policies and the slot allocators. Bytes are never
+copied under it: a put copies into slots it reserved as WRITING, a get copies out of blocks it
+pinned, and a move copies while the block is MOVING (see kvstore.block for the states), so
+readers, writers and movers run in parallel and eviction can never free memory under a reader.
+
+Events (vLLM KV-event shapes) go to `listener`, called with the lock held and in order: it must
+only enqueue.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+import threading
+from typing import Callable, Sequence
+
+import torch
+
+from kvstore.block import BlockEntry, BlockState
+from kvstore.config import Config
+from kvstore.errors import CorruptBlockError, InvalidKeyError, InvalidLayoutError, LayoutMismatchError
+from kvstore.events import AllBlocksCleared, BlockRemoved, Event, stored_events
+from kvstore.keys import KEY_BYTES, check_key, check_keys
+from kvstore.layout import Layout
+from kvstore.payload import Blocks, block_rows
+from kvstore.policy import make_policy
+from kvstore.tiers.base import SlotMeta, Tier
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PutResult:
+    stored: int = 0
+    present: int = 0
+    rejected: list[bytes] = dataclasses.field(default_factory=list)  # no slot could be freed for these
+
+
+@dataclasses.dataclass
+class GetResult:
+    tiers: list[str | None]  # per key: the tier it was served from, None for a miss
+
+    @property
+    def found(self) -> list[bool]:
+        return [t is not None for t in self.tiers]
+
+    @property
+    def hits(self) -> int:
+        return sum(t is not None for t in self.tiers)
+
+
+@dataclasses.dataclass
+class _TierCounters:
+    hits: int = 0
+    evictions: int = 0  # dropped from the store out of this tier
+    demotions: int = 0  # moved out of this tier to the one below
+    promotions: int = 0  # moved into this tier from below
+
+
+class TieredStore:
+    def __init__(
+        self,
+        tiers: Sequence[Tier],
+        *,
+        policy: str = "lru",
+        prefix_aware: bool = True,
+        promote_on_hit: bool = True,
+        listener: Callable[[list[Event]], None] | None = None,
+    ) -> None:
+        if not tiers:
+            raise InvalidLayoutError("a store needs at least one tier")
+        sizes = {t.slot_nbytes for t in tiers}
+        if len(sizes) != 1:
+            raise InvalidLayoutError(f"tiers have different slot sizes {sorted(sizes)}; they must be equal")
+        self.tiers = list(tiers)
+        self.slot_nbytes = sizes.pop()
+        self.promote_on_hit = promote_on_hit
+        self._listener = listener
+        self._lock = threading.Lock()
+        self._moved = threading.Condition(self._lock)
+        self._index: dict[bytes, BlockEntry] = {}
+        self._children: dict[bytes, int] = {}
+        has_children = self._children.__contains__ if prefix_aware else None
+        self._policies = [make_policy(policy, t.num_slots, has_children) for t in self.tiers]
+        self._tier_counters = [_TierCounters() for _ in self.tiers]
+        self._counters = dict.fromkeys(
+            ("puts", "put_present", "put_rejected", "gets", "hits", "misses", "deletes", "corrupt_dropped",
+             "io_errors"), 0)
+        with self._lock:
+            self._recover()
+
+    @classmethod
+    def from_config(cls, config: Config, *, shm_name: str | None = None,
+                    listener: Callable[[list[Event]], None] | None = None) -> "TieredStore":
+        """The tiers the configuration asks for, top to bottom: hbm (if sized), host, nvme (if sized)."""
+        from kvstore.tiers.hbm import HBMTier
+        from kvstore.tiers.host import HostTier
+        from kvstore.tiers.nvme import NVMeTier
+
+        tiers: list[Tier] = []
+        try:
+            if config.hbm_tier_bytes:
+                tiers.append(HBMTier(config.slot_bytes, config.hbm_tier_bytes))
+            if config.host_tier_bytes:
+                name = shm_name or f"{config.shm_prefix}-{os.getpid()}-{secrets.token_hex(4)}"
+                tiers.append(HostTier(name, config.slot_bytes, config.host_tier_bytes))
+            if config.nvme_tier_bytes:
+                tiers.append(NVMeTier(config.nvme_path, config.slot_bytes, config.nvme_tier_bytes,
+                                      io_threads=config.io_threads, direct_io=config.nvme_direct_io))
+        except BaseException:
+            for tier in tiers:
+                tier.close()
+            raise
+        return cls(tiers, policy=config.eviction_policy, prefix_aware=config.prefix_aware_eviction,
+                   promote_on_hit=config.promote_on_hit, listener=listener)
+
+    # -- public API ----------------------------------------------------------------------
+
+    def put(self, layout: Layout, keys: Sequence[bytes], blocks: Blocks,
+            parents: Sequence[bytes | None] | None = None) -> PutResult:
+        """Stores blocks under keys in the top tier. Keys already present are skipped.
+
+        `parents[i]` is the key of block i's predecessor in its prompt (see keys.chain_parents);
+        it orders prefix-aware eviction and goes into the BlockStored events. A batch larger
+        than a quarter of the top tier goes in chunks, so earlier chunks can be demoted to make
+        room for later ones. Blocks that find no room (everything pinned) are in `rejected`.
+        """
+        self._check_layout(layout)
+        keys = check_keys(keys)
+        rows = block_rows(layout, blocks, len(keys))
+        parents = self._check_parents(parents, len(keys))
+        result = PutResult()
+        chunk = max(1, self.tiers[0].num_slots // 4)
+        for start in range(0, len(keys), chunk):
+            end = start + chunk
+            self._put_chunk(layout, keys[start:end], rows[start:end], parents[start:end], result)
+        if result.rejected:
+            log.debug("put: no room for %d blocks (everything else is pinned or being written)",
+                      len(result.rejected))
+        return result
+
+    def _put_chunk(self, layout: Layout, keys: list[bytes], rows: list[torch.Tensor],
+                   parents: list[bytes | None], result: PutResult) -> None:
+        with self._lock:
+            self._counters["puts"] += len(keys)
+            present = 0
+            fresh: list[tuple[BlockEntry, torch.Tensor]] = []
+            for key, row, parent in zip(keys, rows, parents):
+                if key in self._index:
+                    present += 1
+                    continue
+                entry = BlockEntry(key, layout.id, layout.block_nbytes, 0, -1, parent)
+                self._index[key] = entry  # WRITING: concurrent puts of this key now see it
+                fresh.append((entry, row))
+            slots = self._reserve(0, len(fresh))
+            for (entry, _), slot in zip(fresh, slots):
+                entry.slot = slot
+            fresh_rejected = [entry for entry, _ in fresh[len(slots):]]
+            for entry in fresh_rejected:
+                self._settle_unwritten(entry)
+                result.rejected.append(entry.key)
+            fresh = fresh[:len(slots)]
+        try:
+            errors = self.tiers[0].write_many([(e.slot, row, self._meta(e)) for e, row in fresh]) if fresh else []
+        except BaseException:
+            with self._lock:
+                for entry, _ in fresh:
+                    self._settle_unwritten(entry)
+            raise
+        with self._lock:
+            committed: list[BlockEntry] = []
+            for (entry, _), err in zip(fresh, errors):
+                if err is not None or entry.state is BlockState.DOOMED:
+                    self._counters["io_errors"] += err is not None
+                    self._settle_unwritten(entry)
+                    continue
+                entry.transition("commit")
+                committed.append(entry)
+            # Reverse order: a chain's leaf is inserted first, so its root is the most recent.
+            for entry in reversed(committed):
+                self._policies[0].insert(entry.key)
+                self._link(entry)
+            result.stored += len(committed)
+            result.present += present
+            self._counters["put_present"] += present
+            self._counters["put_rejected"] += len(fresh_rejected)
+            self._emit(stored_events([e.key for e in committed], [e.parent for e in committed],
+                                     self.tiers[0].medium))
+
+    def get(self, layout: Layout, keys: Sequence[bytes], out: Blocks) -> GetResult:
+        """Copies the blocks present into `out` (same forms as put's blocks); reports misses."""
+        self._check_layout(layout)
+        keys = check_keys(keys)
+        rows = block_rows(layout, out, len(keys), "out")
+        served: list[str | None] = [None] * len(keys)
+        with self._lock:
+            self._counters["gets"] += len(keys)
+            pinned = self._pin(layout, keys)
+        by_tier: dict[int, list[int]] = {}
+        for i, entry in enumerate(pinned):
+            if entry is not None:
+                by_tier.setdefault(entry.tier, []).append(i)
+        errors: dict[int, Exception | None] = {}
+        try:
+            for t, idx in by_tier.items():
+                errs = self.tiers[t].read_many([(pinned[i].slot, rows[i], self._meta(pinned[i])) for i in idx])
+                errors.update(zip(idx, errs))
+        finally:
+            with self._lock:
+                promote: list[tuple[BlockEntry, torch.Tensor]] = []
+                for i in reversed(range(len(keys))):
+                    entry = pinned[i]
+                    if entry is None:
+                        continue
+                    tier = entry.tier
+                    self._unpin(entry)
+                    err = errors.get(i)
+                    if err is not None or i not in errors:
+                        if isinstance(err, CorruptBlockError):
+                            self._counters["corrupt_dropped"] += 1
+                            log.warning("dropping a corrupt block: %s", err)
+                            self._discard(entry)
+                        elif err is not None:
+                            self._counters["io_errors"] += 1
+                        pinned[i] = None
+                        continue
+                    served[i] = self.tiers[tier].name
+                    self._tier_counters[tier].hits += 1
+                    if entry.state is BlockState.READY:
+                        self._policies[tier].touch(entry.key)
+                        if tier > 0 and self.promote_on_hit and entry.pins == 0:
+                            promote.append((entry, rows[i]))
+                hits = sum(s is not None for s in served)
+                self._counters["hits"] += hits
+                self._counters["misses"] += len(keys) - hits
+                if promote:
+                    self._promote(promote)
+        return GetResult(served)
+
+    def longest_prefix(self, keys: Sequence[bytes]) -> int:
+        """How many leading keys are present (a MOVING block counts: it is readable once moved)."""
+        _check_key_batch(keys)
+        index = self._index
+        with self._lock:
+            for i, key in enumerate(keys):
+                entry = index.get(key)
+                if entry is None or not entry.visible:
+                    return i
+        return len(keys)
+
+    def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        _check_key_batch(keys)
+        with self._lock:
+            return [(e := self._index.get(k)) is not None and e.visible for k in keys]
+
+    def where(self, keys: Sequence[bytes]) -> list[str | None]:
+        """The tier each key lives in now, or None."""
+        _check_key_batch(keys)
+        with self._lock:
+            return [self.tiers[e.tier].name if (e := self._index.get(k)) is not None and e.visible else None
+                    for k in keys]
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        """Removes the blocks; a block being read is removed once its readers let go."""
+        keys = check_keys(keys)
+        deleted = 0
+        with self._lock:
+            for key in keys:
+                entry = self._index.get(key)
+                if entry is None:
+                    continue
+                self._discard(entry)
+                deleted += 1
+            self._counters["deletes"] += deleted
+        return deleted
+
+    def clear(self) -> None:
+        """Deletes every block and announces AllBlocksCleared."""
+        with self._lock:
+            for entry in list(self._index.values()):
+                self._discard(entry, announce=False)
+            self._emit([AllBlocksCleared()])
+
+    def stats(self) -> dict:
+        with self._lock:
+            tiers = []
+            for tier, counters in zip(self.tiers, self._tier_counters):
+                tiers.append({**tier.stats(), **dataclasses.asdict(counters)})
+            return {"blocks": len(self._index), "slot_bytes": self.slot_nbytes, **self._counters, "tiers": tiers}
+
+    def close(self) -> None:
+        for tier in self.tiers:
+            tier.close()
+
+    def __enter__(self) -> "TieredStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- internals (all called with the lock held) -----------------------------------------
+
+    def _check_layout(self, layout: Layout) -> None:
+        if not isinstance(layout, Layout):
+            raise InvalidLayoutError(f"layout must be a Layout, got {type(layout).__name__}")
+        if layout.block_nbytes > self.slot_nbytes:
+            raise InvalidLayoutError(
+                f"layout {layout.model_id} has blocks of {layout.block_nbytes} bytes; this store's slots hold "
+                f"{self.slot_nbytes} (raise slot_bytes)")
+
+    @staticmethod
+    def _check_parents(parents, n: int) -> list[bytes | None]:
+        if parents is None:
+            return [None] * n
+        if len(parents) != n:
+            raise InvalidKeyError(f"parents has {len(parents)} entries for {n} keys")
+        return [None if p is None else check_key(p, i) for i, p in enumerate(parents)]
+
+    @staticmethod
+    def _meta(entry: BlockEntry) -> SlotMeta:
+        return SlotMeta(entry.key, entry.layout_id, entry.nbytes, entry.parent)
+
+    def _pin(self, layout: Layout, keys: list[bytes]) -> list[BlockEntry | None]:
+        pinned: list[BlockEntry | None] = []
+        try:
+            for key in keys:
+                entry = self._index.get(key)
+                while entry is not None and entry.state is BlockState.MOVING:
+                    self._moved.wait()
+                    entry = self._index.get(key)
+                if entry is None or entry.state is not BlockState.READY:
+                    pinned.append(None)
+                    continue
+                if entry.layout_id != layout.id:
+                    raise LayoutMismatchError(
+                        f"block {key.hex()} was stored under layout {entry.layout_id.hex()}, "
+                        f"not {layout.model_id}'s {layout.id.hex()}")
+                entry.pin()
+                pinned.append(entry)
+        except BaseException:
+            for entry in pinned:
+                if entry is not None:
+                    self._unpin(entry)
+            raise
+        return pinned
+
+    def _unpin(self, entry: BlockEntry) -> None:
+        entry.unpin()
+        if entry.state is BlockState.DOOMED and entry.pins == 0:
+            entry.transition("release")
+            self._release_slot(entry.tier, entry.slot, erase=True)
+
+    def _reserve(self, t: int, n: int) -> list[int]:
+        """Up to n free slots of tier t, evicting (demoting) as needed. May release the lock."""
+        allocator = self.tiers[t].allocator
+        slots: list[int] = []
+        while len(slots) < n:
+            slot = allocator.alloc()
+            if slot is not None:
+                slots.append(slot)
+                continue
+            freed = self._evict(t, n - len(slots))
+            if not freed:
+                break
+            slots.extend(freed)
+        return slots
+
+    def _evict(self, t: int, n: int) -> list[int]:
+        """Frees up to n slots of tier t by demoting victims (dropping them from the bottom tier)."""
+        victims: list[BlockEntry] = []
+        for key in self._policies[t].candidates():
+            entry = self._index[key]
+            if entry.evictable:
+                victims.append(entry)
+                if len(victims) == n:
+                    break
+        if not victims:
+            return []
+        for entry in victims:
+            self._policies[t].remove(entry.key)
+        freed = [entry.slot for entry in victims]
+        if t + 1 < len(self.tiers):
+            for entry in victims:
+                entry.transition("start_move")
+            dst_slots = self._reserve(t + 1, len(victims))
+            self._move(victims[:len(dst_slots)], t + 1, dst_slots)
+            unmoved = victims[len(dst_slots):]
+            for entry in unmoved:
+                if entry.state is BlockState.DOOMED:
+                    entry.transition("release")
+                else:
+                    entry.transition("finish_move")
+                    self._drop(entry)
+        else:
+            for entry in victims:
+                self._drop(entry)
+        self._moved.notify_all()
+        return freed
+
+    def _move(self, entries: list[BlockEntry], dst: int, dst_slots: list[int],
+              sources: list[torch.Tensor] | None = None) -> None:
+        """Copies MOVING entries into dst's slots with the lock released, then settles them.
+
+        The entries' old slots are left to the caller. `sources` (optional) are buffers already
+        holding the blocks' bytes, used instead of reading the old tier.
+        """
+        if not entries:
+            return
+        src = entries[0].tier
+        dst_tier, src_tier = self.tiers[dst], self.tiers[src]
+        metas = [self._meta(e) for e in entries]
+        self._lock.release()
+        try:
+            if sources is not None:
+                errors = dst_tier.write_many(list(zip(dst_slots, sources, metas)))
+            elif dst_tier.view(dst_slots[0]) is not None:
+                errors = src_tier.read_many([(e.slot, dst_tier.view(s), m) for e, s, m in zip(entries, dst_slots, metas)])
+            else:
+                errors = dst_tier.write_many([(s, src_tier.view(e.slot), m) for e, s, m in zip(entries, dst_slots, metas)])
+        except BaseException as e:
+            errors = [e] * len(entries)
+        finally:
+            self._lock.acquire()
+        moved: list[BlockEntry] = []
+        for entry, slot, err in zip(entries, dst_slots, errors):
+            if entry.state is BlockState.DOOMED:
+                entry.transition("release")
+                self._release_slot(dst, slot, erase=True)
+                continue
+            entry.transition("finish_move")
+            if err is not None:
+                log.warning("moving block %s from %s to %s failed: %s", entry.key.hex(), src_tier.name,
+                            dst_tier.name, err)
+                self._counters["io_errors"] += 1
+                self._release_slot(dst, slot)
+                self._drop(entry)
+                continue
+            entry.tier, entry.slot = dst, slot
+            self._policies[dst].insert(entry.key)
+            moved.append(entry)
+        if dst > src:
+            self._tier_counters[src].demotions += len(moved)
+        else:
+            self._tier_counters[dst].promotions += len(moved)
+        self._emit([BlockRemoved([e.key for e in moved], src_tier.medium)] if moved else [])
+        self._emit(stored_events([e.key for e in moved], [e.parent for e in moved], dst_tier.medium))
+        self._moved.notify_all()
+
+    def _promote(self, hits: list[tuple[BlockEntry, torch.Tensor]]) -> None:
+        """Moves blocks hit in lower tiers into the top tier, from the buffers they were read into."""
+        hits = [(e, row) for e, row in hits if e.evictable]
+        for entry, _ in hits:
+            entry.transition("start_move")
+            self._policies[entry.tier].remove(entry.key)
+        slots = self._reserve(0, len(hits))
+        for entry, _ in hits[len(slots):]:  # no room up there: stay where they are
+            if entry.state is BlockState.DOOMED:
+                entry.transition("release")
+                self._release_slot(entry.tier, entry.slot, erase=True)
+            else:
+                entry.transition("finish_move")
+                self._policies[entry.tier].insert(entry.key)
+        hits = hits[:len(slots)]
+        by_tier: dict[int, list[int]] = {}
+        for i, (entry, _) in enumerate(hits):
+            by_tier.setdefault(entry.tier, []).append(i)
+        for t, idx in by_tier.items():
+            group = [hits[i][0] for i in idx]
+            old_slots = [e.slot for e in group]
+            self._move(group, 0, [slots[i] for i in idx], sources=[hits[i][1] for i in idx])
+            for slot in old_slots:
+                # Erased, so a block deleted later up there cannot come back from here at restart.
+                self._release_slot(t, slot, erase=True)
+
+    def _settle_unwritten(self, entry: BlockEntry) -> None:
+        """Ends a WRITING (or, if deleted meanwhile, DOOMED) entry that will not commit."""
+        entry.transition("release" if entry.state is BlockState.DOOMED else "abort")
+        if self._index.get(entry.key) is entry:
+            del self._index[entry.key]
+        self._release_slot(0, entry.slot, erase=True)
+
+    def _drop(self, entry: BlockEntry) -> None:
+        """Evicts a READY, unpinned block out of the store (its slot is the caller's)."""
+        entry.transition("drop")
+        self._forget(entry)
+        self._tier_counters[entry.tier].evictions += 1
+        self._emit([BlockRemoved([entry.key], self.tiers[entry.tier].medium)])
+
+    def _discard(self, entry: BlockEntry, announce: bool = True) -> None:
+        """Deletes a block now if nobody holds it, else dooms it for its last holder to release."""
+        if entry.state in (BlockState.DOOMED, BlockState.FREED):
+            return
+        was_visible = entry.visible  # committed: linked to its parent and announced
+        if entry.state is BlockState.READY:
+            self._policies[entry.tier].remove(entry.key)
+        if entry.evictable:
+            entry.transition("drop")
+            self._release_slot(entry.tier, entry.slot, erase=True)
+        else:
+            entry.transition("doom")
+        self._forget(entry, linked=was_visible)
+        if announce and was_visible:
+            self._emit([BlockRemoved([entry.key], self.tiers[entry.tier].medium)])
+
+    def _forget(self, entry: BlockEntry, linked: bool = True) -> None:
+        if self._index.get(entry.key) is entry:
+            del self._index[entry.key]
+            if linked:
+                self._unlink(entry)
+
+    def _link(self, entry: BlockEntry) -> None:
+        if entry.parent is not None:
+            self._children[entry.parent] = self._children.get(entry.parent, 0) + 1
+
+    def _unlink(self, entry: BlockEntry) -> None:
+        if entry.parent is not None:
+            left = self._children.get(entry.parent, 0) - 1
+            if left > 0:
+                self._children[entry.parent] = left
+            else:
+                self._children.pop(entry.parent, None)
+
+    def _release_slot(self, t: int, slot: int, erase: bool = False) -> None:
+        if slot < 0:
+            return
+        if erase:
+            self.tiers[t].erase(slot)
+        self.tiers[t].allocator.free(slot)
+
+    def _emit(self, events: list[Event]) -> None:
+        if events and self._listener is not None:
+            self._listener(events)
+
+    def _recover(self) -> None:
+        """Indexes the blocks durable tiers found at open."""
+        for t, tier in enumerate(self.tiers):
+            found = tier.recovered()
+            for slot, meta in found:
+                if meta.key in self._index:  # the same block in two tiers: keep the upper copy
+                    self._release_slot(t, slot)
+                    continue
+                entry = BlockEntry(meta.key, meta.layout_id, meta.nbytes, t, slot, meta.parent, BlockState.READY)
+                self._index[meta.key] = entry
+                self._policies[t].insert(meta.key)
+                self._link(entry)
+            if found:
+                self._emit(stored_events([m.key for _, m in found], [m.parent for _, m in found], tier.medium))
+
+
+def _check_key_batch(keys: Sequence[bytes]) -> None:
+    """Fast check of many keys at C speed; names the first bad one."""
+    if not isinstance(keys, (list, tuple)):
+        raise InvalidKeyError(f"keys must be a list or tuple of bytes, got {type(keys).__name__}")
+    if set(map(type, keys)) <= {bytes} and set(map(len, keys)) <= {KEY_BYTES}:
+        return
+    check_keys(keys)

@@ -1,0 +1,166 @@
+"""What every storage medium provides to the tiered store: fixed-size slots and copies in and out.
+
+A tier is an arena of `num_slots` slots of `slot_nbytes` each (every slot starts on a 4 KiB
+boundary, `slot_stride` apart, so direct I/O can use any slot as its buffer). The store owns
+all bookkeeping (which key lives in which slot, states, pins); a tier only allocates slots and
+moves bytes. Tiers never import Ray.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Sequence
+
+import torch
+
+from kvstore.errors import BlockStateError, ConfigError
+
+PAGE = 4096
+
+
+def round_up(n: int, to: int = PAGE) -> int:
+    return (n + to - 1) // to * to
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotMeta:
+    """What a tier is told about the block it stores: enough for a durable tier to describe it."""
+
+    key: bytes
+    layout_id: bytes
+    nbytes: int
+    parent: bytes | None = None
+
+
+class SlotAllocator:
+    """O(1) allocate and free over slot numbers, refusing double frees."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self._used = bytearray(num_slots)
+
+    def alloc(self) -> int | None:
+        if not self._free:
+            return None
+        slot = self._free.pop()
+        self._used[slot] = 1
+        return slot
+
+    def claim(self, slot: int) -> None:
+        """Marks a specific slot used (recovery of a durable tier)."""
+        if self._used[slot]:
+            raise BlockStateError(f"slot {slot} is already in use")
+        self._free.remove(slot)
+        self._used[slot] = 1
+
+    def free(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots or not self._used[slot]:
+            raise BlockStateError(f"slot {slot} is not allocated")
+        self._used[slot] = 0
+        self._free.append(slot)
+
+    @property
+    def free_count(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_count(self) -> int:
+        return self.num_slots - len(self._free)
+
+
+class Tier(abc.ABC):
+    """One storage medium of one node.
+
+    `medium` is the name vLLM's KV events use for where a block lives ("GPU", "CPU", "DISK").
+    Memory tiers return a tensor from `view(slot)` that aliases the slot, so the store copies
+    straight between a caller's buffer and the arena; a durable tier returns None and moves
+    bytes with `write_many` / `read_many`.
+    """
+
+    name: str
+    medium: str
+
+    def __init__(self, slot_nbytes: int, num_slots: int) -> None:
+        self.slot_nbytes = slot_nbytes
+        self.slot_stride = round_up(slot_nbytes)
+        self.num_slots = num_slots
+        self.allocator = SlotAllocator(num_slots)
+        self.bytes_written = 0
+        self.bytes_read = 0
+
+    def view(self, slot: int) -> torch.Tensor | None:
+        """A uint8 tensor of `slot_stride` bytes aliasing the slot, or None for a durable tier."""
+        return None
+
+    @abc.abstractmethod
+    def write_many(self, items: Sequence[tuple[int, torch.Tensor, SlotMeta]]) -> list[Exception | None]:
+        """Copies each uint8 source tensor (`meta.nbytes` long) into its slot.
+
+        Returns one entry per item: None, or the exception that item failed with (the store
+        drops that block and goes on with the rest).
+        """
+
+    @abc.abstractmethod
+    def read_many(self, items: Sequence[tuple[int, torch.Tensor, SlotMeta]]) -> list[Exception | None]:
+        """Copies each slot's first `meta.nbytes` bytes into its uint8 destination tensor."""
+
+    def erase(self, slot: int) -> None:
+        """Makes a freed slot's old content unrecoverable where the medium outlives the process."""
+
+    def recovered(self) -> list[tuple[int, SlotMeta]]:
+        """Blocks found at open (a durable tier); their slots are already allocated."""
+        return []
+
+    def close(self) -> None:
+        """Releases the medium. The tier is unusable afterwards."""
+
+    def stats(self) -> dict:
+        return {
+            "name": self.name,
+            "medium": self.medium,
+            "slot_bytes": self.slot_nbytes,
+            "slots": self.num_slots,
+            "used_slots": self.allocator.used_count,
+            "capacity_bytes": self.num_slots * self.slot_nbytes,
+            "used_bytes": self.allocator.used_count * self.slot_nbytes,
+            "bytes_written": self.bytes_written,
+            "bytes_read": self.bytes_read,
+        }
+
+
+class MemoryTier(Tier):
+    """A tier whose slots are rows of one uint8 tensor (host shared memory, or device memory)."""
+
+    arena: torch.Tensor  # [num_slots, slot_stride], uint8
+
+    def view(self, slot: int) -> torch.Tensor:
+        return self.arena[slot]
+
+    def write_many(self, items):
+        for slot, src, meta in items:
+            self.arena[slot, :meta.nbytes].copy_(src[:meta.nbytes], non_blocking=True)
+            self.bytes_written += meta.nbytes
+        self._sync()
+        return [None] * len(items)
+
+    def read_many(self, items):
+        for slot, dst, meta in items:
+            dst[:meta.nbytes].copy_(self.arena[slot, :meta.nbytes], non_blocking=True)
+            self.bytes_read += meta.nbytes
+        self._sync()
+        return [None] * len(items)
+
+    def _sync(self) -> None:
+        """Waits for copies queued by write_many/read_many (asynchronous only on CUDA)."""
+
+
+def slots_for(capacity_bytes: int, slot_nbytes: int, what: str, overhead: int = 0) -> int:
+    """How many slots of `slot_nbytes` (each stored in `round_up(slot_nbytes) + overhead` bytes)
+    fit in `capacity_bytes`; a capacity that holds none is a configuration error."""
+    if slot_nbytes < 1:
+        raise ConfigError(f"{what}: slot_nbytes={slot_nbytes!r} must be positive")
+    num_slots = capacity_bytes // (round_up(slot_nbytes) + overhead)
+    if num_slots < 1:
+        raise ConfigError(f"{what}: {capacity_bytes} bytes hold no slot of {slot_nbytes} bytes; give it more space")
+    return num_slots

@@ -1,0 +1,150 @@
+"""The host tier: a POSIX shared-memory arena every process on the node can map.
+
+The node's owner creates the arena under a name (`/dev/shm/<name>`); engine workers, the data
+plane server and tests open it by that name and read or write slots in place, so handing a
+block between processes on one node copies nothing. The first page holds the geometry, so an
+opener needs only the name. With CUDA present the mapping is registered as pinned memory
+(cudaHostRegister), which keeps it shareable and makes host<->device copies asynchronous.
+
+Pages are touched once at creation: on these virtual machines a first touch costs ~10x a copy,
+so a hot path must never be the first to write a page.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import re
+import struct
+
+import torch
+
+from kvstore.errors import ConfigError, TierIOError
+from kvstore.tiers.base import PAGE, MemoryTier, round_up, slots_for
+
+log = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
+_MAGIC = b"KVSTHOST"
+_SUPER = struct.Struct("<8sIQQQ")  # magic, version, slot_nbytes, slot_stride, num_slots
+_VERSION = 1
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+
+
+def _path(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(f"shared-memory name {name!r} must be 1-200 characters of letters, digits and ._-")
+    return os.path.join(SHM_DIR, name)
+
+
+class HostArena:
+    """A mapping of one shared-memory arena: `tensor` is [num_slots, slot_stride] uint8."""
+
+    def __init__(self, name: str, mm: mmap.mmap, slot_nbytes: int, slot_stride: int,
+                 num_slots: int, owner: bool) -> None:
+        self.name = name
+        self.slot_nbytes = slot_nbytes
+        self.slot_stride = slot_stride
+        self.num_slots = num_slots
+        self.owner = owner
+        self._mm = mm
+        flat = torch.frombuffer(mm, dtype=torch.uint8, offset=PAGE, count=num_slots * slot_stride)
+        self.tensor = flat.view(num_slots, slot_stride)
+        self.pinned = _register_pinned(self.tensor)
+
+    @classmethod
+    def create(cls, name: str, slot_nbytes: int, num_slots: int) -> "HostArena":
+        path = _path(name)
+        stride = round_up(slot_nbytes)
+        size = PAGE + num_slots * stride
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise TierIOError(f"shared-memory arena {name!r} already exists at {path}; "
+                              "another store owns it, or a crashed one left it (remove the file)") from None
+        try:
+            os.posix_fallocate(fd, 0, size)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            os.close(fd)
+            os.unlink(path)
+            raise TierIOError(f"cannot create a {size}-byte shared-memory arena at {path}: {e.strerror} "
+                              "(is /dev/shm large enough?)") from e
+        os.close(fd)
+        mm[:_SUPER.size] = _SUPER.pack(_MAGIC, _VERSION, slot_nbytes, stride, num_slots)
+        arena = cls(name, mm, slot_nbytes, stride, num_slots, owner=True)
+        arena.tensor.zero_()  # prefault every page now, not on the hot path
+        return arena
+
+    @classmethod
+    def open(cls, name: str) -> "HostArena":
+        path = _path(name)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise TierIOError(f"no shared-memory arena named {name!r} at {path}") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < PAGE:
+                raise TierIOError(f"shared-memory arena {name!r} is {size} bytes, too small to be one")
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        magic, version, slot_nbytes, stride, num_slots = _SUPER.unpack_from(mm, 0)
+        if magic != _MAGIC or version != _VERSION or size < PAGE + num_slots * stride:
+            mm.close()
+            raise TierIOError(f"{path} is not a kvstore host arena of version {_VERSION}")
+        return cls(name, mm, slot_nbytes, stride, num_slots, owner=False)
+
+    def close(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            self.pinned = False
+        self.tensor = None
+        if self.owner:
+            try:
+                os.unlink(_path(self.name))
+            except FileNotFoundError:
+                pass
+        try:
+            self._mm.close()
+        except BufferError:
+            # A caller still holds a view of a slot; the mapping goes when that view does.
+            log.debug("host arena %s still has views; leaving the mapping to the collector", self.name)
+
+
+def _register_pinned(tensor: torch.Tensor) -> bool:
+    if not torch.cuda.is_available():
+        return False
+    err = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel(), 0)
+    if int(err) != 0:
+        log.warning("cudaHostRegister of the host arena failed (error %s); host<->GPU copies will be synchronous", err)
+        return False
+    return True
+
+
+class HostTier(MemoryTier):
+    name = "host"
+    medium = "CPU"
+
+    def __init__(self, name: str, slot_nbytes: int, capacity_bytes: int) -> None:
+        num_slots = slots_for(capacity_bytes, slot_nbytes, "host_tier_bytes")
+        super().__init__(slot_nbytes, num_slots)
+        self.arena_handle = HostArena.create(name, slot_nbytes, num_slots)
+        self.arena = self.arena_handle.tensor
+
+    def _sync(self) -> None:
+        # Copies to or from a GPU were queued non-blocking on the caller's stream.
+        if self.arena_handle.pinned:
+            torch.cuda.current_stream().synchronize()
+
+    @property
+    def shm_name(self) -> str:
+        return self.arena_handle.name
+
+    def close(self) -> None:
+        self.arena = None
+        self.arena_handle.close()
+
+    def stats(self) -> dict:
+        return {**super().stats(), "shm_name": self.shm_name, "pinned": self.arena_handle.pinned}
