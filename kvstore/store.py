@@ -28,7 +28,7 @@ from kvstore.block import BlockEntry, BlockState
 from kvstore.config import Config
 from kvstore.errors import CorruptBlockError, InvalidKeyError, InvalidLayoutError, LayoutMismatchError
 from kvstore.events import AllBlocksCleared, BlockRemoved, Event, stored_events
-from kvstore.keys import KEY_BYTES, check_key, check_keys
+from kvstore.keys import check_key, check_keys
 from kvstore.layout import Layout
 from kvstore.payload import Blocks, block_rows
 from kvstore.policy import make_policy
@@ -87,6 +87,7 @@ class TieredStore:
         self._lock = threading.Lock()
         self._moved = threading.Condition(self._lock)
         self._index: dict[bytes, BlockEntry] = {}
+        self._visible: set[bytes] = set()  # keys of committed, undeleted blocks (READY or MOVING)
         self._children: dict[bytes, int] = {}
         has_children = self._children.__contains__ if prefix_aware else None
         self._policies = [make_policy(policy, t.num_slots, has_children) for t in self.tiers]
@@ -187,6 +188,7 @@ class TieredStore:
             # Reverse order: a chain's leaf is inserted first, so its root is the most recent.
             for entry in reversed(committed):
                 self._policies[0].insert(entry.key)
+                self._visible.add(entry.key)
                 self._link(entry)
             result.stored += len(committed)
             result.present += present
@@ -247,26 +249,22 @@ class TieredStore:
 
     def longest_prefix(self, keys: Sequence[bytes]) -> int:
         """How many leading keys are present (a MOVING block counts: it is readable once moved)."""
-        _check_key_batch(keys)
-        index = self._index
         with self._lock:
-            for i, key in enumerate(keys):
-                entry = index.get(key)
-                if entry is None or not entry.visible:
-                    return i
-        return len(keys)
+            flags = self._present(keys)
+        try:
+            return flags.index(False)
+        except ValueError:
+            return len(flags)
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
-        _check_key_batch(keys)
         with self._lock:
-            return [(e := self._index.get(k)) is not None and e.visible for k in keys]
+            return self._present(keys)
 
     def where(self, keys: Sequence[bytes]) -> list[str | None]:
         """The tier each key lives in now, or None."""
-        _check_key_batch(keys)
         with self._lock:
-            return [self.tiers[e.tier].name if (e := self._index.get(k)) is not None and e.visible else None
-                    for k in keys]
+            flags = self._present(keys)
+            return [self.tiers[self._index[k].tier].name if present else None for k, present in zip(keys, flags)]
 
     def delete(self, keys: Sequence[bytes]) -> int:
         """Removes the blocks; a block being read is removed once its readers let go."""
@@ -307,6 +305,20 @@ class TieredStore:
         self.close()
 
     # -- internals (all called with the lock held) -----------------------------------------
+
+    def _present(self, keys: Sequence[bytes]) -> list[bool]:
+        """Per key: committed and not deleted. Runs at C speed; keys are checked only on a miss
+        (a malformed key can never be present, so a batch without misses is well-formed)."""
+        if not isinstance(keys, (list, tuple)):
+            raise InvalidKeyError(f"keys must be a list or tuple of bytes, got {type(keys).__name__}")
+        try:
+            flags = list(map(self._visible.__contains__, keys))
+        except TypeError:  # an unhashable key
+            check_keys(keys)
+            raise
+        if not all(flags):
+            check_keys(keys)
+        return flags
 
     def _check_layout(self, layout: Layout) -> None:
         if not isinstance(layout, Layout):
@@ -514,6 +526,7 @@ class TieredStore:
         if self._index.get(entry.key) is entry:
             del self._index[entry.key]
             if linked:
+                self._visible.discard(entry.key)
                 self._unlink(entry)
 
     def _link(self, entry: BlockEntry) -> None:
@@ -549,16 +562,8 @@ class TieredStore:
                     continue
                 entry = BlockEntry(meta.key, meta.layout_id, meta.nbytes, t, slot, meta.parent, BlockState.READY)
                 self._index[meta.key] = entry
+                self._visible.add(meta.key)
                 self._policies[t].insert(meta.key)
                 self._link(entry)
             if found:
                 self._emit(stored_events([m.key for _, m in found], [m.parent for _, m in found], tier.medium))
-
-
-def _check_key_batch(keys: Sequence[bytes]) -> None:
-    """Fast check of many keys at C speed; names the first bad one."""
-    if not isinstance(keys, (list, tuple)):
-        raise InvalidKeyError(f"keys must be a list or tuple of bytes, got {type(keys).__name__}")
-    if set(map(type, keys)) <= {bytes} and set(map(len, keys)) <= {KEY_BYTES}:
-        return
-    check_keys(keys)

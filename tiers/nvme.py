@@ -46,7 +46,7 @@ _HEADER_SUM = struct.Struct("<Q")
 _NO_PARENT = bytes(16)
 
 
-def _aligned(nbytes: int) -> mmap.mmap:
+def aligned_buffer(nbytes: int) -> mmap.mmap:
     """A page-aligned, prefaulted buffer (anonymous mappings start on a page boundary)."""
     buf = mmap.mmap(-1, round_up(nbytes))
     buf.write(bytes(len(buf)))
@@ -70,7 +70,7 @@ class NVMeTier(Tier):
         self.corrupt_dropped = 0
         self._local = threading.local()
         self._generation = itertools.count(1)
-        self._zero_page = _aligned(PAGE)
+        self._zero_page = aligned_buffer(PAGE)
         try:
             os.makedirs(directory, exist_ok=True)
         except OSError as e:
@@ -113,13 +113,13 @@ class NVMeTier(Tier):
             os.unlink(self.path)
             raise TierIOError(f"cannot preallocate {self.file_bytes} bytes for the NVMe tier at {self.path}: "
                               f"{e.strerror}; lower nvme_tier_bytes or free space") from e
-        page = _aligned(PAGE)
+        page = aligned_buffer(PAGE)
         page[:_SUPER.size] = _SUPER.pack(_SUPER_MAGIC, _VERSION, self.slot_nbytes, self.slot_stride, self.num_slots)
         os.pwrite(self._fd, page, 0)
         os.fsync(self._fd)
 
     def _check_superblock(self) -> None:
-        page = _aligned(PAGE)
+        page = aligned_buffer(PAGE)
         if os.preadv(self._fd, [page], 0) != PAGE:
             raise TierIOError(f"{self.path} is shorter than one page; remove it to start afresh")
         magic, version, slot_nbytes, stride, num_slots = _SUPER.unpack_from(page, 0)
@@ -176,7 +176,7 @@ class NVMeTier(Tier):
         """A per-thread aligned buffer, allocated and prefaulted once per thread."""
         buf = getattr(self._local, kind, None)
         if buf is None:
-            buf = _aligned(nbytes)
+            buf = aligned_buffer(nbytes)
             setattr(self._local, kind, buf)
         return buf
 

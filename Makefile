@@ -1,0 +1,30 @@
+# The two commands a newcomer runs: `make demo` and `make test`. Each builds the virtual
+# environment it needs first (torch pinned to 2.13.0: a bare `torch` would pull a CUDA build).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench venv clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test,hf]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m bench.tiers
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	mkdir -p bench-results
+	$(PY) -m bench.tiers --json bench-results/tiers.json
+
+clean-venv:
+	rm -rf $(VENV)
