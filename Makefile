@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m bench.tiers
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	HELM_BIN="$$(bash helm/install-tools.sh)" $(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
 	mkdir -p bench-results

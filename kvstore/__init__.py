@@ -8,5 +8,17 @@ from kvstore.keys import block_keys, chain_parents
 from kvstore.layout import Layout
 from kvstore.store import GetResult, PutResult, TieredStore
 
-__all__ = ["KVStoreError", "Layout", "TieredStore", "PutResult", "GetResult", "block_keys", "chain_parents"]
+
+
+def connect(address: str | None = None, **kwargs):
+    """Connects to a kvstore cluster on Ray, or starts an embedded one (see kvstore.cluster.client).
+
+    Ray is imported here, on first use, so the core stays importable without it.
+    """
+    from kvstore.cluster.client import connect as _connect
+
+    return _connect(address, **kwargs)
+
+
+__all__ = ["connect", "KVStoreError", "Layout", "TieredStore", "PutResult", "GetResult", "block_keys", "chain_parents"]
 __version__ = "0.1.0"

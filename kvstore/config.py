@@ -73,7 +73,7 @@ class Config:
     shm_prefix: str = _setting("kvstore", "Prefix of the POSIX shared-memory names of host arenas.")
     ray_address: str = _setting("", "Ray cluster to join; empty starts an embedded local Ray.")
     ray_namespace: str = _setting("kvstore", "Ray namespace of the controller and node actors.")
-    flight_host: str = _setting("127.0.0.1", "Address the node's Arrow Flight server binds to and advertises.")
+    flight_host: str = _setting("", "Address the node's Arrow Flight server binds to and advertises; empty: the Ray node's IP.")
     flight_port: int = _setting(0, "Port of the node's Arrow Flight server (0 picks a free one).", "int")
     http_host: str = _setting("127.0.0.1", "Address the HTTP service binds to.")
     http_port: int = _setting(8470, "Port of the HTTP service.", "int")

@@ -99,5 +99,5 @@ def decode_batch(data: bytes) -> tuple[float, list[Event]]:
         return float(ts), events
     except EventDecodeError:
         raise
-    except (ValueError, TypeError, IndexError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+    except (ValueError, TypeError, LookupError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
         raise EventDecodeError(f"malformed event batch ({len(data)} bytes): {e}") from None

@@ -36,13 +36,23 @@ def root_key(layout: Layout, namespace: str = "default") -> bytes:
 
 def token_array(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
     """Token ids as a contiguous little-endian uint32 array; rejects anything else by value."""
-    arr = np.asarray(tokens)
+    try:
+        arr = np.asarray(tokens)
+    except (ValueError, TypeError) as e:  # ragged nesting, say
+        raise InvalidTokensError(f"token ids {tokens!r:.80} are not a 1-D sequence of integers: {e}") from None
     if arr.ndim != 1:
-        raise InvalidTokensError(f"token ids must be 1-D, got shape {arr.shape}")
+        raise InvalidTokensError(f"token ids must be 1-D, got shape {arr.shape}: {tokens!r:.80}")
     if arr.size == 0:
         return np.empty(0, dtype="<u4")
     if not np.issubdtype(arr.dtype, np.integer):
-        raise InvalidTokensError(f"token ids must be integers, got dtype {arr.dtype}")
+        # Name the first offending value (a float, a bool, a string, or an int too large for
+        # NumPy's integer types, which makes an object array).
+        for value in (tokens if isinstance(tokens, (list, tuple)) else arr.tolist()):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise InvalidTokensError(f"token id {value!r} is not an integer (token ids have dtype {arr.dtype})")
+            if not 0 <= value < _MAX_TOKEN:
+                raise InvalidTokensError(f"token id {value} is outside [0, 2**32)")
+        arr = arr.astype(np.int64)
     lo, hi = int(arr.min()), int(arr.max())
     if lo < 0 or hi >= _MAX_TOKEN:
         bad = lo if lo < 0 else hi

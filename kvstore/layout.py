@@ -57,10 +57,13 @@ class Layout:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidLayoutError(f"{name}={value!r} must be a positive integer")
-        if not isinstance(self.tp_rank, int) or not 0 <= self.tp_rank < self.tp_size:
+        if (not isinstance(self.tp_rank, int) or isinstance(self.tp_rank, bool)
+                or not 0 <= self.tp_rank < self.tp_size):
             raise InvalidLayoutError(f"tp_rank={self.tp_rank!r} must be in [0, tp_size={self.tp_size})")
-        if self.dtype not in DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise InvalidLayoutError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if not isinstance(self.mla, bool):
+            raise InvalidLayoutError(f"mla={self.mla!r} must be true or false")
         if self.mla and self.num_kv_heads != 1:
             raise InvalidLayoutError(f"num_kv_heads={self.num_kv_heads!r}: an MLA layout keeps one latent head")
 

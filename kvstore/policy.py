@@ -106,20 +106,37 @@ class S3FIFOPolicy(EvictionPolicy):
             self._main.pop(key, None)
 
     def candidates(self) -> Iterator[bytes]:
-        # Each step either offers a victim or ages one entry (small -> main, or one more lap in
-        # main), so two passes over everything are always enough.
-        budget = 2 * len(self) + 2
-        while budget > 0 and (self._small or self._main):
+        # Each step offers a victim, ages one entry (small -> main, or one lap less in main), or
+        # passes over one already offered. Every key is offered at most once (the store may take
+        # several before it removes any), and a key ages at most _MAX_FREQ + 1 times and is passed
+        # over at most once per lap, so (2 * _MAX_FREQ + 3) steps per key are always enough.
+        offered: set[bytes] = set()
+        offered_small = offered_main = 0
+        budget = (2 * self._MAX_FREQ + 3) * len(self) + 2
+        while budget > 0:
             budget -= 1
-            from_small = bool(self._small) and (len(self._small) >= self._small_target or not self._main)
+            small_open = len(self._small) > offered_small
+            main_open = len(self._main) > offered_main
+            if not (small_open or main_open):
+                return
+            from_small = small_open and (len(self._small) >= self._small_target or not main_open)
             queue = self._small if from_small else self._main
             key, freq = next(iter(queue.items()))
+            if key in offered:
+                queue.move_to_end(key)
+                continue
             if freq > 0:
                 del queue[key]
                 self._main[key] = 0 if from_small else freq - 1
                 continue
+            offered.add(key)
+            if from_small:
+                offered_small += 1
+            else:
+                offered_main += 1
             yield key
-            # Resumed: the store could not take this one (pinned, say); look past it.
+            # Resumed: the store could not take this one (pinned, say), or takes several at once;
+            # look past it.
             if key in queue:
                 queue.move_to_end(key)
 

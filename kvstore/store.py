@@ -57,6 +57,20 @@ class GetResult:
         return sum(t is not None for t in self.tiers)
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockHandle:
+    """A block held for a reader or writer outside the store's own put/get (another process
+    mapping the host arena, or the data-plane server): `view` aliases its bytes in a memory tier.
+    Give it back with `commit`/`abort` (from `reserve`) or `release` (from `acquire`)."""
+
+    key: bytes
+    tier: str
+    slot: int
+    nbytes: int
+    view: torch.Tensor = dataclasses.field(repr=False)
+    entry: BlockEntry = dataclasses.field(repr=False, compare=False)
+
+
 @dataclasses.dataclass
 class _TierCounters:
     hits: int = 0
@@ -134,7 +148,7 @@ class TieredStore:
         than a quarter of the top tier goes in chunks, so earlier chunks can be demoted to make
         room for later ones. Blocks that find no room (everything pinned) are in `rejected`.
         """
-        self._check_layout(layout)
+        self.check_layout(layout)
         keys = check_keys(keys)
         rows = block_rows(layout, blocks, len(keys))
         parents = self._check_parents(parents, len(keys))
@@ -199,7 +213,7 @@ class TieredStore:
 
     def get(self, layout: Layout, keys: Sequence[bytes], out: Blocks) -> GetResult:
         """Copies the blocks present into `out` (same forms as put's blocks); reports misses."""
-        self._check_layout(layout)
+        self.check_layout(layout)
         keys = check_keys(keys)
         rows = block_rows(layout, out, len(keys), "out")
         served: list[str | None] = [None] * len(keys)
@@ -287,6 +301,123 @@ class TieredStore:
                 self._discard(entry, announce=False)
             self._emit([AllBlocksCleared()])
 
+    def reserve(self, layout: Layout, keys: Sequence[bytes],
+                parents: Sequence[bytes | None] | None = None) -> list[BlockHandle | None]:
+        """Reserves top-tier slots for blocks another party will write in place.
+
+        Returns a WRITING handle per key, or None where the key is present already or no room
+        could be made. The writer fills `handle.view[:nbytes]`, then calls `commit` (or `abort`).
+        """
+        self.check_layout(layout)
+        keys = check_keys(keys)
+        parents = self._check_parents(parents, len(keys))
+        top = self.tiers[0]
+        if top.view(0) is None:
+            raise InvalidLayoutError(f"the top tier {top.name!r} cannot be written in place")
+        with self._lock:
+            fresh = []
+            for key, parent in zip(keys, parents):
+                if key in self._index:
+                    fresh.append(None)
+                    continue
+                entry = BlockEntry(key, layout.id, layout.block_nbytes, 0, -1, parent)
+                self._index[key] = entry
+                fresh.append(entry)
+            wanted = [e for e in fresh if e is not None]
+            slots = self._reserve(0, len(wanted))
+            handles: dict[bytes, BlockHandle] = {}
+            for entry, slot in zip(wanted, slots):
+                entry.slot = slot
+                handles[entry.key] = BlockHandle(entry.key, top.name, slot, entry.nbytes,
+                                                 top.view(slot)[:entry.nbytes], entry)
+            for entry in wanted[len(slots):]:
+                self._settle_unwritten(entry)
+            self._counters["puts"] += len(keys)
+            self._counters["put_present"] += len(keys) - len(wanted)
+            self._counters["put_rejected"] += len(wanted) - len(slots)
+            return [None if e is None else handles.get(e.key) for e in fresh]
+
+    def commit(self, handles: Sequence[BlockHandle | None]) -> int:
+        """Makes reserved blocks visible (their bytes must be in place). Returns how many."""
+        committed: list[BlockEntry] = []
+        with self._lock:
+            for handle in handles:
+                if handle is None:
+                    continue
+                entry = handle.entry
+                if entry.state is BlockState.DOOMED:
+                    self._settle_unwritten(entry)
+                    continue
+                entry.transition("commit")
+                committed.append(entry)
+            for entry in reversed(committed):
+                self._policies[0].insert(entry.key)
+                self._visible.add(entry.key)
+                self._link(entry)
+            self._emit(stored_events([e.key for e in committed], [e.parent for e in committed],
+                                     self.tiers[0].medium))
+        return len(committed)
+
+    def abort(self, handles: Sequence[BlockHandle | None]) -> None:
+        """Gives reserved slots back without making their blocks visible."""
+        with self._lock:
+            for handle in handles:
+                if handle is not None:
+                    self._settle_unwritten(handle.entry)
+
+    def acquire(self, layout: Layout, keys: Sequence[bytes]) -> list[BlockHandle | None]:
+        """Pins blocks for an outside reader, in a memory tier (a block on a durable tier is
+        promoted first). None for a miss, or for a block that could not be brought into memory.
+        Every handle must be given back with `release`."""
+        self.check_layout(layout)
+        keys = check_keys(keys)
+        with self._lock:
+            self._counters["gets"] += len(keys)
+            pinned = self._pin(layout, keys)
+            durable = [e for e in pinned if e is not None and self.tiers[e.tier].view(0) is None]
+            if durable:
+                for entry in durable:
+                    self._unpin(entry)
+                self._promote([(e, None) for e in durable])
+                again = self._pin(layout, [e.key for e in durable])
+                by_key = {e.key: e for e in again if e is not None}
+                for entry in again:
+                    if entry is not None and self.tiers[entry.tier].view(0) is None:
+                        self._unpin(entry)
+                        del by_key[entry.key]
+                pinned = [by_key.get(e.key) if e in durable else e for e in pinned]
+            handles: list[BlockHandle | None] = []
+            for entry in pinned:
+                if entry is None:
+                    handles.append(None)
+                    continue
+                tier = self.tiers[entry.tier]
+                self._tier_counters[entry.tier].hits += 1
+                self._policies[entry.tier].touch(entry.key)
+                handles.append(BlockHandle(entry.key, tier.name, entry.slot, entry.nbytes,
+                                           tier.view(entry.slot)[:entry.nbytes], entry))
+            hits = sum(h is not None for h in handles)
+            self._counters["hits"] += hits
+            self._counters["misses"] += len(keys) - hits
+            return handles
+
+    def release(self, handles: Sequence[BlockHandle | None]) -> None:
+        """Unpins blocks from `acquire`."""
+        with self._lock:
+            for handle in handles:
+                if handle is not None:
+                    self._unpin(handle.entry)
+
+    def resync(self) -> None:
+        """Announces the whole content through the listener: AllBlocksCleared, then BlockStored
+        for every block, in order with other events (for a controller rebuilding its index)."""
+        with self._lock:
+            events: list[Event] = [AllBlocksCleared()]
+            for t, tier in enumerate(self.tiers):
+                entries = [e for e in self._index.values() if e.visible and e.tier == t]
+                events += stored_events([e.key for e in entries], [e.parent for e in entries], tier.medium)
+            self._emit(events)
+
     def stats(self) -> dict:
         with self._lock:
             tiers = []
@@ -320,7 +451,8 @@ class TieredStore:
             check_keys(keys)
         return flags
 
-    def _check_layout(self, layout: Layout) -> None:
+    def check_layout(self, layout: Layout) -> None:
+        """Raises InvalidLayoutError unless blocks of `layout` fit this store's slots."""
         if not isinstance(layout, Layout):
             raise InvalidLayoutError(f"layout must be a Layout, got {type(layout).__name__}")
         if layout.block_nbytes > self.slot_nbytes:
@@ -466,8 +598,9 @@ class TieredStore:
         self._emit(stored_events([e.key for e in moved], [e.parent for e in moved], dst_tier.medium))
         self._moved.notify_all()
 
-    def _promote(self, hits: list[tuple[BlockEntry, torch.Tensor]]) -> None:
-        """Moves blocks hit in lower tiers into the top tier, from the buffers they were read into."""
+    def _promote(self, hits: list[tuple[BlockEntry, torch.Tensor | None]]) -> None:
+        """Moves blocks from lower tiers into the top tier: from the buffers they were just read
+        into where given (no second read), else from the tier they are in."""
         hits = [(e, row) for e, row in hits if e.evictable]
         for entry, _ in hits:
             entry.transition("start_move")
@@ -487,7 +620,8 @@ class TieredStore:
         for t, idx in by_tier.items():
             group = [hits[i][0] for i in idx]
             old_slots = [e.slot for e in group]
-            self._move(group, 0, [slots[i] for i in idx], sources=[hits[i][1] for i in idx])
+            sources = [hits[i][1] for i in idx]
+            self._move(group, 0, [slots[i] for i in idx], sources=None if sources[0] is None else sources)
             for slot in old_slots:
                 # Erased, so a block deleted later up there cannot come back from here at restart.
                 self._release_slot(t, slot, erase=True)

@@ -83,6 +83,8 @@ class HostArena:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
             raise TierIOError(f"no shared-memory arena named {name!r} at {path}") from None
+        except OSError as e:  # a directory, no permission, ...
+            raise TierIOError(f"cannot open shared-memory arena {name!r} at {path}: {e.strerror}") from None
         try:
             size = os.fstat(fd).st_size
             if size < PAGE:

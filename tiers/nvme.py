@@ -63,7 +63,15 @@ class NVMeTier(Tier):
 
     def __init__(self, directory: str, slot_nbytes: int, capacity_bytes: int,
                  io_threads: int = 4, direct_io: bool = True) -> None:
-        num_slots = slots_for(capacity_bytes - PAGE, slot_nbytes, "nvme_tier_bytes", overhead=PAGE)
+        try:
+            num_slots = slots_for(capacity_bytes - PAGE, slot_nbytes, "nvme_tier_bytes", overhead=PAGE)
+        except ConfigError:
+            if slot_nbytes < 1:
+                raise
+            # Name the capacity as configured, not net of the superblock.
+            raise ConfigError(
+                f"nvme_tier_bytes={capacity_bytes} holds no slot of {slot_nbytes} bytes (the file needs "
+                f"{PAGE + PAGE + round_up(slot_nbytes)} bytes for one: superblock, header and payload)") from None
         super().__init__(slot_nbytes, num_slots)
         self.path = os.path.join(directory, FILE_NAME)
         self.file_bytes = PAGE + num_slots * (PAGE + self.slot_stride)

@@ -1,0 +1,239 @@
+"""`kvstore.connect()`: the cluster's client, the same API as the single-node store plus where-is
+and leases.
+
+With no address it starts an embedded local Ray with one node (a laptop, a test, the demo);
+with one it joins that cluster. Either way it starts (or finds) the controller, which puts a
+node actor on every Ray node. The client then works through its own node: it maps that node's
+host arena, so a same-node put or get copies straight between the caller's buffer and the arena;
+a block held only by other nodes is first pulled over Arrow Flight into the local arena (where
+it stays cached), then delivered.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+import time
+from typing import Sequence
+
+import ray
+
+from kvstore.cluster.controller import CONTROLLER_NAME, ControllerActor
+from kvstore.cluster.node import node_actor_name
+from kvstore.config import Config, load_config
+from kvstore.errors import KVStoreError, LeaseError
+from kvstore.keys import check_keys
+from kvstore.layout import Layout
+from kvstore.payload import Blocks, block_rows
+from kvstore.store import PutResult
+from kvstore.tiers.host import HostArena
+
+log = logging.getLogger(__name__)
+
+RPC_TIMEOUT_S = 60.0
+
+
+@dataclasses.dataclass
+class ClusterGetResult:
+    sources: list[tuple[str, str] | None]  # per key: (node id it came from, "local" or "remote"), None: miss
+
+    @property
+    def found(self) -> list[bool]:
+        return [s is not None for s in self.sources]
+
+    @property
+    def hits(self) -> int:
+        return sum(s is not None for s in self.sources)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lease:
+    lease_id: str
+    node_id: str
+    address: str
+    keys: list[bytes]
+    expires_in_s: float
+
+
+class Client:
+    def __init__(self, controller, config: Config, embedded: bool) -> None:
+        self.config = config
+        self.embedded = embedded
+        self._controller = controller
+        self.node_id = ray.get_runtime_context().get_node_id()
+        info = self._local_node_info()
+        self._node = ray.get_actor(node_actor_name(self.node_id), namespace=config.ray_namespace)
+        self._arena = HostArena.open(info["shm_name"])
+
+    def _local_node_info(self) -> dict:
+        """Waits until the controller has a node actor running on this Ray node."""
+        deadline = time.monotonic() + RPC_TIMEOUT_S
+        while time.monotonic() < deadline:
+            nodes = ray.get(self._controller.wait_ready.remote(1, RPC_TIMEOUT_S), timeout=RPC_TIMEOUT_S)
+            for info in nodes:
+                if info["node_id"] == self.node_id:
+                    return info
+            time.sleep(0.1)
+        raise KVStoreError(f"no kvstore node actor came up on this Ray node ({self.node_id[:12]}) "
+                           f"in {RPC_TIMEOUT_S} s")
+
+    # -- the store's API ---------------------------------------------------------------------
+
+    def put(self, layout: Layout, keys: Sequence[bytes], blocks: Blocks,
+            parents: Sequence[bytes | None] | None = None) -> PutResult:
+        """Writes blocks into this node's host arena in place; present keys are skipped."""
+        keys = check_keys(keys)
+        rows = block_rows(layout, blocks, len(keys))
+        hold, slots, present = ray.get(self._node.reserve.remote(layout.to_dict(), keys, parents),
+                                       timeout=RPC_TIMEOUT_S)
+        try:
+            for row, slot in zip(rows, slots):
+                if slot is not None:
+                    self._arena.tensor[slot, :layout.block_nbytes].copy_(row)
+        except BaseException:
+            self._node.abort.remote(hold)
+            raise
+        stored = ray.get(self._node.commit.remote(hold), timeout=RPC_TIMEOUT_S)
+        rejected = [k for k, slot, here in zip(keys, slots, present) if slot is None and not here]
+        return PutResult(stored=stored, present=sum(present), rejected=rejected)
+
+    def get(self, layout: Layout, keys: Sequence[bytes], out: Blocks) -> ClusterGetResult:
+        """Fills `out` with every block found anywhere; remote ones are cached here on the way."""
+        keys = check_keys(keys)
+        rows = block_rows(layout, out, len(keys), "out")
+        sources: list[tuple[str, str] | None] = [None] * len(keys)
+        lay = layout.to_dict()
+        hold, slots = ray.get(self._node.acquire.remote(lay, keys), timeout=RPC_TIMEOUT_S)
+        holds = [hold]
+        try:
+            self._copy_out(rows, range(len(keys)), slots, layout.block_nbytes)
+            for i, slot in enumerate(slots):
+                if slot is not None:
+                    sources[i] = (self.node_id, "local")
+            missing = [i for i, slot in enumerate(slots) if slot is None]
+            pulled = self._pull([keys[i] for i in missing], lay) if missing else {}
+            if pulled:
+                idx = [i for i in missing if keys[i] in pulled]
+                hold, slots = ray.get(self._node.acquire.remote(lay, [keys[i] for i in idx]), timeout=RPC_TIMEOUT_S)
+                holds.append(hold)
+                self._copy_out(rows, idx, slots, layout.block_nbytes)
+                for i, slot in zip(idx, slots):
+                    if slot is not None:
+                        sources[i] = (pulled[keys[i]], "remote")
+        finally:
+            for hold in holds:
+                self._node.release.remote(hold)
+        return ClusterGetResult(sources)
+
+    def _copy_out(self, rows, idx, slots, nbytes: int) -> None:
+        arena = self._arena.tensor
+        for i, slot in zip(idx, slots):
+            if slot is not None:
+                rows[i].copy_(arena[slot, :nbytes])
+
+    def _pull(self, keys: list[bytes], layout: dict) -> dict[bytes, str]:
+        """Pulls keys held by other nodes into this node; returns key -> the node it came from."""
+        locations = ray.get(self._controller.locate.remote(keys), timeout=RPC_TIMEOUT_S)
+        nodes = {n["node_id"]: n for n in ray.get(self._controller.nodes.remote(), timeout=RPC_TIMEOUT_S)}
+        by_owner: dict[str, list[bytes]] = {}
+        for key, holders in zip(keys, locations):
+            owner = next((n for n, _ in holders if n != self.node_id and n in nodes), None)
+            if owner is not None:
+                by_owner.setdefault(owner, []).append(key)
+        refs = {owner: self._node.fetch.remote(nodes[owner]["address"], layout, ks) for owner, ks in by_owner.items()}
+        pulled: dict[bytes, str] = {}
+        for owner, ref in refs.items():
+            try:
+                for key in ray.get(ref, timeout=RPC_TIMEOUT_S):
+                    pulled[key] = owner
+            except Exception as e:  # the owner died mid-pull: those blocks are misses
+                log.warning("pull from node %s failed: %s", owner[:12], e)
+        return pulled
+
+    def longest_prefix(self, keys: Sequence[bytes]) -> int:
+        return ray.get(self._controller.longest_prefix.remote(check_keys(keys)), timeout=RPC_TIMEOUT_S)
+
+    def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        return [bool(h) for h in self.where(keys)]
+
+    def where(self, keys: Sequence[bytes]) -> list[list[tuple[str, str]]]:
+        """Per key, the (node id, medium) pairs that hold it, fastest medium first."""
+        return ray.get(self._controller.locate.remote(check_keys(keys)), timeout=RPC_TIMEOUT_S)
+
+    def best_node(self, keys: Sequence[bytes]) -> dict:
+        return ray.get(self._controller.best_node.remote(check_keys(keys)), timeout=RPC_TIMEOUT_S)
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        return ray.get(self._controller.delete.remote(check_keys(keys)), timeout=RPC_TIMEOUT_S)
+
+    def lease(self, layout: Layout, keys: Sequence[bytes], ttl_s: float | None = None,
+              node_id: str | None = None) -> Lease:
+        """Pins keys on their node (this one by default) until `release_lease` or the TTL."""
+        ttl = self.config.lease_ttl_s if ttl_s is None else ttl_s
+        if ttl <= 0:
+            raise LeaseError(f"ttl_s={ttl!r} must be positive")
+        info = ray.get(self._controller.create_lease.remote(node_id or self.node_id, layout.to_dict(),
+                                                            check_keys(keys), ttl), timeout=RPC_TIMEOUT_S)
+        return Lease(info["lease_id"], info["node_id"], info["address"], info["keys"], info["expires_in_s"])
+
+    def release_lease(self, lease: Lease | str) -> None:
+        lease_id = lease.lease_id if isinstance(lease, Lease) else lease
+        ray.get(self._controller.release_lease.remote(lease_id), timeout=RPC_TIMEOUT_S)
+
+    def nodes(self) -> list[dict]:
+        return ray.get(self._controller.nodes.remote(), timeout=RPC_TIMEOUT_S)
+
+    def stats(self) -> dict:
+        return ray.get(self._controller.stats.remote(), timeout=RPC_TIMEOUT_S)
+
+    def close(self, shutdown_cluster: bool | None = None) -> None:
+        """Unmaps the arena; an embedded cluster (or shutdown_cluster=True) is stopped too."""
+        self._arena.close()
+        if shutdown_cluster if shutdown_cluster is not None else self.embedded:
+            try:
+                ray.get(self._controller.shutdown_nodes.remote(), timeout=60)
+                ray.kill(self._controller)
+            finally:
+                if self.embedded:
+                    ray.shutdown()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def connect(address: str | None = None, *, config: Config | None = None, **overrides) -> Client:
+    """Connects to the kvstore cluster at the Ray `address`, or starts an embedded one.
+
+    Settings come from `config`, else from the file named by KVSTORE_CONFIG and KVSTORE_*
+    variables, with `overrides` on top (see docs/configuration.md).
+    """
+    config = config or load_config(os.environ.get("KVSTORE_CONFIG") or None, **overrides)
+    address = address or config.ray_address or None
+    embedded = address is None and not ray.is_initialized()
+    if not ray.is_initialized():
+        if embedded:
+            # An embedded Ray is private to this process: no dashboard, no token file in ~/.ray.
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            ray.init(namespace=config.ray_namespace, include_dashboard=False, num_cpus=max(2, os.cpu_count() or 2),
+                     object_store_memory=128 * 1024**2, log_to_driver=False)
+        else:
+            ray.init(address=address, namespace=config.ray_namespace, log_to_driver=False)
+    token = config.token()
+    try:
+        controller = ray.get_actor(CONTROLLER_NAME, namespace=config.ray_namespace)
+    except ValueError:
+        token = token or secrets.token_urlsafe(24)
+        controller = ControllerActor.options(
+            name=CONTROLLER_NAME, namespace=config.ray_namespace, get_if_exists=True,
+            lifetime=None if embedded else "detached",
+        ).remote(config.ray_namespace, token, _node_overrides(config))
+    return Client(controller, config, embedded)
+
+
+def _node_overrides(config: Config) -> dict:
+    """The settings node actors take from the starter, rather than from their own node's file."""
+    return {k: v for k, v in config.to_dict().items() if k not in ("auth_token", "auth_token_file")}

@@ -1,0 +1,287 @@
+"""The controller actor: one per cluster, named, restartable.
+
+It keeps the cluster index (key -> {node: medium}) from the nodes' block events, tracks
+membership from Ray (a dead node's entries go as soon as Ray declares it dead; a new node gets a
+node actor), answers cluster-wide lookups (where, longest prefix, the node holding most of a
+prompt for KV-aware routing), brokers leases that keep a handoff's blocks pinned on their owner,
+and aggregates stats. It holds no state that the nodes cannot give back: after a restart it asks
+every node to resend its content, and the index is whole again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+import threading
+import time
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from kvstore.cluster.node import CONTROLLER_NAME, NodeActor, node_actor_name
+from kvstore.errors import LeaseError
+from kvstore.events import AllBlocksCleared, BlockRemoved, BlockStored, decode_batch
+
+log = logging.getLogger(__name__)
+
+MEMBERSHIP_PERIOD_S = 0.5
+MEDIUM_RANK = {"GPU": 0, "CPU": 1, "DISK": 2}  # where a reader would rather pull from
+
+
+@dataclasses.dataclass
+class _Lease:
+    node_id: str
+    hold_id: str
+    keys: list[bytes]
+    expires: float
+
+
+class ControllerService:
+    def __init__(self, namespace: str, token: str, node_overrides: dict) -> None:
+        self._namespace = namespace
+        self._token = token
+        self._node_overrides = node_overrides
+        self._lock = threading.RLock()
+        self._index: dict[bytes, dict[str, str]] = {}
+        self._node_keys: dict[str, set[bytes]] = {}
+        self._nodes: dict[str, dict] = {}  # node id -> info (address, shm_name, ...) of a registered node
+        self._actors: dict[str, object] = {}
+        self._starting: dict[str, object] = {}  # node id -> ObjectRef of its info()
+        self._leases: dict[str, _Lease] = {}
+        self._dropped_nodes = 0
+        self._stopping = threading.Event()
+        self._membership = threading.Thread(target=self._watch_membership, name="kvstore-membership", daemon=True)
+        self._membership.start()
+
+    # -- events from nodes ---------------------------------------------------------------------
+
+    def report_events(self, node_id: str, payload: bytes) -> None:
+        _, events = decode_batch(payload)
+        with self._lock:
+            if node_id not in self._nodes and node_id not in self._starting and node_id not in self._actors:
+                return  # a node already declared dead
+            keys = self._node_keys.setdefault(node_id, set())
+            for event in events:
+                if isinstance(event, BlockStored):
+                    for key in event.block_hashes:
+                        self._index.setdefault(key, {})[node_id] = event.medium
+                        keys.add(key)
+                elif isinstance(event, BlockRemoved):
+                    for key in event.block_hashes:
+                        holders = self._index.get(key)
+                        if holders is not None and holders.get(node_id) == event.medium:
+                            self._forget(key, node_id, holders)
+                            keys.discard(key)
+                elif isinstance(event, AllBlocksCleared):
+                    self._drop_entries(node_id)
+                    keys = self._node_keys.setdefault(node_id, set())
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    def locate(self, keys: list[bytes]) -> list[list[tuple[str, str]]]:
+        """Per key, the (node id, medium) pairs holding it, the fastest medium first."""
+        with self._lock:
+            out = []
+            for key in keys:
+                holders = self._index.get(key)
+                out.append(sorted(holders.items(), key=lambda nm: MEDIUM_RANK.get(nm[1], 9)) if holders else [])
+            return out
+
+    def longest_prefix(self, keys: list[bytes]) -> int:
+        """Leading keys present somewhere in the cluster."""
+        index = self._index
+        with self._lock:
+            for i, key in enumerate(keys):
+                if key not in index:
+                    return i
+        return len(keys)
+
+    def prefix_by_node(self, keys: list[bytes]) -> dict[str, int]:
+        """Per node, how many leading keys of the prompt it holds itself."""
+        with self._lock:
+            result = {node_id: 0 for node_id in self._nodes}
+            open_nodes = set(result)
+            for key in keys:
+                holders = self._index.get(key, {})
+                open_nodes &= holders.keys()
+                if not open_nodes:
+                    break
+                for node_id in open_nodes:
+                    result[node_id] += 1
+            return result
+
+    def best_node(self, keys: list[bytes]) -> dict:
+        """The node holding the longest prefix of the prompt (ties: the lowest node id)."""
+        per_node = self.prefix_by_node(keys)
+        if not per_node:
+            return {"node_id": None, "prefix_blocks": 0, "per_node": {}}
+        best = min(per_node, key=lambda n: (-per_node[n], n))
+        return {"node_id": best, "prefix_blocks": per_node[best], "per_node": per_node}
+
+    def delete(self, keys: list[bytes]) -> int:
+        with self._lock:
+            targets: dict[str, list[bytes]] = {}
+            for key in keys:
+                for node_id in self._index.get(key, {}):
+                    targets.setdefault(node_id, []).append(key)
+            actors = {n: self._actors[n] for n in targets if n in self._actors}
+        refs = [actors[n].delete.remote(targets[n]) for n in actors]
+        deleted = sum(ray.get(refs, timeout=30)) if refs else 0
+        with self._lock:  # now, not when the nodes' BlockRemoved events arrive
+            for node_id, node_keys in targets.items():
+                for key in node_keys:
+                    holders = self._index.get(key)
+                    if holders is not None and node_id in holders:
+                        self._forget(key, node_id, holders)
+                        self._node_keys.get(node_id, set()).discard(key)
+        return deleted
+
+    # -- membership ----------------------------------------------------------------------------
+
+    def nodes(self) -> list[dict]:
+        with self._lock:
+            return [dict(info) for info in self._nodes.values()]
+
+    def wait_ready(self, min_nodes: int = 1, timeout_s: float = 60.0) -> list[dict]:
+        """Blocks until at least min_nodes node actors are registered."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self._nodes) >= min_nodes:
+                    return [dict(info) for info in self._nodes.values()]
+            time.sleep(0.05)
+        raise TimeoutError(f"only {len(self._nodes)} of {min_nodes} kvstore nodes came up in {timeout_s} s")
+
+    def token(self) -> str:
+        return self._token
+
+    def _watch_membership(self) -> None:
+        while not self._stopping.wait(MEMBERSHIP_PERIOD_S):
+            try:
+                self._sync_membership()
+            except Exception:
+                log.exception("membership check failed; retrying")
+
+    def _sync_membership(self) -> None:
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        with self._lock:
+            for node_id in [n for n in {*self._nodes, *self._actors, *self._starting} if n not in alive]:
+                log.warning("node %s is dead; dropping its %d blocks from the index",
+                            node_id[:12], len(self._node_keys.get(node_id, ())))
+                self._drop_entries(node_id)
+                self._node_keys.pop(node_id, None)
+                self._nodes.pop(node_id, None)
+                self._actors.pop(node_id, None)
+                self._starting.pop(node_id, None)
+                self._dropped_nodes += 1
+            for node_id in alive - self._actors.keys():
+                actor = NodeActor.options(
+                    name=node_actor_name(node_id), namespace=self._namespace, get_if_exists=True,
+                    lifetime="detached", max_restarts=0,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+                ).remote(node_id, self._namespace, self._token, self._node_overrides)
+                self._actors[node_id] = actor
+                self._starting[node_id] = actor.info.remote()
+            starting = dict(self._starting)
+        if not starting:
+            return
+        ready, _ = ray.wait(list(starting.values()), num_returns=len(starting), timeout=0)
+        for node_id, ref in starting.items():
+            if ref not in ready:
+                continue
+            try:
+                info = ray.get(ref)
+            except Exception as e:
+                log.error("node actor on %s failed to start: %s", node_id[:12], e)
+                with self._lock:
+                    self._starting.pop(node_id, None)
+                    self._actors.pop(node_id, None)  # tried again next round
+                continue
+            with self._lock:
+                self._starting.pop(node_id, None)
+                self._nodes[node_id] = info
+                actor = self._actors[node_id]
+            actor.resync.remote()  # rebuilds this node's part of the index (after a restart too)
+
+    def _forget(self, key: bytes, node_id: str, holders: dict[str, str]) -> None:
+        del holders[node_id]
+        if not holders:
+            del self._index[key]
+
+    def _drop_entries(self, node_id: str) -> None:
+        for key in self._node_keys.get(node_id, ()):
+            holders = self._index.get(key)
+            if holders is not None and node_id in holders:
+                self._forget(key, node_id, holders)
+        self._node_keys[node_id] = set()
+
+    # -- leases --------------------------------------------------------------------------------
+
+    def create_lease(self, node_id: str, layout: dict, keys: list[bytes], ttl_s: float) -> dict:
+        """Pins keys on node_id for a handoff until released or ttl_s passes.
+
+        Returns {"lease_id", "node_id", "address", "keys" (the ones pinned), "expires_in_s"}.
+        """
+        with self._lock:
+            actor = self._actors.get(node_id)
+            info = self._nodes.get(node_id)
+        if actor is None or info is None:
+            raise LeaseError(f"node {node_id!r} is not a live kvstore node")
+        hold_id, slots = ray.get(actor.acquire.remote(layout, keys, ttl_s), timeout=30)
+        pinned = [k for k, s in zip(keys, slots) if s is not None]
+        lease_id = secrets.token_hex(12)
+        with self._lock:
+            self._expire_leases()
+            self._leases[lease_id] = _Lease(node_id, hold_id, pinned, time.monotonic() + ttl_s)
+        return {"lease_id": lease_id, "node_id": node_id, "address": info["address"], "keys": pinned,
+                "expires_in_s": ttl_s}
+
+    def release_lease(self, lease_id: str) -> None:
+        with self._lock:
+            self._expire_leases()
+            lease = self._leases.pop(lease_id, None)
+            actor = self._actors.get(lease.node_id) if lease else None
+        if lease is None:
+            raise LeaseError(f"lease {lease_id!r} is unknown, expired or already released")
+        if actor is not None:
+            try:
+                ray.get(actor.release.remote(lease.hold_id), timeout=30)
+            except Exception as e:  # expired on the node already, or the node died: nothing is pinned
+                log.info("releasing lease %s: %s", lease_id, e)
+
+    def _expire_leases(self) -> None:
+        now = time.monotonic()
+        for lease_id in [k for k, lease in self._leases.items() if lease.expires < now]:
+            del self._leases[lease_id]  # the node's hold expires on its own clock
+
+    # -- stats ---------------------------------------------------------------------------------
+
+    def stats(self, timeout_s: float = 10.0) -> dict:
+        with self._lock:
+            actors = dict(self._actors)
+            summary = {"index_keys": len(self._index), "nodes_registered": len(self._nodes),
+                       "nodes_dropped": self._dropped_nodes, "leases": len(self._leases)}
+        refs = {node_id: actor.stats.remote() for node_id, actor in actors.items()}
+        nodes = {}
+        for node_id, ref in refs.items():
+            try:
+                nodes[node_id] = ray.get(ref, timeout=timeout_s)
+            except Exception as e:
+                nodes[node_id] = {"node_id": node_id, "error": f"{type(e).__name__}: {e}"[:300]}
+        return {**summary, "nodes": nodes}
+
+    def shutdown_nodes(self) -> None:
+        """Stops every node actor (they are detached: they outlive a controller restart)."""
+        self._stopping.set()
+        with self._lock:
+            actors = list(self._actors.values())
+        for actor in actors:
+            try:
+                ray.get(actor.shutdown.remote(), timeout=15)
+            except Exception:
+                pass
+            ray.kill(actor)
+
+
+ControllerActor = ray.remote(num_cpus=0, max_concurrency=16, max_restarts=-1)(ControllerService)
+__all__ = ["ControllerActor", "ControllerService", "CONTROLLER_NAME"]

@@ -1,0 +1,221 @@
+"""The data plane: an Arrow Flight server per node, and the client that pulls from and pushes to it.
+
+do_get streams blocks straight out of the host arena: each record batch wraps a pinned slot
+without copying, and the pin lives exactly as long as Arrow (and gRPC, which serializes
+zero-copy) hold that memory, so a slot is never reused while its bytes are still on the way
+out. do_put writes incoming blocks into slots reserved in the store and commits them at the end
+of the stream. Every call must carry `authorization: Bearer <token>` (checked in a middleware,
+in constant time); a malformed, oversize or unauthorised request gets a Flight error that says
+why, and the server goes on serving.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import weakref
+from typing import Callable, Sequence
+
+import msgpack
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+import torch
+
+from kvstore.cluster.protocol import BLOCK_SCHEMA, ProtocolError, decode_request, encode_request
+from kvstore.errors import AuthError, KVStoreError, TransferError
+from kvstore.layout import Layout
+from kvstore.store import BlockHandle, TieredStore
+
+log = logging.getLogger(__name__)
+
+ACQUIRE_CHUNK = 16  # blocks pinned at a time per do_get stream
+
+
+class _TokenAuth(flight.ServerMiddlewareFactory):
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise AuthError("the data plane needs a non-empty token")
+        self._expected = f"Bearer {token}".encode()
+
+    def start_call(self, info, headers):
+        for value in headers.get("authorization", []):
+            if hmac.compare_digest(value.encode() if isinstance(value, str) else value, self._expected):
+                return None
+        raise flight.FlightUnauthenticatedError("missing or wrong token (send 'authorization: Bearer <token>')")
+
+
+class DataPlaneServer(flight.FlightServerBase):
+    """Serves one store's blocks over Flight. Start with `start()`, stop with `shutdown()`."""
+
+    def __init__(self, store: TieredStore, host: str, port: int, token: str, max_request_bytes: int) -> None:
+        super().__init__(f"grpc+tcp://{host}:{port}", middleware={"auth": _TokenAuth(token)})
+        self.host = host
+        self._store = store
+        self._max_request_bytes = max_request_bytes
+        self._counters_lock = threading.Lock()
+        self.counters = dict.fromkeys(("requests", "errors", "blocks_sent", "bytes_sent", "blocks_received",
+                                       "bytes_received"), 0)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> "DataPlaneServer":
+        self._thread = threading.Thread(target=self.serve, name="kvstore-flight", daemon=True)
+        self._thread.start()
+        return self
+
+    def _count(self, **deltas: int) -> None:
+        with self._counters_lock:
+            for name, delta in deltas.items():
+                self.counters[name] += delta
+
+    def _request(self, data: bytes, op: str):
+        self._count(requests=1)
+        try:
+            return decode_request(data, op, self._max_request_bytes)
+        except ProtocolError as e:
+            self._count(errors=1)
+            raise flight.FlightServerError(f"bad {op} request: {e}") from None
+
+    def do_get(self, context, ticket):
+        req = self._request(ticket.ticket, "get")
+        try:
+            self._store.check_layout(req.layout)
+        except KVStoreError as e:
+            self._count(errors=1)
+            raise flight.FlightServerError(f"bad get request: {e}") from None
+        return flight.GeneratorStream(BLOCK_SCHEMA, self._stream(req.layout, req.keys))
+
+    def _stream(self, layout: Layout, keys: list[bytes]):
+        offsets = pa.py_buffer(np.array([0, layout.block_nbytes], dtype=np.int64))
+        for start in range(0, len(keys), ACQUIRE_CHUNK):
+            pending = [h for h in self._store.acquire(layout, keys[start:start + ACQUIRE_CHUNK]) if h is not None]
+            try:
+                while pending:
+                    batch = self._batch(pending[0], offsets)
+                    pending.pop(0)  # the batch's buffer owns the pin now
+                    self._count(blocks_sent=1, bytes_sent=layout.block_nbytes)
+                    yield batch
+            finally:
+                self._store.release(pending)
+
+    def _batch(self, handle: BlockHandle, offsets: pa.Buffer) -> pa.RecordBatch:
+        view = handle.view.numpy()
+        store = self._store
+        weakref.finalize(view, store.release, [handle])
+        data = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(view)])
+        return pa.RecordBatch.from_arrays([pa.array([handle.key], pa.binary(16)), data], schema=BLOCK_SCHEMA)
+
+    def do_put(self, context, descriptor, reader, writer):
+        req = self._request(descriptor.command, "put")
+        try:
+            handles = self._store.reserve(req.layout, req.keys, req.parents)
+        except KVStoreError as e:
+            self._count(errors=1)
+            raise flight.FlightServerError(f"bad put request: {e}") from None
+        wanted = {h.key: h for h in handles if h is not None}
+        expected = set(req.keys)
+        filled: dict[bytes, BlockHandle] = {}
+        try:
+            if reader.schema != BLOCK_SCHEMA:
+                raise ProtocolError(f"put stream schema {reader.schema} is not {BLOCK_SCHEMA}")
+            for chunk in reader:
+                for key, data in _rows(chunk.data, req.layout.block_nbytes):
+                    if key not in expected:
+                        raise ProtocolError(f"put stream carries block {key.hex()}, which the request did not name")
+                    expected.discard(key)
+                    handle = wanted.get(key)
+                    if handle is not None:  # None: present already, or no room; skip its bytes
+                        np.copyto(handle.view.numpy(), np.frombuffer(data, dtype=np.uint8))
+                        filled[key] = handle
+                    self._count(blocks_received=1, bytes_received=len(data))
+        except (ProtocolError, pa.ArrowException) as e:
+            self._store.abort(list(wanted.values()))
+            self._count(errors=1)
+            raise flight.FlightServerError(f"bad put stream: {e}") from None
+        except BaseException:
+            self._store.abort(list(wanted.values()))
+            raise
+        self._store.abort([h for k, h in wanted.items() if k not in filled])
+        stored = self._store.commit(list(filled.values()))
+        writer.write(pa.py_buffer(msgpack.packb({"stored": stored, "present": len(req.keys) - len(wanted)})))
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def _rows(batch: pa.RecordBatch, block_nbytes: int):
+    """(key, memoryview of the block's bytes) per row, checked; no copy."""
+    if batch.schema != BLOCK_SCHEMA:
+        raise ProtocolError(f"batch schema {batch.schema} is not {BLOCK_SCHEMA}")
+    keys, data = batch.column(0), batch.column(1)
+    if keys.null_count or data.null_count:
+        raise ProtocolError("batch has null keys or payloads")
+    _, offsets_buf, data_buf = data.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int64, count=len(data) + 1, offset=data.offset * 8)
+    key_bytes = keys.buffers()[1]
+    for i in range(len(batch)):
+        start, end = int(offsets[i]), int(offsets[i + 1])
+        if end - start != block_nbytes:
+            raise ProtocolError(f"block payload of {end - start} bytes; the layout's blocks are {block_nbytes}")
+        k0 = (keys.offset + i) * 16
+        yield key_bytes[k0:k0 + 16].to_pybytes(), memoryview(data_buf)[start:end]
+
+
+class DataPlaneClient:
+    """Talks to one node's data-plane server. Thread-safe; reuse it across calls."""
+
+    def __init__(self, address: str, token: str, timeout_s: float = 60.0) -> None:
+        self.address = address
+        self._client = flight.FlightClient(f"grpc+tcp://{address}")
+        self._options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())],
+                                                 timeout=timeout_s)
+
+    def get(self, layout: Layout, keys: Sequence[bytes], sink: Callable[[bytes, memoryview], None]) -> set[bytes]:
+        """Streams the blocks the peer has to `sink(key, bytes)`; returns the keys received."""
+        requested = set(keys)
+        received: set[bytes] = set()
+        try:
+            reader = self._client.do_get(flight.Ticket(encode_request("get", layout, list(keys))), self._options)
+            for chunk in reader:
+                for key, data in _rows(chunk.data, layout.block_nbytes):
+                    if key not in requested or key in received:
+                        raise ProtocolError(f"peer {self.address} sent block {key.hex()}, unasked or twice")
+                    sink(key, data)
+                    received.add(key)
+        except flight.FlightError as e:
+            raise TransferError(f"get of {len(keys)} blocks from {self.address} failed: {_first_line(e)}") from None
+        return received
+
+    def put(self, layout: Layout, keys: Sequence[bytes], rows: Sequence[torch.Tensor],
+            parents: Sequence[bytes | None] | None = None) -> dict:
+        """Pushes blocks (uint8 rows of block_nbytes) to the peer's store; returns its counts."""
+        descriptor = flight.FlightDescriptor.for_command(
+            encode_request("put", layout, list(keys), None if parents is None else list(parents)))
+        offsets = pa.py_buffer(np.array([0, layout.block_nbytes], dtype=np.int64))
+        try:
+            writer, meta_reader = self._client.do_put(descriptor, BLOCK_SCHEMA, self._options)
+            with writer:
+                for key, row in zip(keys, rows):
+                    data = pa.LargeBinaryArray.from_buffers(
+                        pa.large_binary(), 1, [None, offsets, pa.py_buffer(row.cpu().numpy())])
+                    writer.write_batch(pa.RecordBatch.from_arrays([pa.array([key], pa.binary(16)), data],
+                                                                  schema=BLOCK_SCHEMA))
+                writer.done_writing()
+                reply = meta_reader.read()
+        except flight.FlightError as e:
+            raise TransferError(f"put of {len(keys)} blocks to {self.address} failed: {_first_line(e)}") from None
+        return msgpack.unpackb(reply.to_pybytes()) if reply is not None else {}
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).split(". Detail:")[0].split("\n")[0]
+

@@ -1,0 +1,233 @@
+"""The node actor: one per Ray node, pinned there, owning that node's store and data plane.
+
+It owns the node's host (shared memory) and NVMe tiers, serves them over Arrow Flight, lets
+processes on the same node read and write the host arena in place (holds with a TTL, so a
+client that dies cannot pin blocks forever), pulls blocks from peers on request, and sends the
+store's block events to the controller in batches, in order. When a batch cannot be delivered
+(the controller is restarting) it resolves the controller again and resends its whole content,
+so the cluster index heals by itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging
+import os
+import secrets
+import threading
+import time
+
+import numpy as np
+import ray
+
+from kvstore.cluster.dataplane import DataPlaneClient, DataPlaneServer
+from kvstore.config import load_config
+from kvstore.errors import LeaseError, TransferError
+from kvstore.events import Event, encode_batch
+from kvstore.layout import Layout
+from kvstore.store import BlockHandle, TieredStore
+from kvstore.tiers.host import SHM_DIR
+
+log = logging.getLogger(__name__)
+
+CONTROLLER_NAME = "kvstore-controller"
+
+
+def node_actor_name(node_id: str) -> str:
+    return f"kvstore-node-{node_id}"
+
+
+@dataclasses.dataclass
+class _Hold:
+    handles: list[BlockHandle | None]
+    expires: float
+    writing: bool
+
+
+class NodeService:
+    def __init__(self, node_id: str, namespace: str, token: str, overrides: dict) -> None:
+        config = load_config(os.environ.get("KVSTORE_CONFIG") or None, **overrides)
+        short = node_id[:12]
+        if config.nvme_tier_bytes:
+            config = dataclasses.replace(config, nvme_path=os.path.join(config.nvme_path, short))
+        self.config = config
+        self.node_id = node_id
+        self._namespace = namespace
+        _remove_stale_arenas(f"{config.shm_prefix}-{short}-")
+        self._outbox: list[Event] = []
+        self._outbox_lock = threading.Lock()
+        self.store = TieredStore.from_config(config, shm_name=f"{config.shm_prefix}-{short}-{os.getpid()}",
+                                             listener=self._on_events)
+        host = config.flight_host or ray.util.get_node_ip_address()
+        self.server = DataPlaneServer(self.store, host, config.flight_port, token, config.max_request_bytes).start()
+        self._token = token
+        self._peers: dict[str, DataPlaneClient] = {}
+        self._holds: dict[str, _Hold] = {}
+        self._holds_lock = threading.Lock()
+        self._controller = None
+        self._stopping = threading.Event()
+        self._pump = threading.Thread(target=self._pump_events, name="kvstore-events", daemon=True)
+        self._pump.start()
+
+    # -- for the controller and clients ------------------------------------------------------
+
+    def info(self) -> dict:
+        host_tier = next((t for t in self.store.tiers if t.name == "host"), None)
+        return {"node_id": self.node_id, "address": self.server.address, "pid": os.getpid(),
+                "shm_name": getattr(host_tier, "shm_name", None), "slot_bytes": self.store.slot_nbytes,
+                "tiers": [t.name for t in self.store.tiers]}
+
+    def acquire(self, layout: dict, keys: list[bytes], ttl_s: float | None = None) -> tuple[str, list]:
+        """Pins blocks in the host arena for a reader on this node: (hold id, [slot | None])."""
+        handles = self.store.acquire(Layout.from_dict(layout), keys)
+        return self._hold(handles, ttl_s, writing=False), [None if h is None else h.slot for h in handles]
+
+    def reserve(self, layout: dict, keys: list[bytes], parents: list | None = None,
+                ttl_s: float | None = None) -> tuple[str, list, list[bool]]:
+        """Reserves arena slots for a writer on this node, then `commit`.
+
+        Returns (hold id, [slot | None], [present already]); a None slot that is not present
+        found no room.
+        """
+        handles = self.store.reserve(Layout.from_dict(layout), keys, parents)
+        present = [h is None and here for h, here in zip(handles, self.store.contains(keys))]
+        return self._hold(handles, ttl_s, writing=True), [None if h is None else h.slot for h in handles], present
+
+    def commit(self, hold_id: str) -> int:
+        return self.store.commit(self._take(hold_id, writing=True).handles)
+
+    def abort(self, hold_id: str) -> None:
+        self.store.abort(self._take(hold_id, writing=True).handles)
+
+    def release(self, hold_id: str) -> None:
+        self.store.release(self._take(hold_id, writing=False).handles)
+
+    def fetch(self, address: str, layout: dict, keys: list[bytes], parents: list | None = None) -> list[bytes]:
+        """Pulls blocks from the peer at `address` into this node's store; returns the keys now here."""
+        lay = Layout.from_dict(layout)
+        handles = self.store.reserve(lay, keys, parents)
+        by_key = {h.key: h for h in handles if h is not None}
+        filled: list[BlockHandle] = []
+
+        def sink(key: bytes, data: memoryview) -> None:
+            handle = by_key.get(key)
+            if handle is not None:
+                np.copyto(handle.view.numpy(), np.frombuffer(data, dtype=np.uint8))
+                filled.append(handle)
+        try:
+            self._peer(address).get(lay, [h.key for h in by_key.values()], sink)
+        except TransferError as e:
+            log.warning("%s", e)
+            self._drop_peer(address)
+        except BaseException:
+            self.store.abort(list(by_key.values()))
+            raise
+        done = {h.key for h in filled}
+        self.store.abort([h for k, h in by_key.items() if k not in done])
+        self.store.commit(filled)
+        present = self.store.contains(keys)
+        return [k for k, here in zip(keys, present) if here]
+
+    def contains(self, keys: list[bytes]) -> list[bool]:
+        return self.store.contains(keys)
+
+    def delete(self, keys: list[bytes]) -> int:
+        return self.store.delete(keys)
+
+    def clear(self) -> None:
+        self.store.clear()
+
+    def resync(self) -> None:
+        """Queues the whole content for the controller (it is rebuilding its index)."""
+        self.store.resync()
+
+    def stats(self) -> dict:
+        with self._holds_lock:
+            holds = len(self._holds)
+        return {**self.info(), "store": self.store.stats(), "dataplane": dict(self.server.counters), "holds": holds}
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        self._pump.join(timeout=5)
+        self.server.shutdown()
+        for peer in self._peers.values():
+            peer.close()
+        self.store.close()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _hold(self, handles: list, ttl_s: float | None, writing: bool) -> str:
+        hold_id = secrets.token_hex(8)
+        ttl = self.config.lease_ttl_s if ttl_s is None else ttl_s
+        with self._holds_lock:
+            self._holds[hold_id] = _Hold(handles, time.monotonic() + ttl, writing)
+        return hold_id
+
+    def _take(self, hold_id: str, writing: bool) -> _Hold:
+        with self._holds_lock:
+            hold = self._holds.get(hold_id)
+            if hold is None or hold.writing != writing:
+                raise LeaseError(f"hold {hold_id!r} is unknown, expired or already given back")
+            del self._holds[hold_id]
+        return hold
+
+    def _expire_holds(self) -> None:
+        now = time.monotonic()
+        with self._holds_lock:
+            expired = [(k, h) for k, h in self._holds.items() if h.expires < now]
+            for k, _ in expired:
+                del self._holds[k]
+        for hold_id, hold in expired:
+            log.warning("hold %s expired; giving back %d blocks", hold_id, sum(h is not None for h in hold.handles))
+            (self.store.abort if hold.writing else self.store.release)(hold.handles)
+
+    def _peer(self, address: str) -> DataPlaneClient:
+        client = self._peers.get(address)
+        if client is None:
+            client = self._peers[address] = DataPlaneClient(address, self._token)
+        return client
+
+    def _drop_peer(self, address: str) -> None:
+        client = self._peers.pop(address, None)
+        if client is not None:
+            client.close()
+
+    def _on_events(self, events: list[Event]) -> None:
+        with self._outbox_lock:
+            self._outbox.extend(events)
+
+    def _pump_events(self) -> None:
+        period = max(self.config.event_batch_ms, 1) / 1000
+        while not self._stopping.wait(period):
+            self._expire_holds()
+            with self._outbox_lock:
+                events, self._outbox = self._outbox, []
+            if not events:
+                continue
+            try:
+                ray.get(self._controller_handle().report_events.remote(self.node_id, encode_batch(events)),
+                        timeout=30)
+            except Exception as e:  # the controller is restarting or gone: resend everything once it is back
+                log.info("controller unreachable (%s); will resend this node's whole content", type(e).__name__)
+                self._controller = None
+                self.store.resync()
+
+    def _controller_handle(self):
+        if self._controller is None:
+            self._controller = ray.get_actor(CONTROLLER_NAME, namespace=self._namespace)
+        return self._controller
+
+
+def _remove_stale_arenas(prefix: str) -> None:
+    """Unlinks arenas this node's earlier actors left behind when they died."""
+    for path in glob.glob(os.path.join(SHM_DIR, prefix + "*")):
+        pid = path.rsplit("-", 1)[-1]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            log.info("removing %s, left by a node actor that is gone", path)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+NodeActor = ray.remote(num_cpus=0, max_concurrency=16)(NodeService)

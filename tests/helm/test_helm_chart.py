@@ -1,0 +1,456 @@
+"""The Helm chart helm/kvstore: lint, render, validate offline, and agree with kvstore/config.py."""
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from kvstore.config import FIELDS, Config, load_config, parse_size
+
+from .conftest import (
+    CHART,
+    CI_VALUES,
+    KUBERNETES_VERSION,
+    NAMESPACE,
+    REPO,
+    by_kind,
+    cluster_pod_templates,
+    one,
+    pod_template_as_pod,
+    run_helm,
+    template,
+)
+
+# Settings the chart sets itself (from `ports`, `auth`, a group's `nvme`, the environment) and
+# therefore refuses in a `config` block. Every other setting of kvstore/config.py must be in the
+# schema's kvstoreConfig, so a setting added to the service shows up here until the chart has it.
+CHART_OWNED = {
+    "http_host", "http_port", "flight_host", "flight_port",
+    "nvme_path", "ray_address", "auth_token", "auth_token_file",
+}
+TOKEN_PATH = "/etc/kvstore/secret/token"
+CONFIG_PATH = "/etc/kvstore/config.yaml"
+CORE_KINDS = {"ConfigMap", "Secret", "Service", "Ingress"}
+
+
+@pytest.fixture(params=["default", "ci"])
+def case(request, rendered_default, rendered_ci, values_default, values_ci):
+    """(rendered documents, effective values) with values.yaml alone and with ci-values.yaml."""
+    if request.param == "default":
+        return rendered_default, values_default
+    return rendered_ci, values_ci
+
+
+def groups_of(values):
+    """Group name -> that group's values, head first."""
+    return {"head": values["head"], **{g["groupName"]: g for g in values["workerGroups"]}}
+
+
+def containers(pod_template):
+    return {c["name"]: c for c in pod_template["spec"]["containers"]}
+
+
+def env_of(container):
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def volumes(pod_template):
+    return {v["name"]: v for v in pod_template["spec"].get("volumes", [])}
+
+
+# --- lint and render -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("values", [None, CI_VALUES], ids=["default", "ci"])
+def test_lint_strict(helm_bin, values):
+    args = ["lint", "--strict", str(CHART)] + (["--values", str(values)] if values else [])
+    proc = run_helm(helm_bin, *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 chart(s) failed" in proc.stdout
+
+
+def test_rendered_kinds(rendered_default, rendered_ci):
+    assert sorted(d["kind"] for d in rendered_default) == ["ConfigMap", "RayCluster", "Secret", "Service"]
+    # ci-values: an existing Secret (none rendered), ServiceMonitor and Ingress on.
+    assert sorted(d["kind"] for d in rendered_ci) == [
+        "ConfigMap", "Ingress", "RayCluster", "Service", "ServiceMonitor"]
+
+
+def test_core_kinds_validate_strict(case, kubernetes_validate):
+    docs, _ = case
+    core = [d for d in docs if d["kind"] in CORE_KINDS]
+    assert core
+    for doc in core:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_every_resource_has_recommended_labels(case):
+    docs, _ = case
+    for doc in docs:
+        labels = doc["metadata"]["labels"]
+        for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
+                    "app.kubernetes.io/managed-by", "helm.sh/chart"):
+            assert key in labels, (doc["kind"], key)
+
+
+# --- the RayCluster ---------------------------------------------------------------------------
+
+def test_raycluster_has_what_kuberay_requires(case, kuberay_schema, kubernetes_validate):
+    docs, values = case
+    cluster = one(docs, "RayCluster")
+    jsonschema.validate(cluster, {**kuberay_schema, "$ref": "#/definitions/RayCluster"})
+    spec = cluster["spec"]
+    assert spec["rayVersion"] == values["rayVersion"]
+    assert [g["groupName"] for g in spec["workerGroupSpecs"]] == [g["groupName"] for g in values["workerGroups"]]
+    for group, wanted in zip(spec["workerGroupSpecs"], values["workerGroups"]):
+        for key in ("replicas", "minReplicas", "maxReplicas"):
+            assert group[key] == wanted[key]
+    # The pod templates are core PodTemplateSpecs: validate them as Pods, unknown fields included.
+    for name, pod_template in cluster_pod_templates(spec).items():
+        kubernetes_validate.validate(pod_template_as_pod(pod_template, f"x-{name}"), KUBERNETES_VERSION, strict=True)
+
+
+def test_head_runs_ray_then_the_kvstore_service(case):
+    docs, values = case
+    head = one(docs, "RayCluster")["spec"]["headGroupSpec"]
+    assert head["rayStartParams"] == {k: str(v) for k, v in values["head"]["rayStartParams"].items()}
+    spec = head["template"]["spec"]
+    # KubeRay runs `ray start` in the first container.
+    assert [c["name"] for c in spec["containers"]] == ["ray-head", "kvstore"]
+    service = spec["containers"][1]
+    assert service["command"] == ["kvstore", "serve", "--config", CONFIG_PATH]
+    assert env_of(service)["KVSTORE_RAY_ADDRESS"]["value"] == "127.0.0.1:6379"
+    assert {p["name"]: p["containerPort"] for p in service["ports"]} == {"http": values["ports"]["http"]}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert service[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+        for key, value in values["head"]["serviceContainer"][probe].items():
+            assert service[probe][key] == value
+
+
+def test_every_container_reads_its_group_config_and_the_token(case):
+    docs, values = case
+    cluster = one(docs, "RayCluster")
+    secret_name = values["auth"]["existingSecret"] or f"{cluster['metadata']['name']}-auth"
+    for name, pod_template in cluster_pod_templates(cluster["spec"]).items():
+        etc = volumes(pod_template)["kvstore-etc"]["projected"]["sources"]
+        assert etc[0]["configMap"]["items"] == [{"key": f"{name}.yaml", "path": "config.yaml"}]
+        assert etc[1]["secret"]["name"] == secret_name
+        assert etc[1]["secret"]["items"][0]["key"] == values["auth"]["secretKey"]
+        assert etc[1]["secret"]["items"][0]["path"] == "secret/token"
+        for container in pod_template["spec"]["containers"]:
+            env = env_of(container)
+            assert env["KVSTORE_CONFIG"]["value"] == CONFIG_PATH
+            # flight_host is the pod IP, from the downward API (the environment beats the file).
+            assert env["KVSTORE_FLIGHT_HOST"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            assert mounts["/etc/kvstore"] == "kvstore-etc"
+            assert mounts["/dev/shm"] == "dshm"
+            assert mounts["/tmp"] == "tmp"
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        ray = pod_template["spec"]["containers"][0]
+        assert {"name": "flight", "containerPort": values["ports"]["flight"]} in ray["ports"]
+        assert pod_template["spec"]["securityContext"]["runAsNonRoot"] is True
+        assert pod_template["metadata"]["labels"]["app.kubernetes.io/component"] == (
+            "head" if name == "head" else "worker")
+
+
+def test_gpu_group_requests_gpus_and_tells_ray(rendered_ci, values_ci):
+    cluster = one(rendered_ci, "RayCluster")
+    gpu_groups = 0
+    for group, wanted in zip(cluster["spec"]["workerGroupSpecs"], values_ci["workerGroups"]):
+        gpus = wanted.get("gpus", 0)
+        resources = group["template"]["spec"]["containers"][0].get("resources", {})
+        if gpus:
+            gpu_groups += 1
+            assert resources["limits"]["nvidia.com/gpu"] == gpus
+            assert resources["requests"]["nvidia.com/gpu"] == gpus
+            assert group["rayStartParams"]["num-gpus"] == str(gpus)
+            for key, value in wanted["rayStartParams"].items():
+                assert group["rayStartParams"][key] == str(value)
+        else:
+            assert "nvidia.com/gpu" not in resources.get("limits", {})
+            assert "num-gpus" not in group["rayStartParams"]
+    assert gpu_groups == 1
+    head = cluster["spec"]["headGroupSpec"]
+    assert "num-gpus" not in head["rayStartParams"]
+
+
+def effective(values, group, key, default):
+    return group.get("config", {}).get(key, values["config"].get(key, default))
+
+
+def test_dev_shm_holds_the_host_tier_plus_headroom(case):
+    docs, values = case
+    cluster = one(docs, "RayCluster")
+    for name, pod_template in cluster_pod_templates(cluster["spec"]).items():
+        group = groups_of(values)[name]
+        dshm = volumes(pod_template)["dshm"]["emptyDir"]
+        assert dshm["medium"] == "Memory"
+        host = parse_size(effective(values, group, "host_tier_bytes", Config().host_tier_bytes))
+        headroom = parse_size(group.get("shmHeadroom", "1GiB"))
+        assert parse_size(dshm["sizeLimit"]) == host + headroom, name
+        # tmpfs pages count against the Ray container's memory limit.
+        limits = pod_template["spec"]["containers"][0].get("resources", {}).get("limits", {})
+        if "memory" in limits:
+            assert parse_size(limits["memory"]) >= host + headroom
+
+
+def test_nvme_volumes(rendered_ci, values_ci):
+    cluster = one(rendered_ci, "RayCluster")
+    templates = cluster_pod_templates(cluster["spec"])
+    # The head: a hostPath.
+    head_nvme = values_ci["head"]["nvme"]
+    assert volumes(templates["head"])["nvme"]["hostPath"] == head_nvme["hostPath"]
+    mounts = {m["name"]: m["mountPath"] for m in templates["head"]["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["nvme"] == head_nvme["mountPath"]
+    # The kvstore service container does not touch the NVMe tier.
+    assert "nvme" not in {m["name"] for m in templates["head"]["spec"]["containers"][1]["volumeMounts"]}
+    # The GPU group: a generic ephemeral volume (RayCluster pod templates have no volumeClaimTemplates).
+    gpu = next(g for g in values_ci["workerGroups"] if g["groupName"] == "gpu")
+    claim = volumes(templates["gpu"])["nvme"]["ephemeral"]["volumeClaimTemplate"]["spec"]
+    assert claim["storageClassName"] == gpu["nvme"]["pvc"]["storageClassName"]
+    assert claim["accessModes"] == gpu["nvme"]["pvc"]["accessModes"]
+    assert claim["resources"]["requests"]["storage"] == gpu["nvme"]["pvc"]["size"]
+    # A group without an NVMe volume has none.
+    assert "nvme" not in volumes(templates["cpu-memory"])
+
+
+# --- the config files -------------------------------------------------------------------------
+
+def test_config_files_load_with_the_service_loader(case, tmp_path):
+    """Each group's config.yaml parses with kvstore.config.load_config and holds the values set."""
+    docs, values = case
+    cluster = one(docs, "RayCluster")
+    data = one(docs, "ConfigMap")["data"]
+    groups = groups_of(values)
+    assert set(data) == {f"{name}.yaml" for name in groups}
+    for name, group in groups.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(data[f"{name}.yaml"])
+        config = load_config(path, env={})
+        settings = {**values["config"], **group.get("config", {})}
+        for key, value in settings.items():
+            kind = FIELDS[key].metadata["kind"]
+            expected = parse_size(value) if kind == "size" else value
+            assert getattr(config, key) == expected, (name, key)
+        assert config.http_host == "0.0.0.0"
+        assert config.http_port == values["ports"]["http"]
+        assert config.flight_port == values["ports"]["flight"]
+        assert config.auth_token_file == TOKEN_PATH
+        nvme = group.get("nvme", {"type": "none"})
+        assert config.nvme_path == ("" if nvme["type"] == "none" else nvme["mountPath"])
+        # The service reads the token from the mounted Secret, never from the ConfigMap.
+        assert config.auth_token == ""
+    # The head's service container gets ray_address from the environment, with that file.
+    head_env = {e["name"]: e.get("value") for e in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][1]["env"]}
+    path = tmp_path / "head.yaml"
+    config = load_config(path, env={k: v for k, v in head_env.items() if v is not None} | {"KVSTORE_FLIGHT_HOST": "10.0.0.7"})
+    assert config.ray_address == "127.0.0.1:6379"
+    assert config.flight_host == "10.0.0.7"
+
+
+def test_values_defaults_are_the_service_defaults(values_default):
+    defaults = Config()
+    groups = groups_of(values_default)
+    for key, value in [*values_default["config"].items(), *groups["head"]["config"].items()]:
+        if key in ("host_tier_bytes",):
+            continue  # sized per group on purpose
+        kind = FIELDS[key].metadata["kind"]
+        assert (parse_size(value) if kind == "size" else value) == getattr(defaults, key), key
+
+
+def test_schema_knows_every_setting_of_config_py(values_schema):
+    settings = values_schema["definitions"]["kvstoreConfig"]["properties"]
+    missing = set(FIELDS) - CHART_OWNED - set(settings)
+    assert not missing, (
+        f"kvstore/config.py has settings the chart does not expose: {sorted(missing)}; add them to "
+        "values.schema.json (kvstoreConfig), values.yaml and helm/kvstore/README.md, or to CHART_OWNED")
+    assert not set(settings) - set(FIELDS), "the schema names settings kvstore/config.py lacks"
+    assert not set(settings) & CHART_OWNED
+    json_type = {"bool": "boolean", "int": "integer", "float": "number", "str": "string"}
+    for name, prop in settings.items():
+        meta = FIELDS[name].metadata
+        if meta["kind"] == "size":
+            assert {"$ref": "#/definitions/size"} in prop["allOf"], name
+        else:
+            assert prop["type"] == json_type[meta["kind"]], name
+        if meta["choices"]:
+            assert prop["enum"] == list(meta["choices"]), name
+
+
+def test_chart_versions_follow_pyproject():
+    pyproject = (REPO / "pyproject.toml").read_text()
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert chart["appVersion"] == re.search(r'(?m)^version\s*=\s*"([^"]+)"', pyproject).group(1)
+    assert values["rayVersion"] == re.search(r'"ray==([^"]+)"', pyproject).group(1)
+
+
+# --- auth, Service, ServiceMonitor, Ingress -------------------------------------------------
+
+def test_generated_token_secret(rendered_default, values_default):
+    secret = one(rendered_default, "Secret")
+    assert secret["metadata"]["name"] == "kvstore-auth"
+    token = base64.b64decode(secret["data"][values_default["auth"]["secretKey"]]).decode()
+    assert re.fullmatch(r"[A-Za-z0-9]{48}", token)
+
+
+def test_existing_secret_is_used_not_created(rendered_ci, values_ci):
+    assert not by_kind(rendered_ci, "Secret")
+    monitor = one(rendered_ci, "ServiceMonitor")
+    credentials = monitor["spec"]["endpoints"][0]["authorization"]["credentials"]
+    assert credentials == {"name": values_ci["auth"]["existingSecret"], "key": values_ci["auth"]["secretKey"]}
+
+
+def test_service_selects_the_head_pod(case):
+    docs, values = case
+    service = one(docs, "Service")
+    assert service["spec"]["type"] == values["service"]["type"]
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": values["service"]["port"], "targetPort": "http", "protocol": "TCP"}]
+    templates = cluster_pod_templates(one(docs, "RayCluster")["spec"])
+    selector = service["spec"]["selector"].items()
+    assert selector <= templates.pop("head")["metadata"]["labels"].items()
+    for pod_template in templates.values():
+        assert not selector <= pod_template["metadata"]["labels"].items()
+
+
+def test_service_monitor(rendered_ci, values_ci):
+    monitor = one(rendered_ci, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    endpoint, = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == "http"
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["interval"] == values_ci["serviceMonitor"]["interval"]
+    assert endpoint["scrapeTimeout"] == values_ci["serviceMonitor"]["scrapeTimeout"]
+    assert endpoint["authorization"]["type"] == "Bearer"
+    service = one(rendered_ci, "Service")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
+
+
+def test_ingress_routes_to_the_service(rendered_ci, values_ci):
+    ingress = one(rendered_ci, "Ingress")
+    service = one(rendered_ci, "Service")
+    assert ingress["spec"]["ingressClassName"] == values_ci["ingress"]["className"]
+    assert ingress["spec"]["tls"] == values_ci["ingress"]["tls"]
+    rule, = ingress["spec"]["rules"]
+    assert rule["host"] == values_ci["ingress"]["hosts"][0]["host"]
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": service["metadata"]["name"], "port": {"name": "http"}}
+
+
+# --- values rejected ----------------------------------------------------------------------
+
+def write_values(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "values.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+WORKER = "workerGroups:\n  - {groupName: w, replicas: 1, minReplicas: 1, maxReplicas: 1%s}\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    # Wrong types.
+    (["--set", "ports.http=eighty"], "ports.http: Invalid type. Expected: integer, given: string"),
+    (["--set", "config.promote_on_hit=maybe"], "config.promote_on_hit: Invalid type. Expected: boolean"),
+    (["--values", WORKER % ", replicas: two"], "workerGroups.0.replicas: Invalid type. Expected: integer"),
+    # Negative or malformed sizes.
+    (["--set", "head.config.host_tier_bytes=-1"], "head.config.host_tier_bytes: Must be greater than or equal to 0"),
+    (["--values", WORKER % ", shmHeadroom: -5"], "workerGroups.0.shmHeadroom: Must be greater than or equal to 0"),
+    (["--set", "config.max_request_bytes=1 gigabyte"], "config.max_request_bytes: Does not match pattern"),
+    # Unknown keys, at the top level and in the main objects.
+    (["--set", "bogus=1"], "(root): Additional property bogus is not allowed"),
+    (["--set", "head.bogus=1"], "head: Additional property bogus is not allowed"),
+    (["--set", "config.host_tier=1GiB"], "config: Additional property host_tier is not allowed"),
+    # A setting the chart owns.
+    (["--set", "config.flight_port=1"], "config: Additional property flight_port is not allowed"),
+    # Out-of-range and enumerated values.
+    (["--set", "config.eviction_policy=fifo"], "config.eviction_policy: config.eviction_policy must be one of"),
+    # num-gpus comes from gpus.
+    (["--values", WORKER % ", rayStartParams: {num-gpus: '1'}"],
+     'workerGroups.0.rayStartParams: Property name of "num-gpus" does not match'),
+])
+def test_schema_rejects(helm_bin, tmp_path, args, message):
+    if args[0] == "--values":
+        args = ["--values", write_values(tmp_path, args[1])]
+    proc = run_helm(helm_bin, "template", "kvstore", str(CHART), *args)
+    assert proc.returncode != 0
+    assert "values don't meet the specifications of the schema" in proc.stderr
+    assert message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("values, message", [
+    (WORKER % ", config: {nvme_tier_bytes: 10GiB}",
+     "workerGroups[0]: nvme_tier_bytes is 10737418240 but workerGroups[0].nvme.type is none"),
+    (WORKER % ", config: {hbm_tier_bytes: 1GiB}", "workerGroups[0]: hbm_tier_bytes is 1073741824 but the group has no GPUs"),
+    (WORKER % ", config: {nvme_tier_bytes: 200GiB}, nvme: {type: pvc, pvc: {size: 100Gi}}",
+     "workerGroups[0].nvme.pvc.size (107374182400 bytes) is smaller than nvme_tier_bytes"),
+    (WORKER % ", config: {host_tier_bytes: 16GiB}, resources: {limits: {memory: 8Gi}}",
+     "workerGroups[0].resources.limits.memory (8589934592 bytes) is smaller than /dev/shm"),
+    (WORKER % ", replicas: 5", "workerGroups[0]: need minReplicas <= replicas <= maxReplicas"),
+    ("workerGroups:\n  - {groupName: w, replicas: 1, minReplicas: 1, maxReplicas: 1}\n"
+     "  - {groupName: w, replicas: 1, minReplicas: 1, maxReplicas: 1}\n", 'workerGroups[1].groupName="w" is used twice'),
+])
+def test_template_rejects(helm_bin, tmp_path, values, message):
+    proc = run_helm(helm_bin, "template", "kvstore", str(CHART), "--values", write_values(tmp_path, values))
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+
+
+def test_worker_group_defaults(helm_bin, tmp_path):
+    """A worker group with only the required keys: no GPUs, no NVMe, config.py's host tier + 1GiB."""
+    docs = template(helm_bin, "--values", write_values(tmp_path, WORKER % ""))
+    group, = one(docs, "RayCluster")["spec"]["workerGroupSpecs"]
+    assert group["rayStartParams"] == {}
+    dshm = volumes(group["template"])["dshm"]["emptyDir"]
+    assert parse_size(dshm["sizeLimit"]) == Config().host_tier_bytes + 1024**3
+    assert set(volumes(group["template"])) == {"tmp", "dshm", "kvstore-etc"}
+    path = tmp_path / "w.yaml"
+    path.write_text(one(docs, "ConfigMap")["data"]["w.yaml"])
+    assert load_config(path, env={}).host_tier_bytes == Config().host_tier_bytes
+
+
+# --- schema and README ------------------------------------------------------------------------
+
+def test_schema_is_valid_draft7(values_schema, values_default):
+    jsonschema.Draft7Validator.check_schema(values_schema)
+    assert values_schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    jsonschema.validate(values_default, values_schema)
+
+
+# Definitions documented as a whole (their keys are Kubernetes' or documented once elsewhere).
+_LEAF_DEFINITIONS = {"size", "quantity", "port", "stringMap", "rayStartParams", "resources", "probe"}
+
+
+def _value_paths(schema, node, path, expanded):
+    """Dotted paths of the values to document: the leaves of the chart's own objects."""
+    if "$ref" in node or "allOf" in node:
+        ref = node.get("$ref") or node["allOf"][0]["$ref"]
+        name = ref.rsplit("/", 1)[1]
+        if name in _LEAF_DEFINITIONS or name in expanded:
+            yield path
+            return
+        expanded.add(name)
+        node = schema["definitions"][name]
+    if node.get("type") == "object" and node.get("properties"):
+        for key, child in node["properties"].items():
+            yield from _value_paths(schema, child, f"{path}.{key}" if path else key, expanded)
+    elif node.get("type") == "array" and path == "workerGroups":
+        yield from _value_paths(schema, node["items"], f"{path}[]", expanded)
+    else:
+        yield path
+
+
+def test_readme_documents_every_value(values_schema):
+    readme = (CHART / "README.md").read_text()
+    paths = list(_value_paths(values_schema, values_schema, "", set()))
+    assert "config.slot_bytes" in paths and "workerGroups[].nvme" in paths
+    undocumented = [p for p in paths if f"`{p}`" not in readme]
+    assert not undocumented, f"helm/kvstore/README.md does not document {undocumented}"
