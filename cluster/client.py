@@ -209,7 +209,9 @@ def connect(address: str | None = None, *, config: Config | None = None, **overr
     """Connects to the kvstore cluster at the Ray `address`, or starts an embedded one.
 
     Settings come from `config`, else from the file named by KVSTORE_CONFIG and KVSTORE_*
-    variables, with `overrides` on top (see docs/configuration.md).
+    variables, with `overrides` on top (see docs/configuration.md). Node actors read their own
+    node's file and variables (so worker groups can size their tiers differently); only
+    `overrides` are passed on to them, and only when this call starts the controller.
     """
     config = config or load_config(os.environ.get("KVSTORE_CONFIG") or None, **overrides)
     address = address or config.ray_address or None
@@ -230,10 +232,5 @@ def connect(address: str | None = None, *, config: Config | None = None, **overr
         controller = ControllerActor.options(
             name=CONTROLLER_NAME, namespace=config.ray_namespace, get_if_exists=True,
             lifetime=None if embedded else "detached",
-        ).remote(config.ray_namespace, token, _node_overrides(config))
+        ).remote(config.ray_namespace, token, overrides)
     return Client(controller, config, embedded)
-
-
-def _node_overrides(config: Config) -> dict:
-    """The settings node actors take from the starter, rather than from their own node's file."""
-    return {k: v for k, v in config.to_dict().items() if k not in ("auth_token", "auth_token_file")}

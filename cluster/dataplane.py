@@ -197,13 +197,13 @@ class DataPlaneClient:
         """Pushes blocks (uint8 rows of block_nbytes) to the peer's store; returns its counts."""
         descriptor = flight.FlightDescriptor.for_command(
             encode_request("put", layout, list(keys), None if parents is None else list(parents)))
-        offsets = pa.py_buffer(np.array([0, layout.block_nbytes], dtype=np.int64))
         try:
             writer, meta_reader = self._client.do_put(descriptor, BLOCK_SCHEMA, self._options)
             with writer:
                 for key, row in zip(keys, rows):
-                    data = pa.LargeBinaryArray.from_buffers(
-                        pa.large_binary(), 1, [None, offsets, pa.py_buffer(row.cpu().numpy())])
+                    data = row.cpu().numpy()
+                    offsets = pa.py_buffer(np.array([0, data.nbytes], dtype=np.int64))  # the server checks sizes
+                    data = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(data)])
                     writer.write_batch(pa.RecordBatch.from_arrays([pa.array([key], pa.binary(16)), data],
                                                                   schema=BLOCK_SCHEMA))
                 writer.done_writing()

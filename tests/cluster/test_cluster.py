@@ -1,0 +1,299 @@
+"""The cluster on a real three-node Ray cluster on this machine (127.0.0.2-4).
+
+Tests run in file order and share one cluster: the destructive ones (controller restart, node
+death) come last.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+
+import msgpack
+import numpy as np
+import pyarrow.flight as flight
+import pytest
+import ray
+import torch
+
+import kvstore
+from kvstore import Layout, block_keys, chain_parents
+from kvstore.cluster.localcluster import RayTestCluster
+
+pytestmark = pytest.mark.cluster
+# Ray workers cannot import this test module: ship its classes and functions by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+LAYOUT = Layout("test/cluster", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16", block_tokens=16)
+TOKEN = "test-token-" + os.urandom(4).hex()
+
+
+def payload(keys: list[bytes]) -> torch.Tensor:
+    """Blocks whose bytes are derived from their keys, so any misplaced byte is detected."""
+    rows = [np.frombuffer(hashlib.shake_128(k).digest(LAYOUT.block_nbytes), dtype=np.uint8) for k in keys]
+    return torch.from_numpy(np.stack(rows)) if rows else torch.empty((0, LAYOUT.block_nbytes), dtype=torch.uint8)
+
+
+def tokens(seed: int, blocks: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 50_000, blocks * LAYOUT.block_tokens)
+
+
+@ray.remote(num_cpus=0)
+class NodeClient:
+    """A kvstore client living on one Ray node (placed with that node's custom resource)."""
+
+    def __init__(self) -> None:
+        self.client = kvstore.connect()
+        self.node_id = self.client.node_id
+
+    def put(self, seed: int, blocks: int, namespace: str = "default") -> list[bytes]:
+        keys = block_keys(tokens(seed, blocks), LAYOUT, namespace)
+        result = self.client.put(LAYOUT, keys, payload(keys), parents=chain_parents(keys))
+        assert not result.rejected, result
+        return keys
+
+    def put_keys(self, keys: list[bytes]) -> int:
+        return self.client.put(LAYOUT, keys, payload(keys)).stored
+
+    def get_checked(self, keys: list[bytes]) -> dict:
+        """Gets keys; returns hits, corrupt count and sources."""
+        out = torch.zeros((len(keys), LAYOUT.block_nbytes), dtype=torch.uint8)
+        result = self.client.get(LAYOUT, keys, out)
+        expected = payload(keys)
+        corrupt = sum(1 for i, found in enumerate(result.found) if found and not torch.equal(out[i], expected[i]))
+        return {"hits": result.hits, "corrupt": corrupt, "sources": result.sources}
+
+    def load(self, seed: int, n_blocks: int, batch: int, peers_keys: list[bytes]) -> dict:
+        """Puts n_blocks of its own and gets peers' keys, in batches; counts what went wrong."""
+        own = block_keys(tokens(seed, n_blocks), LAYOUT, f"load-{seed}")
+        acknowledged = 0
+        for start in range(0, len(own), batch):
+            chunk = own[start:start + batch]
+            r = self.client.put(LAYOUT, chunk, payload(chunk))
+            acknowledged += r.stored + r.present
+        gets = corrupt = misses = 0
+        for start in range(0, len(peers_keys), batch):
+            chunk = peers_keys[start:start + batch]
+            r = self.get_checked(chunk)
+            gets += len(chunk)
+            corrupt += r["corrupt"]
+            misses += len(chunk) - r["hits"]
+        return {"keys": own, "acknowledged": acknowledged, "gets": gets, "corrupt": corrupt, "misses": misses}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    rc = RayTestCluster(3).start()
+    nvme = tmp_path_factory.mktemp("nvme")
+    client = kvstore.connect(rc.gcs_address, auth_token=TOKEN, host_tier_bytes="32MiB", slot_bytes="8KiB",
+                             nvme_tier_bytes="16MiB", nvme_path=str(nvme), event_batch_ms=10, lease_ttl_s=30)
+    ray.get(client._controller.wait_ready.remote(3, 60))
+    try:
+        yield rc, client
+    finally:
+        try:
+            client.close(shutdown_cluster=True)
+        finally:
+            rc.stop()
+
+
+def on_node(rc: RayTestCluster, i: int):
+    return NodeClient.options(resources={rc.resources[i]: 0.01}).remote()
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def test_three_nodes_each_run_a_node_actor(cluster):
+    rc, client = cluster
+    nodes = client.nodes()
+    assert len(nodes) == 3
+    assert sorted(n["address"].split(":")[0] for n in nodes) == rc.ips
+    assert client.node_id == rc.node_id(0)
+
+
+def test_put_on_a_get_on_c_bytes_equal(cluster):
+    rc, client = cluster
+    keys = block_keys(tokens(1, 40), LAYOUT)
+    client.put(LAYOUT, keys, payload(keys), parents=chain_parents(keys))
+    wait_for(lambda: client.longest_prefix(keys) == 40, 10, "the index to learn the blocks")
+    c = on_node(rc, 2)
+    got = ray.get(c.get_checked.remote(keys))
+    assert got["hits"] == 40 and got["corrupt"] == 0
+    assert {s for s in got["sources"]} == {(rc.node_id(0), "remote")}
+    # Pulled blocks are cached on C now: the index holds both nodes, and a second get is local.
+    wait_for(lambda: all(len(h) == 2 for h in client.where(keys)), 10, "C's copies to be indexed")
+    again = ray.get(c.get_checked.remote(keys))
+    assert again["hits"] == 40 and {s[1] for s in again["sources"]} == {"local"}
+
+
+def test_longest_prefix_and_best_node_across_nodes(cluster):
+    rc, client = cluster
+    keys = block_keys(tokens(2, 30), LAYOUT)
+    a, b = on_node(rc, 0), on_node(rc, 1)
+    ray.get(a.put_keys.remote(keys[:10]))
+    ray.get(b.put_keys.remote(keys[10:30]))
+    wait_for(lambda: client.longest_prefix(keys) == 30, 10, "the prefix to span both nodes")
+    assert client.longest_prefix(keys + block_keys(tokens(3, 1), LAYOUT)) == 30
+    best = client.best_node(keys[:10])
+    assert best["node_id"] == rc.node_id(0) and best["prefix_blocks"] == 10
+    assert best["per_node"][rc.node_id(1)] == 0  # B holds blocks 10..29 but not the prompt's start
+    c = on_node(rc, 2)
+    got = ray.get(c.get_checked.remote(keys))
+    assert got["hits"] == 30 and got["corrupt"] == 0
+
+
+def test_lease_pins_and_expires(cluster):
+    rc, client = cluster
+    keys = block_keys(tokens(4, 5), LAYOUT)
+    client.put(LAYOUT, keys, payload(keys))
+    lease = client.lease(LAYOUT, keys, ttl_s=1.0)
+    assert lease.keys == keys and lease.node_id == rc.node_id(0)
+    node = ray.get_actor(f"kvstore-node-{rc.node_id(0)}", namespace="kvstore")
+    assert ray.get(node.stats.remote())["holds"] >= 1
+    wait_for(lambda: ray.get(node.stats.remote())["holds"] == 0, 10, "the lease's hold to expire")
+    with pytest.raises(kvstore.errors.LeaseError):
+        client.release_lease(lease)
+    consumed = client.lease(LAYOUT, keys, ttl_s=30)
+    client.release_lease(consumed)
+    assert ray.get(node.stats.remote())["holds"] == 0
+
+
+def _flight(client, i: int = 0):
+    address = sorted(client.nodes(), key=lambda n: n["address"])[i]["address"]
+    return flight.FlightClient(f"grpc+tcp://{address}")
+
+
+def _ticket(keys, layout=LAYOUT):
+    return flight.Ticket(msgpack.packb({"v": 1, "op": "get", "layout": layout.to_dict(), "keys": keys}))
+
+
+def test_flight_refuses_missing_or_wrong_token(cluster):
+    _, client = cluster
+    fc = _flight(client)
+    keys = block_keys(tokens(1, 2), LAYOUT)
+    for options in (flight.FlightCallOptions(timeout=10),
+                    flight.FlightCallOptions(headers=[(b"authorization", b"Bearer wrong")], timeout=10)):
+        with pytest.raises(flight.FlightUnauthenticatedError):
+            fc.do_get(_ticket(keys), options).read_all()
+
+
+@pytest.mark.parametrize("ticket", [
+    os.urandom(64),
+    b"",
+    msgpack.packb([1, 2, 3]),
+    msgpack.packb({"v": 1, "op": "get", "layout": "nope", "keys": []}),
+    msgpack.packb({"v": 1, "op": "get", "layout": LAYOUT.to_dict(), "keys": [b"short"]}),
+    msgpack.packb({"v": 1, "op": "get", "layout": LAYOUT.to_dict(), "keys": "not a list"}),
+    msgpack.packb({"v": 1, "op": "put", "layout": LAYOUT.to_dict(), "keys": []}),
+    msgpack.packb({"v": 2, "op": "get", "layout": LAYOUT.to_dict(), "keys": []}),
+    b"\xdd\xff\xff\xff\xff",  # an array claiming 4 billion entries
+    b"\xc6\x7f\xff\xff\xff",  # a bin claiming 2 GiB
+    msgpack.packb({"v": 1, "op": "get", "layout": LAYOUT.to_dict(), "keys": [os.urandom(16)] * 70000}),  # past MAX_KEYS
+])
+def test_flight_malformed_tickets_get_errors_and_server_keeps_serving(cluster, ticket):
+    _, client = cluster
+    fc = _flight(client)
+    options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {TOKEN}".encode())], timeout=10)
+    with pytest.raises(flight.FlightServerError, match="bad get request"):
+        fc.do_get(flight.Ticket(ticket), options).read_all()
+    keys = block_keys(tokens(1, 3), LAYOUT)
+    table = fc.do_get(_ticket(keys), options).read_all()
+    assert table.num_rows == 3
+
+
+def test_flight_put_with_wrong_sizes_is_refused(cluster):
+    _, client = cluster
+    from kvstore.cluster.dataplane import DataPlaneClient
+    from kvstore.errors import TransferError
+
+    node = sorted(client.nodes(), key=lambda n: n["address"])[1]
+    peer = DataPlaneClient(node["address"], TOKEN, timeout_s=10)
+    keys = block_keys(tokens(5, 2), LAYOUT, "flight-put")
+    with pytest.raises(TransferError, match="bad put stream"):
+        peer.put(LAYOUT, keys, [torch.zeros(100, dtype=torch.uint8)] * 2)
+    assert peer.put(LAYOUT, keys, list(payload(keys))) == {"stored": 2, "present": 0}
+    peer.close()
+
+
+def test_load_eight_clients_no_corruption(cluster):
+    rc, client = cluster
+    n_clients, n_blocks, batch = 8, 1000, 50
+    actors = [NodeClient.options(resources={rc.resources[i % 3]: 0.01}).remote() for i in range(n_clients)]
+    # Round one: everyone puts; round two: everyone reads the blocks of the client after it.
+    firsts = ray.get([a.load.remote(100 + i, n_blocks, batch, []) for i, a in enumerate(actors)])
+    assert all(f["acknowledged"] == n_blocks for f in firsts)
+    all_keys = [f["keys"] for f in firsts]
+    wait_for(lambda: all(client.longest_prefix(ks) == n_blocks for ks in all_keys), 20, "all puts to be indexed")
+    seconds = ray.get([a.load.remote(200 + i, 0, batch, all_keys[(i + 1) % n_clients])
+                       for i, a in enumerate(actors)])
+    assert sum(s["corrupt"] for s in seconds) == 0
+    assert sum(s["gets"] for s in seconds) == n_clients * n_blocks
+    stats = client.stats()
+    evictions = sum(t["evictions"] for n in stats["nodes"].values() for t in n["store"]["tiers"])
+    misses = sum(s["misses"] for s in seconds)
+    assert misses <= evictions, f"{misses} acknowledged blocks unreadable, only {evictions} evicted"
+
+
+def test_http_like_stats_have_real_numbers(cluster):
+    _, client = cluster
+    stats = client.stats()
+    assert stats["nodes_registered"] == 3 and stats["index_keys"] > 0
+    for node in stats["nodes"].values():
+        assert node["store"]["tiers"][0]["name"] == "host"
+        assert node["dataplane"]["requests"] >= 0
+
+
+def test_controller_restart_rebuilds_the_index(cluster):
+    rc, client = cluster
+    keys = block_keys(tokens(6, 25), LAYOUT, "restart")
+    ray.get(on_node(rc, 1).put_keys.remote(keys))
+    wait_for(lambda: client.longest_prefix(keys) == 25, 10, "the blocks to be indexed")
+    before = client.stats()["index_keys"]
+    ray.kill(client._controller, no_restart=False)
+    restarted = wait_for(lambda: _answers(client), 60, "the controller to restart")
+    assert restarted
+    wait_for(lambda: client.longest_prefix(keys) == 25, 30, "the index to be rebuilt from the nodes")
+    wait_for(lambda: client.stats()["index_keys"] >= before, 30, "every node to resync")
+
+
+def _answers(client) -> bool:
+    try:
+        return ray.get(client._controller.nodes.remote(), timeout=5) is not None and len(client.nodes()) == 3
+    except Exception:
+        return False
+
+
+def test_node_death_drops_its_blocks_and_others_keep_serving(cluster):
+    rc, client = cluster
+    b_keys = block_keys(tokens(7, 20), LAYOUT, "death")
+    ray.get(on_node(rc, 1).put_keys.remote(b_keys))
+    wait_for(lambda: client.longest_prefix(b_keys) == 20, 10, "B's blocks to be indexed")
+    b_id = rc.node_id(1)
+    assert all(h == [(b_id, "CPU")] for h in client.where(b_keys))
+
+    killed_at = time.monotonic()
+    rc.kill_node(1)
+    wait_for(lambda: client.longest_prefix(b_keys) == 0, 30, "the dead node's blocks to leave the index")
+    detection_s = time.monotonic() - killed_at
+    assert len(client.nodes()) == 2
+
+    start = time.monotonic()
+    out = torch.zeros((20, LAYOUT.block_nbytes), dtype=torch.uint8)
+    result = client.get(LAYOUT, b_keys, out)
+    assert result.hits == 0 and time.monotonic() - start < 30
+    # A and C keep serving, across nodes.
+    keys = block_keys(tokens(8, 10), LAYOUT, "after-death")
+    assert client.put(LAYOUT, keys, payload(keys)).stored == 10
+    wait_for(lambda: client.longest_prefix(keys) == 10, 10, "new blocks to be indexed")
+    got = ray.get(on_node(rc, 2).get_checked.remote(keys))
+    assert got["hits"] == 10 and got["corrupt"] == 0
+    print(f"dead node detected and dropped in {detection_s:.1f} s")
