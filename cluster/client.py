@@ -205,13 +205,15 @@ class Client:
         self.close()
 
 
-def connect(address: str | None = None, *, config: Config | None = None, **overrides) -> Client:
+def connect(address: str | None = None, *, config: Config | None = None, node_overrides: dict | None = None,
+            **overrides) -> Client:
     """Connects to the kvstore cluster at the Ray `address`, or starts an embedded one.
 
     Settings come from `config`, else from the file named by KVSTORE_CONFIG and KVSTORE_*
     variables, with `overrides` on top (see docs/configuration.md). Node actors read their own
     node's file and variables (so worker groups can size their tiers differently); only
-    `overrides` are passed on to them, and only when this call starts the controller.
+    `node_overrides` (default: `overrides`) are passed on to them, and only when this call
+    starts the controller.
     """
     config = config or load_config(os.environ.get("KVSTORE_CONFIG") or None, **overrides)
     address = address or config.ray_address or None
@@ -232,5 +234,5 @@ def connect(address: str | None = None, *, config: Config | None = None, **overr
         controller = ControllerActor.options(
             name=CONTROLLER_NAME, namespace=config.ray_namespace, get_if_exists=True,
             lifetime=None if embedded else "detached",
-        ).remote(config.ray_namespace, token, overrides)
+        ).remote(config.ray_namespace, token, overrides if node_overrides is None else node_overrides)
     return Client(controller, config, embedded)

@@ -243,13 +243,113 @@ def test_load_eight_clients_no_corruption(cluster):
     assert misses <= evictions, f"{misses} acknowledged blocks unreadable, only {evictions} evicted"
 
 
-def test_http_like_stats_have_real_numbers(cluster):
+@pytest.fixture(scope="module")
+def http(cluster):
+    """The HTTP service over the real cluster client, on a loopback port, in a thread."""
+    import asyncio
+    import socket
+    import threading
+
+    from kvstore.service import Service, serve
+
     _, client = cluster
-    stats = client.stats()
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        port = s.getsockname()[1]
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    thread = threading.Thread(target=loop.run_until_complete,
+                              args=(serve(Service(client, TOKEN), "127.0.0.2", port, stop),), daemon=True)
+    thread.start()
+    base = f"http://127.0.0.2:{port}"
+    wait_for(lambda: _http(base + "/healthz")[0] == 200, 10, "the HTTP service")
+    yield base
+    loop.call_soon_threadsafe(stop.set)
+    thread.join(timeout=10)
+
+
+def _http(url, body=None, token=None):
+    import json
+    import urllib.error
+    import urllib.request
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return None, ""
+
+
+def test_http_health_needs_no_token_everything_else_does(http):
+    assert _http(http + "/healthz") == (200, '{"status": "ok"}')
+    for path in ("/metrics", "/v1/stats", "/v1/nodes", "/"):
+        assert _http(http + path)[0] == 401
+        assert _http(http + path, token="wrong")[0] == 401
+        assert _http(http + path, token=TOKEN)[0] == 200
+    assert _http(http + f"/?token={TOKEN}")[0] == 200
+
+
+def test_http_metrics_and_stats_show_real_numbers(cluster, http):
+    import json
+
+    from kvstore.metrics import names
+
+    _, client = cluster
+    code, text = _http(http + "/metrics", token=TOKEN)
+    assert code == 200
+    for name in ("kvstore_nodes", "kvstore_index_keys", "kvstore_tier_used_bytes", "kvstore_tier_hits_total",
+                 "kvstore_tier_evictions_total", "kvstore_store_misses_total", "kvstore_dataplane_bytes_sent_total",
+                 "kvstore_store_io_errors_total"):
+        assert name in names(text), name
+    assert "kvstore_nodes 3" in text
+    sent = sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("kvstore_dataplane_bytes_sent_total{"))
+    assert sent > 0  # earlier tests pulled blocks between nodes
+    stats = json.loads(_http(http + "/v1/stats", token=TOKEN)[1])
     assert stats["nodes_registered"] == 3 and stats["index_keys"] > 0
-    for node in stats["nodes"].values():
-        assert node["store"]["tiers"][0]["name"] == "host"
-        assert node["dataplane"]["requests"] >= 0
+    nodes = json.loads(_http(http + "/v1/nodes", token=TOKEN)[1])
+    assert len(nodes) == 3
+    page = _http(http + "/", token=TOKEN)[1]
+    assert all(n["node_id"][:12] in page for n in nodes) and "blocks indexed" in page
+
+
+def test_http_lookup_by_keys_and_by_tokens(cluster, http):
+    import json
+
+    _, client = cluster
+    toks = tokens(9, 6)
+    keys = block_keys(toks, LAYOUT)
+    client.put(LAYOUT, keys[:4], payload(keys[:4]))
+    wait_for(lambda: client.longest_prefix(keys) == 4, 10, "the blocks to be indexed")
+    code, text = _http(http + "/v1/lookup", {"keys": [k.hex() for k in keys]}, TOKEN)
+    assert code == 200
+    body = json.loads(text)
+    assert body["blocks"] == 6 and body["prefix_blocks"] == 4
+    assert body["best_node"]["node_id"] == client.node_id
+    assert body["locations"][0]["holders"] == [{"node_id": client.node_id, "medium": "CPU"}]
+    by_tokens = json.loads(_http(http + "/v1/lookup", {"token_ids": toks.tolist(), "layout": LAYOUT.to_dict()},
+                                 TOKEN)[1])
+    assert by_tokens["prefix_blocks"] == 4
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"{not json", "JSON"),
+    ([1, 2], "object"),
+    ({"keys": ["zz"]}, "not hex"),
+    ({"keys": ["00" * 15]}, "15 bytes"),
+    ({"keys": "abc"}, "list"),
+    ({"token_ids": [1, 2], "layout": {"model_id": "x"}}, "incomplete"),
+    ({"token_ids": [-1] * 16, "layout": LAYOUT.to_dict()}, "-1"),
+    ({"nothing": 1}, "give either"),
+])
+def test_http_bad_lookups_get_400_with_a_message(http, body, message):
+    code, text = _http(http + "/v1/lookup", body, TOKEN)
+    assert code == 400 and message in text, text
+    assert _http(http + "/healthz")[0] == 200
 
 
 def test_controller_restart_rebuilds_the_index(cluster):

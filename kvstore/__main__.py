@@ -1,0 +1,4 @@
+"""python -m kvstore: the kvstore command."""
+from kvstore.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,223 @@
+"""The HTTP service (aiohttp): health, Prometheus metrics, stats, nodes, lookup, a status page.
+
+    GET  /healthz        200 {"status": "ok"}; the only path without auth
+    GET  /metrics        Prometheus text format
+    GET  /v1/stats       the controller's aggregated stats (JSON)
+    GET  /v1/nodes       registered nodes (JSON)
+    POST /v1/lookup      {"keys": [hex, ...]} or {"token_ids": [...], "layout": {...}, "namespace": "..."}
+                         -> prefix length, best node, and where each block lives
+    GET  /               the status page (HTML, refreshes itself)
+
+Auth: `Authorization: Bearer <token>`, or `?token=<token>` for a browser opening the page.
+The service talks to the cluster through `backend`, any object with the cluster client's
+`stats()`, `nodes()`, `where(keys)`, `longest_prefix(keys)` and `best_node(keys)` (so this module
+does not import Ray). Backend calls block, so they run in worker threads; stats are cached for
+`STATS_TTL_S` so a busy scraper does not load the controller.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import html
+import json
+import logging
+import time
+
+from aiohttp import web
+
+from kvstore.errors import KVStoreError
+from kvstore.keys import KEY_BYTES, block_keys
+from kvstore.layout import Layout
+from kvstore.metrics import dataplane_rates, render
+
+log = logging.getLogger(__name__)
+
+STATS_TTL_S = 1.0
+MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_LOOKUP_KEYS = 65536
+
+
+class Service:
+    def __init__(self, backend, token: str) -> None:
+        if not token:
+            raise KVStoreError("the HTTP service needs a non-empty token")
+        self.backend = backend
+        self._token = token.encode()
+        self._stats: dict | None = None
+        self._stats_at = 0.0
+        self._rates: dict = {}
+        self._lock = asyncio.Lock()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._auth, _errors])
+        app.add_routes([
+            web.get("/healthz", self.healthz),
+            web.get("/metrics", self.metrics),
+            web.get("/v1/stats", self.stats),
+            web.get("/v1/nodes", self.nodes),
+            web.post("/v1/lookup", self.lookup),
+            web.get("/", self.page),
+        ])
+        return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        if request.path == "/healthz":
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        given = header[7:] if header.startswith("Bearer ") else request.query.get("token", "")
+        if not hmac.compare_digest(given.encode(), self._token):
+            raise web.HTTPUnauthorized(text=json.dumps({"error": "missing or wrong token: send "
+                                                        "'Authorization: Bearer <token>'"}),
+                                       content_type="application/json")
+        return await handler(request)
+
+    async def _snapshot(self) -> dict:
+        async with self._lock:
+            now = time.monotonic()
+            if self._stats is None or now - self._stats_at > STATS_TTL_S:
+                fresh = await asyncio.to_thread(self.backend.stats)
+                if self._stats is not None:
+                    self._rates = dataplane_rates(self._stats, fresh, now - self._stats_at)
+                self._stats, self._stats_at = fresh, now
+            return self._stats
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        stats = await self._snapshot()
+        return web.Response(text=render(stats, self._rates), content_type="text/plain", charset="utf-8",
+                            headers={"X-Prometheus-Format": "0.0.4"})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._snapshot())
+
+    async def nodes(self, request: web.Request) -> web.Response:
+        return web.json_response(await asyncio.to_thread(self.backend.nodes))
+
+    async def lookup(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise _bad("body must be JSON") from None
+        keys = _lookup_keys(body)
+        where, best = await asyncio.gather(asyncio.to_thread(self.backend.where, keys),
+                                           asyncio.to_thread(self.backend.best_node, keys))
+        prefix = next((i for i, holders in enumerate(where) if not holders), len(keys))
+        return web.json_response({
+            "blocks": len(keys),
+            "prefix_blocks": prefix,
+            "best_node": best,
+            "locations": [{"key": k.hex(), "holders": [{"node_id": n, "medium": m} for n, m in h]}
+                          for k, h in zip(keys, where)],
+        })
+
+    async def page(self, request: web.Request) -> web.Response:
+        return web.Response(text=status_page(await self._snapshot()), content_type="text/html")
+
+
+@web.middleware
+async def _errors(request: web.Request, handler):
+    """Bad input -> 400 with the message; our own typed errors too. Never a traceback."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except (KVStoreError, ValueError) as e:
+        raise _bad(str(e)) from None
+
+
+def _bad(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=json.dumps({"error": message}), content_type="application/json")
+
+
+def _lookup_keys(body) -> list[bytes]:
+    if not isinstance(body, dict):
+        raise _bad(f"body must be a JSON object, got {type(body).__name__}")
+    if "keys" in body:
+        hexes = body["keys"]
+        if not isinstance(hexes, list) or len(hexes) > MAX_LOOKUP_KEYS:
+            raise _bad(f"keys must be a list of at most {MAX_LOOKUP_KEYS} hex strings")
+        keys = []
+        for i, h in enumerate(hexes):
+            try:
+                key = bytes.fromhex(h)
+            except (TypeError, ValueError):
+                raise _bad(f"keys[{i}]={h!r:.80} is not hex") from None
+            if len(key) != KEY_BYTES:
+                raise _bad(f"keys[{i}]={h!r:.80} is {len(key)} bytes, not {KEY_BYTES}")
+            keys.append(key)
+        return keys
+    if "token_ids" in body:
+        token_ids = body["token_ids"]
+        if not isinstance(token_ids, list) or len(token_ids) > MAX_LOOKUP_KEYS * 16:
+            raise _bad("token_ids must be a list of integers")
+        layout = Layout.from_dict(body.get("layout"))
+        return block_keys(token_ids, layout, body.get("namespace", "default"))
+    raise _bad("give either 'keys' (hex strings) or 'token_ids' with 'layout'")
+
+
+async def serve(service: Service, host: str, port: int, stop: asyncio.Event) -> None:
+    """Runs the service until `stop` is set."""
+    runner = web.AppRunner(service.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    log.info("HTTP service on http://%s:%d", host, port)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def status_page(stats: dict) -> str:
+    """A page a person reads at a glance: nodes, tier fill, hit rate, bytes moved."""
+    e = html.escape
+    rows = []
+    for node_id, node in sorted(stats.get("nodes", {}).items()):
+        if "error" in node:
+            rows.append(f"<tr><td>{e(node_id[:12])}</td><td colspan=6 class=bad>{e(node['error'])}</td></tr>")
+            continue
+        store, dp = node["store"], node.get("dataplane", {})
+        gets = store.get("gets", 0)
+        hit_rate = f"{100 * store.get('hits', 0) / gets:.1f}%" if gets else "&ndash;"
+        tiers = []
+        for t in store.get("tiers", []):
+            fill = 100 * t["used_slots"] / t["slots"] if t["slots"] else 0
+            tiers.append(
+                f"<div class=tier><b>{e(t['name'])}</b> {_fmt_bytes(t['used_bytes'])} / {_fmt_bytes(t['capacity_bytes'])}"
+                f"<div class=bar><span style='width:{fill:.1f}%'></span></div>"
+                f"hits {t['hits']:,} &middot; evicted {t['evictions']:,} &middot; demoted {t['demotions']:,}"
+                f" &middot; promoted {t['promotions']:,}</div>")
+        rows.append(
+            f"<tr><td title='{e(node_id)}'>{e(node_id[:12])}</td><td>{e(node.get('address', ''))}</td>"
+            f"<td>{store.get('blocks', 0):,}</td><td>{''.join(tiers)}</td><td>{hit_rate}</td>"
+            f"<td>{_fmt_bytes(dp.get('bytes_sent', 0))} out<br>{_fmt_bytes(dp.get('bytes_received', 0))} in</td>"
+            f"<td>{store.get('corrupt_dropped', 0) + store.get('io_errors', 0) + dp.get('errors', 0):,}</td></tr>")
+    return f"""<!doctype html>
+<html><head><meta charset=utf-8><meta http-equiv=refresh content=5><title>kvstore</title>
+<style>
+body{{font:14px system-ui,sans-serif;margin:2em;color:#222}} h1{{font-size:1.4em}}
+table{{border-collapse:collapse;width:100%}} td,th{{border-bottom:1px solid #ddd;padding:.5em;text-align:left;vertical-align:top}}
+.summary span{{display:inline-block;margin-right:2em}} .summary b{{font-size:1.5em;display:block}}
+.bar{{background:#eee;height:8px;width:220px;margin:3px 0}} .bar span{{display:block;height:8px;background:#3a7}}
+.tier{{margin-bottom:.6em}} .bad{{color:#b00}}
+</style></head><body>
+<h1>kvstore</h1>
+<p class=summary><span><b>{stats.get('nodes_registered', 0)}</b>nodes</span>
+<span><b>{stats.get('index_keys', 0):,}</b>blocks indexed</span>
+<span><b>{stats.get('leases', 0)}</b>leases</span>
+<span><b>{stats.get('nodes_dropped', 0)}</b>nodes lost</span></p>
+<table><tr><th>node</th><th>data plane</th><th>blocks</th><th>tiers</th><th>hit rate</th><th>moved</th><th>errors</th></tr>
+{''.join(rows) or '<tr><td colspan=7>no nodes yet</td></tr>'}
+</table><p>Refreshes every 5 s. Metrics: <code>/metrics</code> &middot; JSON: <code>/v1/stats</code></p>
+</body></html>"""
