@@ -17,12 +17,14 @@ import secrets
 import time
 from typing import Sequence
 
+import numpy as np
 import ray
 
 from kvstore.cluster.controller import CONTROLLER_NAME, ControllerActor
+from kvstore.cluster.dataplane import DataPlaneClient
 from kvstore.cluster.node import node_actor_name
 from kvstore.config import Config, load_config
-from kvstore.errors import KVStoreError, LeaseError
+from kvstore.errors import KVStoreError, LeaseError, TransferError
 from kvstore.keys import check_keys
 from kvstore.layout import Layout
 from kvstore.payload import Blocks, block_rows
@@ -65,6 +67,8 @@ class Client:
         info = self._local_node_info()
         self._node = ray.get_actor(node_actor_name(self.node_id), namespace=config.ray_namespace)
         self._arena = HostArena.open(info["shm_name"])
+        self._token = ray.get(controller.token.remote(), timeout=RPC_TIMEOUT_S)
+        self._peers: dict[str, DataPlaneClient] = {}
 
     def _local_node_info(self) -> dict:
         """Waits until the controller has a node actor running on this Ray node."""
@@ -99,57 +103,79 @@ class Client:
         return PutResult(stored=stored, present=sum(present), rejected=rejected)
 
     def get(self, layout: Layout, keys: Sequence[bytes], out: Blocks) -> ClusterGetResult:
-        """Fills `out` with every block found anywhere; remote ones are cached here on the way."""
+        """Fills `out` with every block found anywhere in the cluster.
+
+        Blocks on this node are copied straight from the arena. Others are pulled from their
+        owners over Arrow Flight by this process: each one is copied into `out` and into a slot
+        reserved in this node's arena (so the next get is local) while the next one arrives.
+        """
         keys = check_keys(keys)
         rows = block_rows(layout, out, len(keys), "out")
         sources: list[tuple[str, str] | None] = [None] * len(keys)
         lay = layout.to_dict()
         hold, slots = ray.get(self._node.acquire.remote(lay, keys), timeout=RPC_TIMEOUT_S)
-        holds = [hold]
         try:
-            self._copy_out(rows, range(len(keys)), slots, layout.block_nbytes)
+            arena = self._arena.tensor
             for i, slot in enumerate(slots):
                 if slot is not None:
+                    rows[i].copy_(arena[slot, :layout.block_nbytes])
                     sources[i] = (self.node_id, "local")
-            missing = [i for i, slot in enumerate(slots) if slot is None]
-            pulled = self._pull([keys[i] for i in missing], lay) if missing else {}
-            if pulled:
-                idx = [i for i in missing if keys[i] in pulled]
-                hold, slots = ray.get(self._node.acquire.remote(lay, [keys[i] for i in idx]), timeout=RPC_TIMEOUT_S)
-                holds.append(hold)
-                self._copy_out(rows, idx, slots, layout.block_nbytes)
-                for i, slot in zip(idx, slots):
-                    if slot is not None:
-                        sources[i] = (pulled[keys[i]], "remote")
         finally:
-            for hold in holds:
-                self._node.release.remote(hold)
+            self._node.release.remote(hold)
+        missing = [i for i, slot in enumerate(slots) if slot is None]
+        if missing:
+            self._pull(layout, keys, rows, missing, sources)
         return ClusterGetResult(sources)
 
-    def _copy_out(self, rows, idx, slots, nbytes: int) -> None:
-        arena = self._arena.tensor
-        for i, slot in zip(idx, slots):
-            if slot is not None:
-                rows[i].copy_(arena[slot, :nbytes])
-
-    def _pull(self, keys: list[bytes], layout: dict) -> dict[bytes, str]:
-        """Pulls keys held by other nodes into this node; returns key -> the node it came from."""
-        locations = ray.get(self._controller.locate.remote(keys), timeout=RPC_TIMEOUT_S)
-        nodes = {n["node_id"]: n for n in ray.get(self._controller.nodes.remote(), timeout=RPC_TIMEOUT_S)}
-        by_owner: dict[str, list[bytes]] = {}
-        for key, holders in zip(keys, locations):
-            owner = next((n for n, _ in holders if n != self.node_id and n in nodes), None)
+    def _pull(self, layout: Layout, keys: list[bytes], rows, missing: list[int], sources) -> None:
+        """Pulls keys[missing] from the nodes holding them into `rows` and this node's arena."""
+        wanted = [keys[i] for i in missing]
+        locations = ray.get(self._controller.locate.remote(wanted), timeout=RPC_TIMEOUT_S)
+        addresses = {n["node_id"]: n["address"] for n in self.nodes()}
+        by_owner: dict[str, list[int]] = {}
+        for i, holders in zip(missing, locations):
+            owner = next((n for n, _ in holders if n != self.node_id and n in addresses), None)
             if owner is not None:
-                by_owner.setdefault(owner, []).append(key)
-        refs = {owner: self._node.fetch.remote(nodes[owner]["address"], layout, ks) for owner, ks in by_owner.items()}
-        pulled: dict[bytes, str] = {}
-        for owner, ref in refs.items():
-            try:
-                for key in ray.get(ref, timeout=RPC_TIMEOUT_S):
-                    pulled[key] = owner
-            except Exception as e:  # the owner died mid-pull: those blocks are misses
-                log.warning("pull from node %s failed: %s", owner[:12], e)
-        return pulled
+                by_owner.setdefault(owner, []).append(i)
+        if not by_owner:
+            return
+        owned = [i for idx in by_owner.values() for i in idx]
+        hold, slots = ray.get(self._node.reserve.remote(layout.to_dict(), [keys[i] for i in owned]),
+                              timeout=RPC_TIMEOUT_S)[:2]
+        cache = {keys[i]: slot for i, slot in zip(owned, slots)}
+        position = {keys[i]: i for i in owned}
+        arena = self._arena.tensor.numpy()
+        nbytes = layout.block_nbytes
+        received: set[bytes] = set()
+
+        def sink(key: bytes, data: memoryview) -> None:
+            block = np.frombuffer(data, dtype=np.uint8)
+            np.copyto(rows[position[key]].numpy(), block)
+            slot = cache.get(key)
+            if slot is not None:
+                np.copyto(arena[slot, :nbytes], block)
+            received.add(key)
+
+        try:
+            for owner, idx in by_owner.items():
+                try:
+                    got = self._peer(addresses[owner]).get(layout, [keys[i] for i in idx], sink)
+                except TransferError as e:  # the owner died or refused: those blocks are misses
+                    log.warning("%s", e)
+                    self._peers.pop(addresses[owner], None)
+                    continue
+                for i in idx:
+                    if keys[i] in got:
+                        sources[i] = (owner, "remote")
+        finally:
+            # Slots whose block never came are aborted with the hold; the rest become visible.
+            self._node.commit.remote(hold, sorted(received))
+
+    def _peer(self, address: str) -> DataPlaneClient:
+        peer = self._peers.get(address)
+        if peer is None:
+            peer = self._peers[address] = DataPlaneClient(address, self._token)
+        return peer
 
     def longest_prefix(self, keys: Sequence[bytes]) -> int:
         return ray.get(self._controller.longest_prefix.remote(check_keys(keys)), timeout=RPC_TIMEOUT_S)
@@ -189,6 +215,8 @@ class Client:
 
     def close(self, shutdown_cluster: bool | None = None) -> None:
         """Unmaps the arena; an embedded cluster (or shutdown_cluster=True) is stopped too."""
+        for peer in self._peers.values():
+            peer.close()
         self._arena.close()
         if shutdown_cluster if shutdown_cluster is not None else self.embedded:
             try:

@@ -281,5 +281,6 @@ class ControllerService:
             ray.kill(actor)
 
 
-ControllerActor = ray.remote(num_cpus=0, max_concurrency=16, max_restarts=-1)(ControllerService)
+# Calls in flight during a restart are retried (they are idempotent; a retried lease just expires).
+ControllerActor = ray.remote(num_cpus=0, max_concurrency=16, max_restarts=-1, max_task_retries=-1)(ControllerService)
 __all__ = ["ControllerActor", "ControllerService", "CONTROLLER_NAME"]

@@ -54,13 +54,15 @@ def _free_block(ip: str, count: int) -> int:
 
 
 class RayTestCluster:
-    def __init__(self, num_nodes: int = 3, first_ip: int = 2, extra_env: dict | None = None) -> None:
+    def __init__(self, num_nodes: int = 3, first_ip: int = 2, extra_env: dict | None = None,
+                 object_store_bytes: int = 100_000_000) -> None:
         self.num_nodes = num_nodes
         self.ips = [f"127.0.0.{first_ip + i}" for i in range(num_nodes)]
         self.resources = [f"node_{string.ascii_lowercase[i]}" for i in range(num_nodes)]
         self.procs: list[subprocess.Popen | None] = []
         self.temp_dirs: list[str] = []
         self.extra_env = extra_env or {}
+        self.object_store_bytes = object_store_bytes
         self.gcs_address = ""
 
     def _env(self) -> dict:
@@ -75,7 +77,7 @@ class RayTestCluster:
         self.temp_dirs.append(temp_dir)
         args = [
             _ray_bin(), "start", "--block", f"--node-ip-address={ip}", f"--temp-dir={temp_dir}",
-            "--num-cpus=1", "--object-store-memory=100000000", f'--resources={{"{self.resources[i]}": 1}}',
+            "--num-cpus=1", f"--object-store-memory={self.object_store_bytes}", f'--resources={{"{self.resources[i]}": 1}}',
             f"--node-manager-port={base + 1}", f"--object-manager-port={base + 2}",
             f"--metrics-export-port={base + 3}", f"--dashboard-agent-grpc-port={base + 4}",
             f"--dashboard-agent-listen-port={base + 5}", f"--runtime-env-agent-port={base + 6}",

@@ -2,7 +2,7 @@
 
 It owns the node's host (shared memory) and NVMe tiers, serves them over Arrow Flight, lets
 processes on the same node read and write the host arena in place (holds with a TTL, so a
-client that dies cannot pin blocks forever), pulls blocks from peers on request, and sends the
+client that dies cannot pin blocks forever), and sends the
 store's block events to the controller in batches, in order. When a batch cannot be delivered
 (the controller is restarting) it resolves the controller again and resends its whole content,
 so the cluster index heals by itself.
@@ -17,12 +17,11 @@ import secrets
 import threading
 import time
 
-import numpy as np
 import ray
 
-from kvstore.cluster.dataplane import DataPlaneClient, DataPlaneServer
+from kvstore.cluster.dataplane import DataPlaneServer
 from kvstore.config import load_config
-from kvstore.errors import LeaseError, TransferError
+from kvstore.errors import LeaseError
 from kvstore.events import Event, encode_batch
 from kvstore.layout import Layout
 from kvstore.store import BlockHandle, TieredStore
@@ -60,8 +59,6 @@ class NodeService:
                                              listener=self._on_events)
         host = config.flight_host or ray.util.get_node_ip_address()
         self.server = DataPlaneServer(self.store, host, config.flight_port, token, config.max_request_bytes).start()
-        self._token = token
-        self._peers: dict[str, DataPlaneClient] = {}
         self._holds: dict[str, _Hold] = {}
         self._holds_lock = threading.Lock()
         self._controller = None
@@ -93,40 +90,20 @@ class NodeService:
         present = [h is None and here for h, here in zip(handles, self.store.contains(keys))]
         return self._hold(handles, ttl_s, writing=True), [None if h is None else h.slot for h in handles], present
 
-    def commit(self, hold_id: str) -> int:
-        return self.store.commit(self._take(hold_id, writing=True).handles)
+    def commit(self, hold_id: str, filled: list[bytes] | None = None) -> int:
+        """Makes the hold's blocks visible: all of them, or only `filled` (the rest are aborted)."""
+        handles = [h for h in self._take(hold_id, writing=True).handles if h is not None]
+        if filled is not None:
+            done = set(filled)
+            self.store.abort([h for h in handles if h.key not in done])
+            handles = [h for h in handles if h.key in done]
+        return self.store.commit(handles)
 
     def abort(self, hold_id: str) -> None:
         self.store.abort(self._take(hold_id, writing=True).handles)
 
     def release(self, hold_id: str) -> None:
         self.store.release(self._take(hold_id, writing=False).handles)
-
-    def fetch(self, address: str, layout: dict, keys: list[bytes], parents: list | None = None) -> list[bytes]:
-        """Pulls blocks from the peer at `address` into this node's store; returns the keys now here."""
-        lay = Layout.from_dict(layout)
-        handles = self.store.reserve(lay, keys, parents)
-        by_key = {h.key: h for h in handles if h is not None}
-        filled: list[BlockHandle] = []
-
-        def sink(key: bytes, data: memoryview) -> None:
-            handle = by_key.get(key)
-            if handle is not None:
-                np.copyto(handle.view.numpy(), np.frombuffer(data, dtype=np.uint8))
-                filled.append(handle)
-        try:
-            self._peer(address).get(lay, [h.key for h in by_key.values()], sink)
-        except TransferError as e:
-            log.warning("%s", e)
-            self._drop_peer(address)
-        except BaseException:
-            self.store.abort(list(by_key.values()))
-            raise
-        done = {h.key for h in filled}
-        self.store.abort([h for k, h in by_key.items() if k not in done])
-        self.store.commit(filled)
-        present = self.store.contains(keys)
-        return [k for k, here in zip(keys, present) if here]
 
     def contains(self, keys: list[bytes]) -> list[bool]:
         return self.store.contains(keys)
@@ -150,8 +127,6 @@ class NodeService:
         self._stopping.set()
         self._pump.join(timeout=5)
         self.server.shutdown()
-        for peer in self._peers.values():
-            peer.close()
         self.store.close()
 
     # -- internals ---------------------------------------------------------------------------
@@ -180,17 +155,6 @@ class NodeService:
         for hold_id, hold in expired:
             log.warning("hold %s expired; giving back %d blocks", hold_id, sum(h is not None for h in hold.handles))
             (self.store.abort if hold.writing else self.store.release)(hold.handles)
-
-    def _peer(self, address: str) -> DataPlaneClient:
-        client = self._peers.get(address)
-        if client is None:
-            client = self._peers[address] = DataPlaneClient(address, self._token)
-        return client
-
-    def _drop_peer(self, address: str) -> None:
-        client = self._peers.pop(address, None)
-        if client is not None:
-            client.close()
 
     def _on_events(self, events: list[Event]) -> None:
         with self._outbox_lock:

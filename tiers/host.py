@@ -89,7 +89,9 @@ class HostArena:
             size = os.fstat(fd).st_size
             if size < PAGE:
                 raise TierIOError(f"shared-memory arena {name!r} is {size} bytes, too small to be one")
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            # MAP_POPULATE maps every page now: an opener's first read must not pay the faults.
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                           mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
         magic, version, slot_nbytes, stride, num_slots = _SUPER.unpack_from(mm, 0)
