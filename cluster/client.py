@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -69,6 +70,8 @@ class Client:
         self._arena = HostArena.open(info["shm_name"])
         self._token = ray.get(controller.token.remote(), timeout=RPC_TIMEOUT_S)
         self._peers: dict[str, DataPlaneClient] = {}
+        self._copier = ThreadPoolExecutor(1, thread_name_prefix="kvstore-copy")
+        self._background: list = []  # commits of blocks cached by earlier gets (see flush)
 
     def _local_node_info(self) -> dict:
         """Waits until the controller has a node actor running on this Ray node."""
@@ -128,7 +131,13 @@ class Client:
         return ClusterGetResult(sources)
 
     def _pull(self, layout: Layout, keys: list[bytes], rows, missing: list[int], sources) -> None:
-        """Pulls keys[missing] from the nodes holding them into `rows` and this node's arena."""
+        """Pulls keys[missing] from the nodes holding them into `rows`, caching them here too.
+
+        Each block is copied into `rows` and into a slot reserved in this node's arena on a worker
+        thread while the stream goes on, and its receive buffer is let go at once (so the
+        allocator keeps reusing a few warm buffers: fresh pages cost ~10x a copy here). The
+        commit that makes the cached copies visible is not waited for (`flush` waits).
+        """
         wanted = [keys[i] for i in missing]
         locations = ray.get(self._controller.locate.remote(wanted), timeout=RPC_TIMEOUT_S)
         addresses = {n["node_id"]: n["address"] for n in self.nodes()}
@@ -146,16 +155,21 @@ class Client:
         position = {keys[i]: i for i in owned}
         arena = self._arena.tensor.numpy()
         nbytes = layout.block_nbytes
-        received: set[bytes] = set()
+        copies = []
 
-        def sink(key: bytes, data: memoryview) -> None:
+        def copy(key: bytes, data: memoryview) -> None:
             block = np.frombuffer(data, dtype=np.uint8)
             np.copyto(rows[position[key]].numpy(), block)
             slot = cache.get(key)
             if slot is not None:
                 np.copyto(arena[slot, :nbytes], block)
-            received.add(key)
 
+        def sink(key: bytes, data: memoryview) -> None:
+            # On another thread (NumPy lets go of the GIL), so the stream keeps being read and
+            # gRPC's flow control does not stall while a block is copied.
+            copies.append(self._copier.submit(copy, key, data))
+
+        received: list[bytes] = []
         try:
             for owner, idx in by_owner.items():
                 try:
@@ -167,9 +181,17 @@ class Client:
                 for i in idx:
                     if keys[i] in got:
                         sources[i] = (owner, "remote")
+                        received.append(keys[i])
         finally:
+            for done in copies:
+                done.result()
             # Slots whose block never came are aborted with the hold; the rest become visible.
-            self._node.commit.remote(hold, sorted(received))
+            self._background.append(self._node.commit.remote(hold, received))
+
+    def flush(self) -> None:
+        """Waits until blocks pulled by earlier gets are visible in this node's cache."""
+        refs, self._background = self._background, []
+        ray.get(refs, timeout=RPC_TIMEOUT_S)
 
     def _peer(self, address: str) -> DataPlaneClient:
         peer = self._peers.get(address)
@@ -215,8 +237,10 @@ class Client:
 
     def close(self, shutdown_cluster: bool | None = None) -> None:
         """Unmaps the arena; an embedded cluster (or shutdown_cluster=True) is stopped too."""
+        self.flush()
         for peer in self._peers.values():
             peer.close()
+        self._copier.shutdown()
         self._arena.close()
         if shutdown_cluster if shutdown_cluster is not None else self.embedded:
             try:

@@ -10,6 +10,7 @@ different models, dtypes, block sizes or tensor-parallel ranks can never be mixe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import re
 
@@ -29,6 +30,7 @@ DTYPES: dict[str, torch.dtype] = {
     "int8": torch.int8,
     "uint8": torch.uint8,
 }
+_ELEMENT_BYTES = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()}
 _MODEL_ID_RE = re.compile(r"^[\w.\-/:@+]{1,256}$")
 
 
@@ -80,16 +82,15 @@ class Layout:
         """Shape of one block's payload: (layers, K|V, tokens, kv_heads, head_dim)."""
         return (self.num_layers, self.kv_parts, self.block_tokens, self.num_kv_heads, self.head_dim)
 
-    @property
+    @functools.cached_property
     def layer_nbytes(self) -> int:
-        elem = torch.empty((), dtype=self.torch_dtype).element_size()
-        return self.kv_parts * self.block_tokens * self.num_kv_heads * self.head_dim * elem
+        return self.kv_parts * self.block_tokens * self.num_kv_heads * self.head_dim * _ELEMENT_BYTES[self.dtype]
 
-    @property
+    @functools.cached_property
     def block_nbytes(self) -> int:
         return self.num_layers * self.layer_nbytes
 
-    @property
+    @functools.cached_property
     def id(self) -> bytes:
         """16 bytes, stable across processes, hosts and Python versions."""
         return _layout_id(self)

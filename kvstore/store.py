@@ -278,7 +278,8 @@ class TieredStore:
         """The tier each key lives in now, or None."""
         with self._lock:
             flags = self._present(keys)
-            return [self.tiers[self._index[k].tier].name if present else None for k, present in zip(keys, flags)]
+            return [self.tiers[self._index[bytes(k)].tier].name if present else None
+                    for k, present in zip(keys, flags)]
 
     def delete(self, keys: Sequence[bytes]) -> int:
         """Removes the blocks; a block being read is removed once its readers let go."""
@@ -378,13 +379,14 @@ class TieredStore:
             if durable:
                 for entry in durable:
                     self._unpin(entry)
-                self._promote([(e, None) for e in durable])
+                # Once per block: a key asked for twice is pinned twice but moved once.
+                self._promote([(e, None) for e in dict.fromkeys(durable)])
                 again = self._pin(layout, [e.key for e in durable])
                 by_key = {e.key: e for e in again if e is not None}
                 for entry in again:
                     if entry is not None and self.tiers[entry.tier].view(0) is None:
                         self._unpin(entry)
-                        del by_key[entry.key]
+                        by_key.pop(entry.key, None)
                 pinned = [by_key.get(e.key) if e in durable else e for e in pinned]
             handles: list[BlockHandle | None] = []
             for entry in pinned:
@@ -444,9 +446,8 @@ class TieredStore:
             raise InvalidKeyError(f"keys must be a list or tuple of bytes, got {type(keys).__name__}")
         try:
             flags = list(map(self._visible.__contains__, keys))
-        except TypeError:  # an unhashable key
-            check_keys(keys)
-            raise
+        except TypeError:  # an unhashable key: a bytearray passes (as its bytes), anything else raises
+            flags = list(map(self._visible.__contains__, check_keys(keys)))
         if not all(flags):
             check_keys(keys)
         return flags

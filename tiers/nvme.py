@@ -117,8 +117,7 @@ class NVMeTier(Tier):
         try:
             os.posix_fallocate(self._fd, 0, self.file_bytes)
         except OSError as e:
-            os.close(self._fd)
-            os.unlink(self.path)
+            os.unlink(self.path)  # the caller closes the descriptor
             raise TierIOError(f"cannot preallocate {self.file_bytes} bytes for the NVMe tier at {self.path}: "
                               f"{e.strerror}; lower nvme_tier_bytes or free space") from e
         page = aligned_buffer(PAGE)

@@ -1,0 +1,347 @@
+"""The NVMe tier: recovery at restart, corruption never served, geometry checks, O_DIRECT fallback."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import struct
+import tempfile
+
+import pytest
+import torch
+
+from kvstore import block_keys, chain_parents
+from kvstore.errors import ConfigError, TierIOError
+from kvstore.events import BlockRemoved, BlockStored
+from kvstore.tiers import nvme as nvme_mod
+from kvstore.tiers.base import PAGE, SlotMeta
+from kvstore.tiers.nvme import FILE_NAME, NVMeTier
+
+from kvtest_support import (LAYOUT, NBYTES, EventLog, assert_consistent, batch, empty_out, make_store,
+                            nvme_capacity, payload, rand_key)
+
+__all__ = ["make_store"]
+
+
+def supports_o_direct(directory) -> bool:
+    path = os.path.join(str(directory), ".odirect-probe")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    else:
+        os.close(fd)
+        return True
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def slot_offset(path, key: bytes) -> int:
+    """Where the slot holding `key` starts in the tier's file, found from the headers."""
+    with open(path, "rb") as f:
+        data = f.read()
+    _, _, _, stride, num_slots = struct.unpack_from("<8sIQQQ", data, 0)
+    for slot in range(num_slots):
+        off = PAGE + slot * (PAGE + stride)
+        if data[off:off + 8] == b"KVBLOCK1" and data[off + 8:off + 24] == key:
+            return off
+    raise AssertionError(f"no slot holds {key.hex()}")
+
+
+def flip(path, offset: int, n: int = 4) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        old = f.read(n)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in old))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fill(store, n: int, chained: bool = False):
+    """Puts n blocks one at a time (so most of them demote to NVMe); returns their keys."""
+    keys = block_keys(list(range(n * LAYOUT.block_tokens)), LAYOUT, f"ns{rand_key().hex()}")
+    parents = chain_parents(keys) if chained else [None] * n
+    for k, p in zip(keys, parents):
+        assert store.put(LAYOUT, [k], batch([k]), parents=[p]).stored == 1
+    return keys
+
+
+def on_nvme(store, keys):
+    return [k for k, w in zip(keys, store.where(keys)) if w == "nvme"]
+
+
+# -- restart ------------------------------------------------------------------------------------
+
+def test_restart_recovers_what_was_on_nvme(make_store, tmp_path):
+    d = tmp_path / "nv"
+    store = make_store(("host", "nvme"), host_slots=2, nvme_slots=16, nvme_dir=d)
+    keys = fill(store, 10, chained=True)
+    durable = on_nvme(store, keys)
+    assert len(durable) == 8
+    if supports_o_direct(d):
+        assert store.tiers[1].direct_io is True and store.stats()["tiers"][1]["direct_io"] is True
+    store.close()
+
+    log = EventLog()
+    again = make_store(("host", "nvme"), host_slots=2, nvme_slots=16, nvme_dir=d, listener=log)
+    # What was on NVMe is back there; what was in host memory is gone.
+    assert again.where(keys) == ["nvme" if k in durable else None for k in keys]
+    assert again.stats()["blocks"] == 8
+    assert again.stats()["tiers"][1]["corrupt_dropped"] == 0
+    # Announced at open, with the chain's parents as stored in the headers.
+    assert set(log.where) == set(durable) and set(log.where.values()) == {"DISK"}
+    parents = {}
+    for e in log.of(BlockStored):
+        for k, p in zip(e.block_hashes, [e.parent_block_hash, *e.block_hashes[:-1]]):
+            parents[k] = p
+    assert parents == {k: keys[i - 1] if i else None for i, k in enumerate(keys) if k in durable}
+    out = empty_out(8)
+    got = again.get(LAYOUT, durable, out)
+    assert got.tiers == ["nvme"] * 8
+    assert torch.equal(out, batch(durable))
+    assert_consistent(again)
+    # The recovered store goes on working: new puts, demotions, restarts.
+    more = fill(again, 3)
+    assert again.contains(more) == [True] * 3
+    assert_consistent(again)
+
+
+def test_restart_of_an_nvme_only_store(make_store, tmp_path):
+    d = tmp_path / "nv"
+    store = make_store(("nvme",), nvme_slots=4, nvme_dir=d)
+    keys = [rand_key() for _ in range(6)]
+    res = store.put(LAYOUT, keys, batch(keys))
+    assert res.stored == 6 and store.contains(keys) == [False] * 2 + [True] * 4
+    store.close()
+    again = make_store(("nvme",), nvme_slots=4, nvme_dir=d)
+    assert again.contains(keys) == [False] * 2 + [True] * 4
+    out = empty_out(4)
+    assert again.get(LAYOUT, keys[2:], out).hits == 4 and torch.equal(out, batch(keys[2:]))
+
+
+def test_deleted_blocks_do_not_come_back(make_store, tmp_path):
+    d = tmp_path / "nv"
+    store = make_store(("host", "nvme"), host_slots=2, nvme_slots=8, nvme_dir=d)
+    keys = fill(store, 6)
+    gone = on_nvme(store, keys)[:2]
+    assert store.delete(gone) == 2
+    store.close()
+    again = make_store(("host", "nvme"), host_slots=2, nvme_slots=8, nvme_dir=d)
+    assert again.contains(gone) == [False, False]
+    assert again.stats()["blocks"] == 2  # the other two that were on nvme
+    assert again.stats()["tiers"][1]["corrupt_dropped"] == 0  # erased, not damaged
+    again.clear()
+    again.close()
+    third = make_store(("host", "nvme"), host_slots=2, nvme_slots=8, nvme_dir=d)
+    assert third.stats()["blocks"] == 0
+
+
+# -- corruption ---------------------------------------------------------------------------------
+
+def test_corrupt_payload_is_a_miss_and_is_dropped(make_store, tmp_path, caplog):
+    d = tmp_path / "nv"
+    log = EventLog()
+    store = make_store(("host", "nvme"), host_slots=2, nvme_slots=8, nvme_dir=d, listener=log)
+    keys = fill(store, 6)
+    victim, *others = on_nvme(store, keys)
+    flip(d / FILE_NAME, slot_offset(d / FILE_NAME, victim) + PAGE + 100)
+
+    out = empty_out(1)
+    with caplog.at_level(logging.WARNING, logger="kvstore"):
+        got = store.get(LAYOUT, [victim], out)
+    assert got.tiers == [None]
+    assert "checksum" in caplog.text and victim.hex() in caplog.text
+    assert store.contains([victim]) == [False]
+    stats = store.stats()
+    assert stats["corrupt_dropped"] == 1 and stats["tiers"][1]["corrupt_dropped"] == 1
+    assert stats["misses"] == 1
+    assert log.events[-1] == BlockRemoved([victim], "DISK")
+    assert_consistent(store)
+    # Every other block is still served, from either tier.
+    out = empty_out(5)
+    rest = [k for k in keys if k != victim]
+    assert store.get(LAYOUT, rest, out).hits == 5 and torch.equal(out, batch(rest))
+    # The store keeps working, and the damaged slot is reused.
+    new = fill(store, 4)
+    assert store.contains(new) == [True] * 4
+    assert_consistent(store)
+    store.close()
+    again = make_store(("host", "nvme"), host_slots=2, nvme_slots=8, nvme_dir=d)
+    assert again.contains([victim]) == [False]
+    assert again.stats()["tiers"][1]["corrupt_dropped"] == 0
+
+
+def test_corrupt_payload_in_a_batch(make_store, tmp_path):
+    d = tmp_path / "nv"
+    store = make_store(("host", "nvme"), host_slots=2, nvme_slots=8, nvme_dir=d, promote_on_hit=False)
+    keys = fill(store, 6)
+    durable = on_nvme(store, keys)
+    flip(d / FILE_NAME, slot_offset(d / FILE_NAME, durable[1]) + PAGE + NBYTES - 4)  # the last bytes
+    out = empty_out(4)
+    got = store.get(LAYOUT, durable, out)
+    assert got.found == [True, False, True, True]
+    for i in (0, 2, 3):
+        assert torch.equal(out[i], payload(durable[i]))
+    assert store.stats()["corrupt_dropped"] == 1
+    assert_consistent(store)
+
+
+@pytest.mark.parametrize("where,what", [(8, "key"), (0, "magic"), (40, "layout id"), (80, "length")])
+def test_corrupt_header_is_dropped_at_reopen(make_store, tmp_path, caplog, where, what):
+    d = tmp_path / "nv"
+    store = make_store(("host", "nvme"), host_slots=2, nvme_slots=8, nvme_dir=d)
+    keys = fill(store, 6)
+    victim, *others = on_nvme(store, keys)
+    store.close()
+    flip(d / FILE_NAME, slot_offset(d / FILE_NAME, victim) + where)
+    with caplog.at_level(logging.WARNING, logger="kvstore"):
+        again = make_store(("host", "nvme"), host_slots=2, nvme_slots=8, nvme_dir=d)
+    assert "header fails its checksum" in caplog.text
+    assert again.contains([victim] + others) == [False, True, True, True]
+    assert again.stats()["tiers"][1]["corrupt_dropped"] == 1
+    assert again.stats()["blocks"] == 3
+    assert_consistent(again)
+    # Its slot is free again: the tier can be filled to capacity.
+    assert again.tiers[1].allocator.free_count == 8 - 3
+    out = empty_out(3)
+    assert again.get(LAYOUT, others, out).hits == 3 and torch.equal(out, batch(others))
+
+
+def test_tier_level_checks_key_and_erasure(tmp_path):
+    tier = NVMeTier(str(tmp_path), NBYTES, nvme_capacity(2), io_threads=1)
+    try:
+        k = rand_key()
+        meta = SlotMeta(k, LAYOUT.id, NBYTES)
+        assert tier.write_many([(0, payload(k), meta)]) == [None]
+        out = torch.zeros(NBYTES, dtype=torch.uint8)
+        assert tier.read_many([(0, out, meta)]) == [None] and torch.equal(out, payload(k))
+        # Asking slot 0 for another key is refused, not served.
+        [err] = tier.read_many([(0, out, SlotMeta(rand_key(), LAYOUT.id, NBYTES))])
+        assert "holds block " + k.hex() in str(err)
+        tier.erase(0)
+        [err] = tier.read_many([(0, out, meta)])
+        assert "erased" in str(err)
+        assert tier.stats()["corrupt_dropped"] == 2
+        assert tier.stats()["bytes_written"] == NBYTES and tier.stats()["bytes_read"] == NBYTES
+    finally:
+        tier.close()
+    tier.close()  # twice is harmless
+
+
+# -- geometry and configuration ------------------------------------------------------------------
+
+def test_geometry_mismatch_at_reopen(tmp_path):
+    NVMeTier(str(tmp_path), NBYTES, nvme_capacity(4)).close()
+    with pytest.raises(ConfigError) as info:
+        NVMeTier(str(tmp_path), 2 * NBYTES, nvme_capacity(4, 2 * NBYTES))
+    msg = str(info.value)
+    assert f"{NBYTES} bytes" in msg and f"{2 * NBYTES} bytes" in msg and FILE_NAME in msg
+    with pytest.raises(ConfigError) as info:
+        NVMeTier(str(tmp_path), NBYTES, nvme_capacity(6))
+    assert "4 slots" in str(info.value) and "6 slots" in str(info.value)
+    # The file was left alone: the right geometry still opens it.
+    NVMeTier(str(tmp_path), NBYTES, nvme_capacity(4)).close()
+
+
+@pytest.mark.parametrize("capacity", [0, 100, PAGE, nvme_capacity(1) - 1])
+def test_too_small_capacity(tmp_path, capacity):
+    with pytest.raises(ConfigError) as info:
+        NVMeTier(str(tmp_path / "nv"), NBYTES, capacity)
+    assert f"nvme_tier_bytes={capacity}" in str(info.value)
+    assert not (tmp_path / "nv" / FILE_NAME).exists()
+
+
+def test_exact_capacity(tmp_path):
+    tier = NVMeTier(str(tmp_path), NBYTES, nvme_capacity(3))
+    try:
+        assert tier.num_slots == 3
+        assert os.path.getsize(tier.path) == tier.file_bytes == nvme_capacity(3)
+    finally:
+        tier.close()
+
+
+def test_a_foreign_file_is_refused(tmp_path):
+    (tmp_path / FILE_NAME).write_bytes(b"not a tier" * 1000)
+    with pytest.raises(TierIOError, match="is not a kvstore NVMe tier file"):
+        NVMeTier(str(tmp_path), NBYTES, nvme_capacity(2))
+    (tmp_path / FILE_NAME).write_bytes(b"tiny")
+    with pytest.raises(TierIOError, match="shorter than one page"):
+        NVMeTier(str(tmp_path), NBYTES, nvme_capacity(2))
+
+
+def test_directory_that_cannot_be_created(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(TierIOError) as info:
+        NVMeTier(str(blocker / "sub"), NBYTES, nvme_capacity(2))
+    assert str(blocker / "sub") in str(info.value)
+
+
+def test_preallocation_failure_is_clear(tmp_path, monkeypatch):
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(nvme_mod.os, "posix_fallocate", no_space)
+    with pytest.raises(TierIOError) as info:
+        NVMeTier(str(tmp_path), NBYTES, nvme_capacity(2))
+    assert str(nvme_capacity(2)) in str(info.value) and "No space" in str(info.value)
+    assert not (tmp_path / FILE_NAME).exists()
+
+
+# -- O_DIRECT ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def shm_dir():
+    d = tempfile.mkdtemp(prefix=f"kvtestdir-{os.getpid()}-", dir="/dev/shm")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_direct_io_fallback_on_tmpfs(make_store, shm_dir, monkeypatch, caplog):
+    if supports_o_direct(shm_dir):
+        # Newer kernels give tmpfs O_DIRECT; make it refuse as older ones (and overlayfs) do.
+        real_open = os.open
+
+        def refusing_open(path, flags, *args, **kwargs):
+            if flags & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(nvme_mod.os, "open", refusing_open)
+    with caplog.at_level(logging.WARNING, logger="kvstore"):
+        store = make_store(("host", "nvme"), host_slots=2, nvme_slots=8, nvme_dir=shm_dir)
+    monkeypatch.undo()
+    assert store.tiers[1].direct_io is False
+    assert store.stats()["tiers"][1]["direct_io"] is False
+    assert "refuses O_DIRECT" in caplog.text and shm_dir in caplog.text
+    keys = fill(store, 6)
+    assert len(on_nvme(store, keys)) == 4
+    out = empty_out(6)
+    assert store.get(LAYOUT, keys, out).hits == 6 and torch.equal(out, batch(keys))
+    assert_consistent(store)
+    durable = on_nvme(store, keys)
+    store.close()
+    again = make_store(("host", "nvme"), host_slots=2, nvme_slots=8, nvme_dir=shm_dir, direct_io=False)
+    assert set(on_nvme(again, keys)) == set(durable)
+
+
+def test_direct_io_off_by_request(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="kvstore"):
+        tier = NVMeTier(str(tmp_path), NBYTES, nvme_capacity(2), direct_io=False)
+    try:
+        assert tier.direct_io is False and "O_DIRECT" not in caplog.text
+    finally:
+        tier.close()
+
+
+def test_other_open_errors_are_tier_io_errors(tmp_path, monkeypatch):
+    def denied(path, flags, *args, **kwargs):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(nvme_mod.os, "open", denied)
+    with pytest.raises(TierIOError) as info:
+        NVMeTier(str(tmp_path), NBYTES, nvme_capacity(2))
+    assert str(tmp_path / FILE_NAME) in str(info.value) and "Permission denied" in str(info.value)
