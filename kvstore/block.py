@@ -67,8 +67,8 @@ class BlockEntry:
         new = _TRANSITIONS.get((self.state, event))
         if new is None:
             raise BlockStateError(f"block {self.key.hex()} cannot {event} while {self.state.value}")
-        if event == "drop" and self.pins:
-            raise BlockStateError(f"block {self.key.hex()} cannot be dropped while pinned {self.pins} time(s)")
+        if event in ("drop", "start_move") and self.pins:
+            raise BlockStateError(f"block {self.key.hex()} cannot {event} while pinned {self.pins} time(s)")
         self.state = new
 
     def pin(self) -> None:

@@ -93,6 +93,8 @@ def decode_batch(data: bytes) -> tuple[float, list[Event]]:
                 _, hashes, medium = item
                 events.append(BlockRemoved(list(hashes), medium))
             elif tag == "AllBlocksCleared":
+                if len(item) != 1:
+                    raise EventDecodeError(f"AllBlocksCleared carries {len(item) - 1} unexpected fields")
                 events.append(AllBlocksCleared())
             else:
                 raise EventDecodeError(f"unknown event tag {tag!r}")

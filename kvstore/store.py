@@ -26,7 +26,7 @@ import torch
 
 from kvstore.block import BlockEntry, BlockState
 from kvstore.config import Config
-from kvstore.errors import CorruptBlockError, InvalidKeyError, InvalidLayoutError, LayoutMismatchError
+from kvstore.errors import CorruptBlockError, InvalidKeyError, InvalidLayoutError, LayoutMismatchError, TierIOError
 from kvstore.events import AllBlocksCleared, BlockRemoved, Event, stored_events
 from kvstore.keys import check_key, check_keys
 from kvstore.layout import Layout
@@ -130,12 +130,12 @@ class TieredStore:
             if config.nvme_tier_bytes:
                 tiers.append(NVMeTier(config.nvme_path, config.slot_bytes, config.nvme_tier_bytes,
                                       io_threads=config.io_threads, direct_io=config.nvme_direct_io))
+            return cls(tiers, policy=config.eviction_policy, prefix_aware=config.prefix_aware_eviction,
+                       promote_on_hit=config.promote_on_hit, listener=listener)
         except BaseException:
             for tier in tiers:
                 tier.close()
             raise
-        return cls(tiers, policy=config.eviction_policy, prefix_aware=config.prefix_aware_eviction,
-                   promote_on_hit=config.promote_on_hit, listener=listener)
 
     # -- public API ----------------------------------------------------------------------
 
@@ -680,7 +680,11 @@ class TieredStore:
         if slot < 0:
             return
         if erase:
-            self.tiers[t].erase(slot)
+            try:
+                self.tiers[t].erase(slot)
+            except (OSError, TierIOError) as e:  # the slot is free all the same; its header may linger
+                self._counters["io_errors"] += 1
+                log.warning("erasing slot %d of the %s tier failed: %s", slot, self.tiers[t].name, e)
         self.tiers[t].allocator.free(slot)
 
     def _emit(self, events: list[Event]) -> None:
@@ -690,8 +694,8 @@ class TieredStore:
     def _recover(self) -> None:
         """Indexes the blocks durable tiers found at open."""
         for t, tier in enumerate(self.tiers):
-            found = tier.recovered()
-            for slot, meta in found:
+            indexed = []
+            for slot, meta in tier.recovered():
                 if meta.key in self._index:  # the same block in two tiers: keep the upper copy
                     self._release_slot(t, slot)
                     continue
@@ -700,5 +704,6 @@ class TieredStore:
                 self._visible.add(meta.key)
                 self._policies[t].insert(meta.key)
                 self._link(entry)
-            if found:
-                self._emit(stored_events([m.key for _, m in found], [m.parent for _, m in found], tier.medium))
+                indexed.append(meta)
+            if indexed:
+                self._emit(stored_events([m.key for m in indexed], [m.parent for m in indexed], tier.medium))

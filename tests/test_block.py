@@ -123,3 +123,16 @@ def test_unpin_while_moving_raises():
 def test_visibility_and_evictability_by_state():
     assert [entry(s).visible for s in S] == [s in (S.READY, S.MOVING) for s in S]
     assert [entry(s).evictable for s in S] == [s is S.READY for s in S]
+
+
+def test_a_pinned_block_cannot_start_moving():
+    from kvstore.block import BlockEntry, BlockState
+    from kvstore.errors import BlockStateError
+
+    entry = BlockEntry(b"k" * 16, b"l" * 16, 8, 0, 0, None, BlockState.READY)
+    entry.pin()
+    with pytest.raises(BlockStateError, match="start_move while pinned"):
+        entry.transition("start_move")
+    entry.unpin()
+    entry.transition("start_move")
+    assert entry.state is BlockState.MOVING

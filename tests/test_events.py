@@ -102,3 +102,12 @@ def test_oversized_batch_refused_before_parsing(monkeypatch):
     assert len(data) > 64
     with pytest.raises(EventDecodeError, match=f"{len(data)} bytes"):
         decode_batch(data)
+
+
+def test_all_blocks_cleared_with_extra_fields_is_refused():
+    import msgpack
+
+    from kvstore.events import EventDecodeError, decode_batch
+
+    with pytest.raises(EventDecodeError, match="unexpected fields"):
+        decode_batch(msgpack.packb([1.0, [["AllBlocksCleared", "extra"]]]))

@@ -345,3 +345,13 @@ def test_other_open_errors_are_tier_io_errors(tmp_path, monkeypatch):
     with pytest.raises(TierIOError) as info:
         NVMeTier(str(tmp_path), NBYTES, nvme_capacity(2))
     assert str(tmp_path / FILE_NAME) in str(info.value) and "Permission denied" in str(info.value)
+
+
+def test_truncated_file_is_refused_at_reopen(tmp_path):
+    from kvtest_support import SLOT, nvme_capacity
+
+    NVMeTier(str(tmp_path), SLOT, nvme_capacity(4)).close()
+    path = tmp_path / FILE_NAME
+    os.truncate(path, os.path.getsize(path) - PAGE)
+    with pytest.raises(TierIOError, match="truncated"):
+        NVMeTier(str(tmp_path), SLOT, nvme_capacity(4))

@@ -132,6 +132,10 @@ class NVMeTier(Tier):
         magic, version, slot_nbytes, stride, num_slots = _SUPER.unpack_from(page, 0)
         if magic != _SUPER_MAGIC or version != _VERSION:
             raise TierIOError(f"{self.path} is not a kvstore NVMe tier file of version {_VERSION}")
+        size = os.fstat(self._fd).st_size
+        if size < PAGE + num_slots * (PAGE + stride):
+            raise TierIOError(f"{self.path} is {size} bytes, shorter than its {num_slots} slots need; it was "
+                              "truncated: remove it to start afresh")
         if (slot_nbytes, num_slots) != (self.slot_nbytes, self.num_slots):
             raise ConfigError(
                 f"{self.path} holds {num_slots} slots of {slot_nbytes} bytes, but the configuration asks for "
@@ -142,7 +146,8 @@ class NVMeTier(Tier):
         """Rebuilds the slot map from the headers; keeps the newest copy of a key."""
         def read_header(slot: int):
             page = self._buffer("header", PAGE)
-            os.preadv(self._fd, [page], self._offset(slot))
+            if os.preadv(self._fd, [page], self._offset(slot)) != PAGE:
+                return slot, CorruptBlockError(f"slot {slot} of {self.path}: the header cannot be read whole")
             try:
                 return slot, self._parse_header(page, slot)
             except CorruptBlockError as e:
