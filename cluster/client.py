@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kvstore.cluster.controller import CONTROLLER_NAME, ControllerActor
 from kvstore.cluster.dataplane import DataPlaneClient
@@ -48,6 +49,21 @@ class ClusterGetResult:
     @property
     def hits(self) -> int:
         return sum(s is not None for s in self.sources)
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteHold:
+    hold_id: str
+    keys: list[bytes]
+    views: list  # per key: a uint8 tensor aliasing its reserved slot, or None
+    present: list[bool]  # per key: present already (so not reserved)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadHold:
+    hold_id: str
+    keys: list[bytes]
+    views: list  # per key: a uint8 tensor aliasing its slot, or None (not on this node)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,23 +103,56 @@ class Client:
 
     # -- the store's API ---------------------------------------------------------------------
 
+    def reserve(self, layout: Layout, keys: Sequence[bytes], parents: Sequence[bytes | None] | None = None,
+                ttl_s: float | None = None) -> "WriteHold":
+        """Reserves slots in this node's arena for blocks the caller will write in place.
+
+        `hold.views[i]` is block i's bytes (uint8, block_nbytes) to fill, layer by layer if it
+        likes, or None where the block is present already or found no room. Then `commit(hold)`
+        (or `abort`); a hold never committed is aborted by the node after `ttl_s`.
+        """
+        keys = check_keys(keys)
+        hold_id, slots, present = ray.get(
+            self._node.reserve.remote(layout.to_dict(), keys, None if parents is None else list(parents), ttl_s),
+            timeout=RPC_TIMEOUT_S)
+        arena = self._arena.tensor
+        views = [None if slot is None else arena[slot, :layout.block_nbytes] for slot in slots]
+        return WriteHold(hold_id, keys, views, present)
+
+    def commit(self, hold: "WriteHold") -> int:
+        """Makes a reserved hold's blocks visible cluster-wide; returns how many."""
+        return ray.get(self._node.commit.remote(hold.hold_id), timeout=RPC_TIMEOUT_S)
+
+    def abort(self, hold: "WriteHold") -> None:
+        ray.get(self._node.abort.remote(hold.hold_id), timeout=RPC_TIMEOUT_S)
+
+    def acquire(self, layout: Layout, keys: Sequence[bytes], ttl_s: float | None = None) -> "ReadHold":
+        """Pins blocks held by this node for reading in place: `hold.views[i]` or None (not here).
+        Give them back with `release(hold)`; the node does so itself after `ttl_s`."""
+        keys = check_keys(keys)
+        hold_id, slots = ray.get(self._node.acquire.remote(layout.to_dict(), keys, ttl_s), timeout=RPC_TIMEOUT_S)
+        arena = self._arena.tensor
+        return ReadHold(hold_id, keys, [None if slot is None else arena[slot, :layout.block_nbytes] for slot in slots])
+
+    def release(self, hold: "ReadHold") -> None:
+        self._node.release.remote(hold.hold_id)
+
     def put(self, layout: Layout, keys: Sequence[bytes], blocks: Blocks,
             parents: Sequence[bytes | None] | None = None) -> PutResult:
         """Writes blocks into this node's host arena in place; present keys are skipped."""
         keys = check_keys(keys)
         rows = block_rows(layout, blocks, len(keys))
-        hold, slots, present = ray.get(self._node.reserve.remote(layout.to_dict(), keys, parents),
-                                       timeout=RPC_TIMEOUT_S)
+        hold = self.reserve(layout, keys, parents)
         try:
-            for row, slot in zip(rows, slots):
-                if slot is not None:
-                    self._arena.tensor[slot, :layout.block_nbytes].copy_(row)
+            for row, view in zip(rows, hold.views):
+                if view is not None:
+                    view.copy_(row)
         except BaseException:
-            self._node.abort.remote(hold)
+            self._node.abort.remote(hold.hold_id)
             raise
-        stored = ray.get(self._node.commit.remote(hold), timeout=RPC_TIMEOUT_S)
-        rejected = [k for k, slot, here in zip(keys, slots, present) if slot is None and not here]
-        return PutResult(stored=stored, present=sum(present), rejected=rejected)
+        stored = self.commit(hold)
+        rejected = [k for k, view, here in zip(keys, hold.views, hold.present) if view is None and not here]
+        return PutResult(stored=stored, present=sum(hold.present), rejected=rejected)
 
     def get(self, layout: Layout, keys: Sequence[bytes], out: Blocks) -> ClusterGetResult:
         """Fills `out` with every block found anywhere in the cluster.
@@ -115,17 +164,15 @@ class Client:
         keys = check_keys(keys)
         rows = block_rows(layout, out, len(keys), "out")
         sources: list[tuple[str, str] | None] = [None] * len(keys)
-        lay = layout.to_dict()
-        hold, slots = ray.get(self._node.acquire.remote(lay, keys), timeout=RPC_TIMEOUT_S)
+        hold = self.acquire(layout, keys)
         try:
-            arena = self._arena.tensor
-            for i, slot in enumerate(slots):
-                if slot is not None:
-                    rows[i].copy_(arena[slot, :layout.block_nbytes])
+            for i, view in enumerate(hold.views):
+                if view is not None:
+                    rows[i].copy_(view)
                     sources[i] = (self.node_id, "local")
         finally:
-            self._node.release.remote(hold)
-        missing = [i for i, slot in enumerate(slots) if slot is None]
+            self.release(hold)
+        missing = [i for i, view in enumerate(hold.views) if view is None]
         if missing:
             self._pull(layout, keys, rows, missing, sources)
         return ClusterGetResult(sources)
@@ -286,5 +333,8 @@ def connect(address: str | None = None, *, config: Config | None = None, node_ov
         controller = ControllerActor.options(
             name=CONTROLLER_NAME, namespace=config.ray_namespace, get_if_exists=True,
             lifetime=None if embedded else "detached",
+            # On the starter's node (the KubeRay head for `kvstore serve`), free to restart
+            # elsewhere if that node dies.
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),
         ).remote(config.ray_namespace, token, overrides if node_overrides is None else node_overrides)
     return Client(controller, config, embedded)

@@ -45,6 +45,7 @@ class ControllerService:
         self._index: dict[bytes, dict[str, str]] = {}
         self._node_keys: dict[str, set[bytes]] = {}
         self._nodes: dict[str, dict] = {}  # node id -> info (address, shm_name, ...) of a registered node
+        self._synced: set[str] = set()  # registered nodes whose full content has reached the index
         self._actors: dict[str, object] = {}
         self._starting: dict[str, object] = {}  # node id -> ObjectRef of its info()
         self._leases: dict[str, _Lease] = {}
@@ -72,9 +73,10 @@ class ControllerService:
                         if holders is not None and holders.get(node_id) == event.medium:
                             self._forget(key, node_id, holders)
                             keys.discard(key)
-                elif isinstance(event, AllBlocksCleared):
+                elif isinstance(event, AllBlocksCleared):  # a resync starts: what follows is everything
                     self._drop_entries(node_id)
                     keys = self._node_keys.setdefault(node_id, set())
+                    self._synced.add(node_id)
 
     # -- lookups -------------------------------------------------------------------------------
 
@@ -143,14 +145,16 @@ class ControllerService:
             return [dict(info) for info in self._nodes.values()]
 
     def wait_ready(self, min_nodes: int = 1, timeout_s: float = 60.0) -> list[dict]:
-        """Blocks until at least min_nodes node actors are registered."""
+        """Blocks until at least min_nodes nodes are registered and their content is indexed
+        (after a controller restart, lookups are whole only from then on)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self._lock:
-                if len(self._nodes) >= min_nodes:
-                    return [dict(info) for info in self._nodes.values()]
+                ready = [dict(info) for node_id, info in self._nodes.items() if node_id in self._synced]
+            if len(ready) >= min_nodes:
+                return ready
             time.sleep(0.05)
-        raise TimeoutError(f"only {len(self._nodes)} of {min_nodes} kvstore nodes came up in {timeout_s} s")
+        raise TimeoutError(f"only {len(ready)} of {min_nodes} kvstore nodes were ready in {timeout_s} s")
 
     def token(self) -> str:
         return self._token
@@ -171,6 +175,7 @@ class ControllerService:
                 self._drop_entries(node_id)
                 self._node_keys.pop(node_id, None)
                 self._nodes.pop(node_id, None)
+                self._synced.discard(node_id)
                 self._actors.pop(node_id, None)
                 self._starting.pop(node_id, None)
                 self._dropped_nodes += 1

@@ -1,0 +1,194 @@
+"""The prefill/decode handoff: how one worker's KV reaches another through the store.
+
+Prefill side (producer), per request:
+
+    session = SaveSession(client, layout, token_ids, namespace)
+    for each layer i as the model finishes it:  session.save_layer(i, k_i, v_i)
+    handle = session.finish()          # commits, leases, returns what the decode side needs
+
+`save_layer` queues the copy of layer i into the request's reserved arena slots on a worker
+thread and returns at once, so the copy overlaps the computation of layer i+1. Blocks already
+in the store (a shared prefix) are not written again.
+
+Decode side (consumer):
+
+    loaded = load(client, handle)      # or load(client, token_ids=..., layout=..., namespace=...)
+    loaded.num_tokens                  # the prefix it may use; everything after is recomputed
+    k_i, v_i = loaded.layer(i)         # [num_tokens, kv_heads, head_dim] each
+
+Only the leading run of blocks that arrived whole is usable: a block missing (evicted, its node
+dead, its lease expired) ends the usable prefix there, and `loaded.missing` names every block
+from that point on, so the engine recomputes exactly those tokens. A decode never runs on wrong
+or partial data. Loading releases the handle's lease (the blocks stay cached, now unpinned).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Sequence
+
+import torch
+
+from kvstore.errors import KVStoreError, PayloadError
+from kvstore.keys import block_keys, chain_parents, check_keys
+from kvstore.layout import Layout
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Handle:
+    """What a prefill worker gives a decode worker (JSON-safe via to_dict/from_dict)."""
+
+    namespace: str
+    layout: Layout
+    keys: list[bytes]
+    num_tokens: int  # tokens the blocks cover: full blocks only
+    node_id: str  # where they were saved
+    lease_id: str | None  # pins them there until loaded or expired
+
+    def to_dict(self) -> dict:
+        return {"namespace": self.namespace, "layout": self.layout.to_dict(), "keys": [k.hex() for k in self.keys],
+                "num_tokens": self.num_tokens, "node_id": self.node_id, "lease_id": self.lease_id}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Handle":
+        try:
+            keys = check_keys([bytes.fromhex(k) for k in data["keys"]])
+            layout = Layout.from_dict(data["layout"])
+            handle = cls(str(data["namespace"]), layout, keys, int(data["num_tokens"]), str(data["node_id"]),
+                         None if data.get("lease_id") is None else str(data["lease_id"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise KVStoreError(f"not a kvstore handoff handle: {e}") from None
+        if handle.num_tokens != len(keys) * layout.block_tokens:
+            raise KVStoreError(f"handle covers {handle.num_tokens} tokens but names {len(keys)} blocks "
+                               f"of {layout.block_tokens}")
+        return handle
+
+
+class SaveSession:
+    """The producer side of one request: fills reserved blocks layer by layer, in the background."""
+
+    def __init__(self, client, layout: Layout, token_ids: Sequence[int], namespace: str = "default") -> None:
+        self.client = client
+        self.layout = layout
+        self.namespace = namespace
+        self.keys = block_keys(token_ids, layout, namespace)
+        self.num_tokens = len(self.keys) * layout.block_tokens
+        self.hold = client.reserve(layout, self.keys, chain_parents(self.keys))
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvstore-save")
+        self._pending: list[Future] = []
+        self._saved: set[int] = set()
+
+    def save_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Queues layer `layer`'s keys and values, [tokens, kv_heads, head_dim] each (at least
+        num_tokens tokens; a partial tail block is not stored). The tensors must not change
+        until `finish`: the copy runs while the caller computes the next layer."""
+        lay = self.layout
+        want = (lay.num_kv_heads, lay.head_dim)
+        for name, t in (("k", k), ("v", v)):
+            if t.dim() != 3 or tuple(t.shape[1:]) != want or t.shape[0] < self.num_tokens:
+                raise PayloadError(f"layer {layer} {name} has shape {tuple(t.shape)}; need "
+                                   f"[>= {self.num_tokens}, {want[0]}, {want[1]}]")
+            if t.dtype != lay.torch_dtype:
+                raise PayloadError(f"layer {layer} {name} has dtype {t.dtype}; the layout says {lay.dtype}")
+        if not 0 <= layer < lay.num_layers or layer in self._saved:
+            raise PayloadError(f"layer={layer} is out of range [0, {lay.num_layers}) or saved twice")
+        self._saved.add(layer)
+        if any(view is not None for view in self.hold.views):
+            self._pending.append(self._writer.submit(self._copy_layer, layer, k, v))
+
+    def _copy_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        lay = self.layout
+        T, L = lay.block_tokens, lay.layer_nbytes
+        k = k[:self.num_tokens].to("cpu", non_blocking=False)
+        v = v[:self.num_tokens].to("cpu", non_blocking=False)
+        for j, view in enumerate(self.hold.views):
+            if view is None:
+                continue
+            part = view[layer * L:(layer + 1) * L].view(lay.torch_dtype).view(2, T, lay.num_kv_heads, lay.head_dim)
+            part[0].copy_(k[j * T:(j + 1) * T])
+            part[1].copy_(v[j * T:(j + 1) * T])
+
+    def finish(self, lease_ttl_s: float | None = None) -> Handle:
+        """Waits for the copies, makes the blocks visible, and leases them for the decode side."""
+        try:
+            for future in self._pending:
+                future.result()
+            if len(self._saved) != self.layout.num_layers:
+                missing = sorted(set(range(self.layout.num_layers)) - self._saved)
+                raise PayloadError(f"finish before layers {missing} were saved")
+        except BaseException:
+            self.abort()
+            raise
+        self._writer.shutdown()
+        self.client.commit(self.hold)
+        lease = self.client.lease(self.layout, self.keys, lease_ttl_s) if self.keys else None
+        return Handle(self.namespace, self.layout, list(self.keys), self.num_tokens, self.client.node_id,
+                      None if lease is None else lease.lease_id)
+
+    def abort(self) -> None:
+        self._writer.shutdown(wait=True, cancel_futures=True)
+        self.client.abort(self.hold)
+
+
+@dataclasses.dataclass
+class Loaded:
+    """What the decode side got: a usable prefix, and precisely what it must recompute."""
+
+    layout: Layout
+    keys: list[bytes]
+    blocks: torch.Tensor  # [usable blocks, block_nbytes] uint8
+    sources: list[tuple[str, str] | None]  # per key: (node, "local"/"remote") or None
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blocks.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.layout.block_tokens
+
+    @property
+    def missing(self) -> list[bytes]:
+        """Every block past the usable prefix (even ones that arrived: they follow a gap)."""
+        return self.keys[self.num_blocks:]
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's keys and values over the usable prefix: [num_tokens, kv_heads, head_dim] each."""
+        lay = self.layout
+        L = lay.layer_nbytes
+        parts = self.blocks[:, i * L:(i + 1) * L].contiguous().view(lay.torch_dtype)
+        parts = parts.view(self.num_blocks, 2, lay.block_tokens, lay.num_kv_heads, lay.head_dim)
+        k = parts[:, 0].reshape(self.num_tokens, lay.num_kv_heads, lay.head_dim)
+        v = parts[:, 1].reshape(self.num_tokens, lay.num_kv_heads, lay.head_dim)
+        return k, v
+
+
+def load(client, handle: Handle | None = None, *, token_ids: Sequence[int] | None = None,
+         layout: Layout | None = None, namespace: str = "default", max_tokens: int | None = None) -> Loaded:
+    """Loads a handle's blocks, or the longest stored prefix of `token_ids`, from anywhere in the
+    cluster. `max_tokens` caps the prefix (an engine must compute at least one prompt token)."""
+    if handle is not None:
+        keys, layout = handle.keys, handle.layout
+    elif token_ids is not None and layout is not None:
+        keys = block_keys(token_ids, layout, namespace)
+        keys = keys[:client.longest_prefix(keys)]
+    else:
+        raise KVStoreError("load needs a handle, or token_ids with a layout")
+    if max_tokens is not None:
+        keys = keys[:max(0, max_tokens) // layout.block_tokens]
+    out = torch.empty((len(keys), layout.block_nbytes), dtype=torch.uint8)
+    result = client.get(layout, keys, out) if keys else None
+    found = result.found if result else []
+    usable = next((i for i, ok in enumerate(found) if not ok), len(found))
+    if handle is not None and handle.lease_id is not None:
+        try:
+            client.release_lease(handle.lease_id)
+        except Exception as e:  # LeaseError (expired already), or its node is gone: nothing is pinned
+            log.info("lease %s: %s", handle.lease_id, e)
+    if usable < len(keys):
+        log.info("loaded %d of %d blocks; %d tokens from block %d on are recomputed", usable, len(keys),
+                 (len(keys) - usable) * layout.block_tokens, usable)
+    return Loaded(layout, list(keys), out[:usable], result.sources if result else [])
