@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m bench.tiers
+	$(VENV)/bin/kvstore demo
 
 test: $(STAMP)
 	HELM_BIN="$$(bash helm/install-tools.sh)" $(PY) -m pytest -q -p no:cacheprovider

@@ -3,6 +3,7 @@
     kvstore up       an embedded local cluster and the HTTP service, in the foreground
     kvstore serve    the controller and the HTTP service on a running Ray cluster (KubeRay head)
     kvstore status   a running service's stats, readable
+    kvstore demo     disaggregated prefill/decode and prefix reuse on a small model
     kvstore config   the effective settings, or the table of every setting
 
 Ray is imported only by `up` and `serve`.
@@ -128,6 +129,12 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from kvstore.connectors.demo import main as demo
+
+    return demo(args.demo_args)
+
+
 def cmd_config(args) -> int:
     if args.markdown:
         print(markdown_table(), end="")
@@ -166,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", metavar="FILE", default=None, help="YAML settings file (default: $KVSTORE_CONFIG)")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     status.set_defaults(func=cmd_status)
+    demo = sub.add_parser("demo", help="disaggregated prefill/decode and prefix reuse on a small model",
+                          description="Runs the demo (see `kvstore demo -- --help` for its options).")
+    demo.add_argument("demo_args", nargs=argparse.REMAINDER, help="options for the demo")
+    demo.set_defaults(func=cmd_demo)
     config = with_settings(sub.add_parser("config", help="print the effective settings"))
     config.add_argument("--markdown", action="store_true", help="print the table of every setting instead")
     config.set_defaults(func=cmd_config)
