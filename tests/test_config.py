@@ -179,3 +179,12 @@ def test_to_dict_and_markdown_cover_every_setting():
         assert f"`{name}`" in table and f"`{ENV_PREFIX}{name.upper()}`" in table
     assert "`'1GiB'`" in table  # sizes shown with units
     assert dataclasses.is_dataclass(cfg)
+
+
+def test_docs_list_every_setting_as_the_code_does():
+    from pathlib import Path
+
+    from kvstore.config import markdown_table
+
+    docs = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    assert markdown_table() in docs, "regenerate docs/configuration.md with `kvstore config --markdown`"
