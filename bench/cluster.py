@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     try:
         client = connect(rc.gcs_address, host_tier_bytes=3 * total + LOOKUP_KEYS * LAYOUT.block_nbytes, slot_bytes=LAYOUT.block_nbytes,
                          event_batch_ms=5)
-        ray.get(client._controller.wait_ready.remote(2, 60))
+        client.wait_ready(2)
         a_id, b_id = rc.node_id(0), rc.node_id(1)
         peer = Peer.options(resources={rc.resources[1]: 0.01}).remote()
         fetcher = Fetcher.options(resources={rc.resources[0]: 0.01}).remote()

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     identical = True
     try:
         client = connect(rc.gcs_address, host_tier_bytes="256MiB", slot_bytes="128KiB", event_batch_ms=5)
-        ray.get(client._controller.wait_ready.remote(2, 60))
+        client.wait_ready(2)
         factory = functools.partial(tiny_llama, seed=0, **MODEL)
         prefill_w = WorkerActor.options(resources={rc.resources[0]: 0.01}).remote(factory, MODEL_ID)
         decode_w = WorkerActor.options(resources={rc.resources[1]: 0.01}).remote(factory, MODEL_ID)

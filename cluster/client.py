@@ -276,6 +276,10 @@ class Client:
         lease_id = lease.lease_id if isinstance(lease, Lease) else lease
         ray.get(self._controller.release_lease.remote(lease_id), timeout=RPC_TIMEOUT_S)
 
+    def wait_ready(self, min_nodes: int = 1, timeout_s: float = RPC_TIMEOUT_S) -> list[dict]:
+        """Waits until at least min_nodes nodes are registered with their content indexed."""
+        return ray.get(self._controller.wait_ready.remote(min_nodes, timeout_s), timeout=timeout_s + 10)
+
     def nodes(self) -> list[dict]:
         return ray.get(self._controller.nodes.remote(), timeout=RPC_TIMEOUT_S)
 

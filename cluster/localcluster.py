@@ -8,6 +8,7 @@ here are ever stopped, by their process group; never `ray stop`.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import shutil
@@ -84,7 +85,9 @@ class RayTestCluster:
             f"--min-worker-port={base + 10}", f"--max-worker-port={base + PORTS_PER_NODE - 1}",
         ]
         if i == 0:
-            args += ["--head", f"--port={base}", "--include-dashboard=false", f"--ray-client-server-port={base + 7}"]
+            args += ["--head", f"--port={base}", "--include-dashboard=false"]
+            if importlib.util.find_spec("grpc") is not None:  # Ray Client installed: keep it off 10001
+                args.append(f"--ray-client-server-port={base + 7}")
             self.gcs_address = f"{ip}:{base}"
         else:
             args += [f"--address={self.gcs_address}"]

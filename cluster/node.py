@@ -55,6 +55,7 @@ class NodeService:
         _remove_stale_arenas(f"{config.shm_prefix}-{short}-")
         self._outbox: list[Event] = []
         self._outbox_lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self.store = TieredStore.from_config(config, shm_name=f"{config.shm_prefix}-{short}-{os.getpid()}",
                                              listener=self._on_events)
         host = config.flight_host or ray.util.get_node_ip_address()
@@ -91,13 +92,19 @@ class NodeService:
         return self._hold(handles, ttl_s, writing=True), [None if h is None else h.slot for h in handles], present
 
     def commit(self, hold_id: str, filled: list[bytes] | None = None) -> int:
-        """Makes the hold's blocks visible: all of them, or only `filled` (the rest are aborted)."""
+        """Makes the hold's blocks visible: all of them, or only `filled` (the rest are aborted).
+
+        Returns once the controller's index has them too, so a get from any node that starts
+        after a put returns finds its blocks (read-your-writes across the cluster).
+        """
         handles = [h for h in self._take(hold_id, writing=True).handles if h is not None]
         if filled is not None:
             done = set(filled)
             self.store.abort([h for h in handles if h.key not in done])
             handles = [h for h in handles if h.key in done]
-        return self.store.commit(handles)
+        committed = self.store.commit(handles)
+        self._send_events()
+        return committed
 
     def abort(self, hold_id: str) -> None:
         self.store.abort(self._take(hold_id, writing=True).handles)
@@ -164,10 +171,16 @@ class NodeService:
         period = max(self.config.event_batch_ms, 1) / 1000
         while not self._stopping.wait(period):
             self._expire_holds()
+            self._send_events()
+
+    def _send_events(self) -> None:
+        """Delivers the queued events and waits until the controller has applied them. One
+        sender at a time, so batches arrive in the order the store produced them."""
+        with self._send_lock:
             with self._outbox_lock:
                 events, self._outbox = self._outbox, []
             if not events:
-                continue
+                return
             try:
                 ray.get(self._controller_handle().report_events.remote(self.node_id, encode_batch(events)),
                         timeout=30)

@@ -164,52 +164,21 @@ class TieredStore:
 
     def _put_chunk(self, layout: Layout, keys: list[bytes], rows: list[torch.Tensor],
                    parents: list[bytes | None], result: PutResult) -> None:
+        row_of = dict(zip(keys, rows))
         with self._lock:
-            self._counters["puts"] += len(keys)
-            present = 0
-            fresh: list[tuple[BlockEntry, torch.Tensor]] = []
-            for key, row, parent in zip(keys, rows, parents):
-                if key in self._index:
-                    present += 1
-                    continue
-                entry = BlockEntry(key, layout.id, layout.block_nbytes, 0, -1, parent)
-                self._index[key] = entry  # WRITING: concurrent puts of this key now see it
-                fresh.append((entry, row))
-            slots = self._reserve(0, len(fresh))
-            for (entry, _), slot in zip(fresh, slots):
-                entry.slot = slot
-            fresh_rejected = [entry for entry, _ in fresh[len(slots):]]
-            for entry in fresh_rejected:
-                self._settle_unwritten(entry)
-                result.rejected.append(entry.key)
-            fresh = fresh[:len(slots)]
+            entries, present, rejected = self._begin_writes(layout, keys, parents)
         try:
-            errors = self.tiers[0].write_many([(e.slot, row, self._meta(e)) for e, row in fresh]) if fresh else []
+            errors = self.tiers[0].write_many([(e.slot, row_of[e.key], self._meta(e)) for e in entries]) \
+                if entries else []
         except BaseException:
             with self._lock:
-                for entry, _ in fresh:
+                for entry in entries:
                     self._settle_unwritten(entry)
             raise
         with self._lock:
-            committed: list[BlockEntry] = []
-            for (entry, _), err in zip(fresh, errors):
-                if err is not None or entry.state is BlockState.DOOMED:
-                    self._counters["io_errors"] += err is not None
-                    self._settle_unwritten(entry)
-                    continue
-                entry.transition("commit")
-                committed.append(entry)
-            # Reverse order: a chain's leaf is inserted first, so its root is the most recent.
-            for entry in reversed(committed):
-                self._policies[0].insert(entry.key)
-                self._visible.add(entry.key)
-                self._link(entry)
-            result.stored += len(committed)
-            result.present += present
-            self._counters["put_present"] += present
-            self._counters["put_rejected"] += len(fresh_rejected)
-            self._emit(stored_events([e.key for e in committed], [e.parent for e in committed],
-                                     self.tiers[0].medium))
+            result.stored += self._commit_writes(entries, errors)
+        result.present += present
+        result.rejected += rejected
 
     def get(self, layout: Layout, keys: Sequence[bytes], out: Blocks) -> GetResult:
         """Copies the blocks present into `out` (same forms as put's blocks); reports misses."""
@@ -306,8 +275,9 @@ class TieredStore:
                 parents: Sequence[bytes | None] | None = None) -> list[BlockHandle | None]:
         """Reserves top-tier slots for blocks another party will write in place.
 
-        Returns a WRITING handle per key, or None where the key is present already or no room
-        could be made. The writer fills `handle.view[:nbytes]`, then calls `commit` (or `abort`).
+        Returns a WRITING handle per key, or None where the key is present already (or repeats
+        an earlier key of the call) or no room could be made. The writer fills
+        `handle.view[:nbytes]`, then calls `commit` (or `abort`).
         """
         self.check_layout(layout)
         keys = check_keys(keys)
@@ -316,48 +286,19 @@ class TieredStore:
         if top.view(0) is None:
             raise InvalidLayoutError(f"the top tier {top.name!r} cannot be written in place")
         with self._lock:
-            fresh = []
-            for key, parent in zip(keys, parents):
-                if key in self._index:
-                    fresh.append(None)
-                    continue
-                entry = BlockEntry(key, layout.id, layout.block_nbytes, 0, -1, parent)
-                self._index[key] = entry
-                fresh.append(entry)
-            wanted = [e for e in fresh if e is not None]
-            slots = self._reserve(0, len(wanted))
-            handles: dict[bytes, BlockHandle] = {}
-            for entry, slot in zip(wanted, slots):
-                entry.slot = slot
-                handles[entry.key] = BlockHandle(entry.key, top.name, slot, entry.nbytes,
-                                                 top.view(slot)[:entry.nbytes], entry)
-            for entry in wanted[len(slots):]:
-                self._settle_unwritten(entry)
-            self._counters["puts"] += len(keys)
-            self._counters["put_present"] += len(keys) - len(wanted)
-            self._counters["put_rejected"] += len(wanted) - len(slots)
-            return [None if e is None else handles.get(e.key) for e in fresh]
+            entries, _, _ = self._begin_writes(layout, keys, parents)
+        mine = {e.key: e for e in entries}
+        handles: list[BlockHandle | None] = []
+        for key in keys:
+            e = mine.pop(key, None)  # a repeated key gets None: one writer per block
+            handles.append(None if e is None else BlockHandle(e.key, top.name, e.slot, e.nbytes,
+                                                              top.view(e.slot)[:e.nbytes], e))
+        return handles
 
     def commit(self, handles: Sequence[BlockHandle | None]) -> int:
         """Makes reserved blocks visible (their bytes must be in place). Returns how many."""
-        committed: list[BlockEntry] = []
         with self._lock:
-            for handle in handles:
-                if handle is None:
-                    continue
-                entry = handle.entry
-                if entry.state is BlockState.DOOMED:
-                    self._settle_unwritten(entry)
-                    continue
-                entry.transition("commit")
-                committed.append(entry)
-            for entry in reversed(committed):
-                self._policies[0].insert(entry.key)
-                self._visible.add(entry.key)
-                self._link(entry)
-            self._emit(stored_events([e.key for e in committed], [e.parent for e in committed],
-                                     self.tiers[0].medium))
-        return len(committed)
+            return self._commit_writes([h.entry for h in handles if h is not None])
 
     def abort(self, handles: Sequence[BlockHandle | None]) -> None:
         """Gives reserved slots back without making their blocks visible."""
@@ -626,6 +567,52 @@ class TieredStore:
             for slot in old_slots:
                 # Erased, so a block deleted later up there cannot come back from here at restart.
                 self._release_slot(t, slot, erase=True)
+
+    def _begin_writes(self, layout: Layout, keys: list[bytes],
+                      parents: list[bytes | None]) -> tuple[list[BlockEntry], int, list[bytes]]:
+        """WRITING entries with top-tier slots for the keys not present, in order.
+
+        Returns (the entries, how many keys were present, the keys that found no room). May
+        release the lock while making room; the entries are in the index all along, so a
+        concurrent writer of the same key sees them.
+        """
+        self._counters["puts"] += len(keys)
+        present = 0
+        fresh: list[BlockEntry] = []
+        for key, parent in zip(keys, parents):
+            if key in self._index:
+                present += 1
+                continue
+            entry = BlockEntry(key, layout.id, layout.block_nbytes, 0, -1, parent)
+            self._index[key] = entry
+            fresh.append(entry)
+        slots = self._reserve(0, len(fresh))
+        for entry, slot in zip(fresh, slots):
+            entry.slot = slot
+        rejected = fresh[len(slots):]
+        for entry in rejected:
+            self._settle_unwritten(entry)
+        self._counters["put_present"] += present
+        self._counters["put_rejected"] += len(rejected)
+        return fresh[:len(slots)], present, [e.key for e in rejected]
+
+    def _commit_writes(self, entries: list[BlockEntry], errors: Sequence[Exception | None] | None = None) -> int:
+        """Makes written entries visible; one deleted meanwhile, or whose write failed, is released."""
+        committed: list[BlockEntry] = []
+        for entry, err in zip(entries, errors or [None] * len(entries)):
+            if err is not None or entry.state is BlockState.DOOMED:
+                self._counters["io_errors"] += err is not None
+                self._settle_unwritten(entry)
+                continue
+            entry.transition("commit")
+            committed.append(entry)
+        # Reverse order: a chain's leaf is inserted first, so its root is the most recent.
+        for entry in reversed(committed):
+            self._policies[0].insert(entry.key)
+            self._visible.add(entry.key)
+            self._link(entry)
+        self._emit(stored_events([e.key for e in committed], [e.parent for e in committed], self.tiers[0].medium))
+        return len(committed)
 
     def _settle_unwritten(self, entry: BlockEntry) -> None:
         """Ends a WRITING (or, if deleted meanwhile, DOOMED) entry that will not commit."""

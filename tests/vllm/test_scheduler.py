@@ -1,0 +1,253 @@
+"""The connector's scheduler side inside vLLM's real Scheduler, driven with fake model outputs.
+
+The scheduler runs here as in an engine; instead of a model, each step's ModelRunnerOutput is
+built by the test (a sampled token per request that finished its prompt, and the KV connector's
+completions as a worker would report them). The store is the real kvstore on a two-node Ray
+cluster; where the worker would have saved blocks, the test puts them itself. Every test checks
+that the scheduler's free block count returns to where it started and no state is left behind.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import needs_vllm
+
+pytestmark = [pytest.mark.vllm, needs_vllm]
+
+BLOCK = 128
+NUM_BLOCKS = 24
+LAYERS = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, 500, n).tolist()
+
+
+def make_scheduler(model: str, address: str, role: str, **extra):
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    config = EngineArgs(
+        model=model, dtype="float32", enforce_eager=True, max_model_len=1024, block_size=BLOCK, max_num_seqs=4,
+        max_num_batched_tokens=1024, enable_prefix_caching=True,
+        kv_transfer_config=KVTransferConfig(
+            kv_connector="KVStoreConnector", kv_connector_module_path="kvstore.connectors.vllm", kv_role=role,
+            kv_load_failure_policy="recompute",
+            kv_connector_extra_config={"kvstore_address": address, "kvstore_namespace": "sched-test", **extra}),
+    ).create_engine_config()
+    config.cache_config.num_gpu_blocks = NUM_BLOCKS
+    kv_cache_config = KVCacheConfig(
+        num_blocks=NUM_BLOCKS, kv_cache_tensors=[],
+        kv_cache_groups=[KVCacheGroupSpec(LAYERS, FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=32,
+                                                                    dtype=torch.float32))])
+    return Scheduler(vllm_config=config, kv_cache_config=kv_cache_config,
+                     structured_output_manager=StructuredOutputManager(config), block_size=BLOCK, log_stats=True)
+
+
+def request(req_id: str, tokens: list[int], max_tokens: int = 2, kv_transfer_params: dict | None = None):
+    from vllm import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.request import Request
+
+    init_none_hash(sha256)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True,
+                            extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None)
+    return Request(req_id, tokens, params, None, block_hasher=get_request_block_hasher(BLOCK, sha256))
+
+
+def output(scheduler, so, *, sending=(), recving=(), invalid=()):
+    """The fake ModelRunnerOutput of step `so`: token 7 for each request that is past its prompt."""
+    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+
+    req_ids = list(so.num_scheduled_tokens)
+    sampled = []
+    for req_id in req_ids:
+        req = scheduler.requests[req_id]
+        done = req.num_computed_tokens >= req.num_tokens  # the scheduler already advanced it by this step
+        sampled.append([7] if done else [])
+    kv = KVConnectorOutput(finished_sending=set(sending) or None, finished_recving=set(recving) or None,
+                           invalid_block_ids=set(invalid))
+    return ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
+                             sampled_token_ids=sampled, kv_connector_output=kv)
+
+
+def step(scheduler, **kv):
+    so = scheduler.schedule()
+    outs = scheduler.update_from_output(so, output(scheduler, so, **kv))
+    finished = {o.request_id: o for eco in outs.values() for o in eco.outputs if o.finish_reason is not None}
+    return so, finished
+
+
+def put_blocks(client, connector, tokens: list[int], n: int) -> list[bytes]:
+    """Stores the first n blocks of `tokens` as the producer's worker would have."""
+    import kvstore
+
+    layout = connector._layouts[0]
+    keys = kvstore.block_keys(tokens, layout, connector._namespace)[:n]
+    blocks = torch.randn((n, *layout.block_shape)).to(layout.torch_dtype)
+    assert client.put(layout, keys, blocks, parents=kvstore.chain_parents(keys)).stored + 0 >= 0
+    return keys
+
+
+def free_blocks(scheduler) -> int:
+    return scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+
+
+def assert_clean(scheduler, free0: int) -> None:
+    assert free_blocks(scheduler) == free0
+    assert not scheduler.requests
+    assert not scheduler.connector._reqs and not scheduler.connector._held
+    assert not scheduler.connector.has_pending_push_work()
+
+
+@pytest.fixture(scope="module")
+def store(kv_cluster):
+    rc, client = kv_cluster
+    return rc.gcs_address, client
+
+
+def test_async_load_then_compute_the_tail(tiny_model, store):
+    address, client = store
+    s = make_scheduler(tiny_model, address, "kv_consumer")
+    free0 = free_blocks(s)
+    tokens = prompt(1, 300)
+    keys = put_blocks(client, s.connector, tokens, 2)
+    s.add_request(request("a", tokens))
+
+    so, _ = step(s)  # the lookup finds 2 blocks: async load, nothing computed yet
+    (load,) = so.kv_connector_metadata.loads
+    assert load.is_async and load.keys[0] == keys and len(load.block_ids) == 2
+    assert not so.num_scheduled_tokens
+    assert s.requests["a"].status.name == "WAITING_FOR_REMOTE_KVS"
+    assert free_blocks(s) < free0
+
+    so, _ = step(s, recving={"a"})  # the worker reports the load done
+    so, _ = step(s)
+    assert so.num_scheduled_tokens == {"a": 300 - 256}  # only the tail is computed
+    so, finished = step(s)
+    assert "a" in finished and finished["a"].kv_transfer_params is None  # a consumer hands nothing off
+    assert_clean(s, free0)
+
+
+def test_async_load_failure_recomputes(tiny_model, store):
+    address, client = store
+    s = make_scheduler(tiny_model, address, "kv_consumer")
+    free0 = free_blocks(s)
+    tokens = prompt(2, 300)
+    put_blocks(client, s.connector, tokens, 2)
+    s.add_request(request("b", tokens))
+    so, _ = step(s)
+    (load,) = so.kv_connector_metadata.loads
+    # The second block did not arrive: reported in the same step as the request's completion.
+    step(s, recving={"b"}, invalid={load.block_ids[1]})
+    so, _ = step(s)
+    assert so.num_scheduled_tokens == {"b": 300 - 128}  # the valid first block is kept
+    for _ in range(3):
+        step(s)
+    assert_clean(s, free0)
+
+
+def test_sync_load_leaves_the_last_token_to_compute(tiny_model, store):
+    address, client = store
+    s = make_scheduler(tiny_model, address, "kv_consumer", kvstore_load_mode="sync")
+    free0 = free_blocks(s)
+    tokens = prompt(3, 256)  # exactly two blocks
+    put_blocks(client, s.connector, tokens, 2)
+    s.add_request(request("c", tokens))
+    so, _ = step(s)
+    (load,) = so.kv_connector_metadata.loads
+    assert not load.is_async and len(load.block_ids) == 1  # a sync load may not cover the last token
+    assert so.num_scheduled_tokens == {"c": 128} and so.has_sync_kv_loads
+    for _ in range(3):
+        step(s)
+    assert_clean(s, free0)
+
+
+def test_async_saves_hold_blocks_until_finished_sending(tiny_model, store):
+    address, client = store
+    s = make_scheduler(tiny_model, address, "kv_both", kvstore_save_mode="async")
+    free0 = free_blocks(s)
+    tokens = prompt(4, 300)
+    s.add_request(request("d", tokens, max_tokens=1))
+    so, finished = step(s)
+    (save,) = so.kv_connector_metadata.saves
+    assert save.is_async and len(save.block_ids) == 2
+    params = finished["d"].kv_transfer_params
+    assert params["num_tokens"] == 256 and len(params["kvstore_keys"]) == 2 and params["kvstore_lease"] is None
+    # Finished, but its blocks stay with the connector until a worker says the save is done.
+    assert free_blocks(s) < free0 and s.connector.has_pending_push_work() and s.has_requests()
+    so, _ = step(s)
+    assert "d" in so.finished_req_ids  # the workers learn that it finished
+    assert free_blocks(s) < free0
+    step(s, sending={"d"})
+    assert_clean(s, free0)
+
+
+def test_abort_during_async_load_frees_after_the_load(tiny_model, store):
+    from vllm.v1.request import RequestStatus
+
+    address, client = store
+    s = make_scheduler(tiny_model, address, "kv_consumer")
+    free0 = free_blocks(s)
+    tokens = prompt(5, 300)
+    put_blocks(client, s.connector, tokens, 2)
+    s.add_request(request("e", tokens))
+    step(s)
+    s.finish_requests("e", RequestStatus.FINISHED_ABORTED)
+    assert free_blocks(s) < free0  # the worker may still be writing into them
+    step(s, recving={"e"})
+    assert_clean(s, free0)
+
+
+def test_producer_handoff_lease_and_consumer_release(tiny_model, store):
+    from kvstore.errors import LeaseError
+
+    address, client = store
+    p = make_scheduler(tiny_model, address, "kv_producer")
+    free0 = free_blocks(p)
+    tokens = prompt(6, 300)
+    p.add_request(request("p", tokens, max_tokens=1))
+    so = p.schedule()
+    (save,) = so.kv_connector_metadata.saves
+    assert not save.is_async  # a producer commits in the step (sync save mode)
+    put_blocks(client, p.connector, tokens, 2)  # what the worker's wait_for_save does
+    outs = p.update_from_output(so, output(p, so))
+    (out,) = [o for eco in outs.values() for o in eco.outputs]
+    handle = out.kv_transfer_params
+    assert set(handle) == {"kvstore_version", "kvstore_keys", "kvstore_node", "kvstore_lease", "kvstore_leases",
+                           "kvstore_namespace", "kvstore_layout", "num_tokens"}
+    assert handle["kvstore_lease"] and handle["kvstore_leases"] == [handle["kvstore_lease"]]
+    assert handle["num_tokens"] == 256 and handle["kvstore_node"] == client.node_id
+    assert_clean(p, free0)  # nothing held: the blocks were committed in the step
+
+    c = make_scheduler(tiny_model, address, "kv_consumer", kvstore_load_mode="sync")
+    free1 = free_blocks(c)
+    c.add_request(request("q", tokens, kv_transfer_params=handle))
+    so, _ = step(c)
+    (load,) = so.kv_connector_metadata.loads
+    assert [k.hex() for k in load.keys[0]] == handle["kvstore_keys"]
+    # The load happened in that step: the handle's lease was released afterwards.
+    with pytest.raises(LeaseError):
+        client.release_lease(handle["kvstore_lease"])
+    for _ in range(3):
+        step(c)
+    assert_clean(c, free1)
+
+
+def test_a_foreign_handle_is_ignored(tiny_model, store):
+    address, client = store
+    c = make_scheduler(tiny_model, address, "kv_consumer")
+    free0 = free_blocks(c)
+    tokens = prompt(7, 300)
+    foreign = {"kvstore_keys": ["00" * 16, "11" * 16], "kvstore_lease": "nope", "num_tokens": 256}
+    c.add_request(request("f", tokens, kv_transfer_params=foreign))
+    so, _ = step(c)  # nothing stored for these tokens: computed, and the foreign lease untouched
+    assert not so.kv_connector_metadata.loads and so.num_scheduled_tokens == {"f": 300}
+    step(c)
+    assert_clean(c, free0)
