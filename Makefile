@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/kvstore demo
 
+# Everything: the main suite (core, cluster, transformers, Helm), then the vLLM connector's tests
+# in their own environment (.venv-vllm: vLLM's CPU build pins its own torch).
 test: $(STAMP)
 	HELM_BIN="$$(bash helm/install-tools.sh)" $(PY) -m pytest -q -p no:cacheprovider
+	bash scripts/vllm-env.sh
+	.venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests/vllm_engine -m vllm
 
 bench: $(STAMP)
 	mkdir -p bench-results

@@ -5,8 +5,8 @@ With no address it starts an embedded local Ray with one node (a laptop, a test,
 with one it joins that cluster. Either way it starts (or finds) the controller, which puts a
 node actor on every Ray node. The client then works through its own node: it maps that node's
 host arena, so a same-node put or get copies straight between the caller's buffer and the arena;
-a block held only by other nodes is first pulled over Arrow Flight into the local arena (where
-it stays cached), then delivered.
+a block held only by other nodes is pulled over Arrow Flight from its owner and copied, as it
+arrives, into the caller's buffer and into a slot of the local arena (where it stays cached).
 """
 from __future__ import annotations
 
@@ -76,6 +76,12 @@ class Lease:
 
 
 class Client:
+    """A process's handle on the cluster (from `connect`); thread-safe for concurrent calls.
+
+    A put is visible cluster-wide when it returns. Blocks are content-addressed: putting a key
+    that exists is a no-op, and bytes under a key never change.
+    """
+
     def __init__(self, controller, config: Config, embedded: bool) -> None:
         self.config = config
         self.embedded = embedded
@@ -321,6 +327,12 @@ def connect(address: str | None = None, *, config: Config | None = None, node_ov
     config = config or load_config(os.environ.get("KVSTORE_CONFIG") or None, **overrides)
     address = address or config.ray_address or None
     embedded = address is None and not ray.is_initialized()
+    if ray.is_initialized() and address not in (None, "auto"):
+        current = ray.get_runtime_context().gcs_address
+        if current != address:
+            raise KVStoreError(f"this process is already in the Ray cluster at {current}; it cannot also "
+                               f"join {address!r} (run the caller inside kvstore's cluster, or call "
+                               "connect() without an address there)")
     if not ray.is_initialized():
         if embedded:
             # An embedded Ray is private to this process: no dashboard, no token file in ~/.ray.

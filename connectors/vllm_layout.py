@@ -1,6 +1,6 @@
 """vLLM paged KV cache <-> kvstore block payload, written out explicitly per cache format.
 
-Pure torch: no vLLM import, so the conversions are unit-tested anywhere (tests/vllm/test_layout.py).
+Pure torch: no vLLM import, so the conversions are unit-tested anywhere (tests/vllm_engine/test_vllm_layout.py).
 
 kvstore's payload for one block is layer-major `[layers][K|V][tokens][kv_heads][head_dim]`
 (`Layout.block_shape`). The functions here move one layer's part, `[n, 2, T, H, D]` for n
@@ -27,6 +27,11 @@ attention backend:
 
 All functions take `block_ids` as a 1-D int64 tensor (or a list) of vLLM block ids, one per
 kvstore block, and never allocate more than the n blocks being moved.
+
+Kernel blocks: when the attention kernel takes smaller blocks than vLLM's block manager (e.g.
+manager blocks of 128 tokens, kernel blocks of 64), vLLM's per-layer view has `ratio` kernel
+blocks per manager block, manager block b being kernel blocks b*ratio .. b*ratio+ratio-1. The
+`ratio` argument regroups them: a kvstore block always holds one manager block's tokens.
 """
 from __future__ import annotations
 
@@ -90,12 +95,26 @@ def _cpu_flat(cache: torch.Tensor) -> torch.Tensor:
     return cache.view(num_blocks, heads, tokens * c)
 
 
-def gather_layer(fmt: str, cache: torch.Tensor, block_ids, out: torch.Tensor | None = None) -> torch.Tensor:
+def _kernel_ids(block_ids, ratio: int) -> list[int]:
+    ids = block_ids.tolist() if isinstance(block_ids, torch.Tensor) else list(block_ids)
+    return [b * ratio + j for b in ids for j in range(ratio)]
+
+
+def gather_layer(fmt: str, cache: torch.Tensor, block_ids, out: torch.Tensor | None = None,
+                 ratio: int = 1) -> torch.Tensor:
     """Copies one layer of n blocks out of vLLM's cache into payload order `[n, 2, T, H, D]`.
 
     `out` (same dtype; any device) receives the result when given, e.g. a slice of a staging
     payload `[n, layers, 2, T, H, D][:, layer]`; otherwise a new tensor is returned.
     """
+    if ratio > 1:
+        parts = gather_layer(fmt, cache, _kernel_ids(block_ids, ratio))  # [n*r, 2, t, H, D]
+        n, (_, t, h, d) = len(parts) // ratio, parts.shape[1:]
+        whole = parts.view(n, ratio, 2, t, h, d).transpose(1, 2).reshape(n, 2, ratio * t, h, d)
+        if out is None:
+            return whole
+        out.copy_(whole)
+        return out
     num_blocks, tokens, heads, dim = cache_geometry(fmt, cache)
     idx = _index(block_ids, cache.device)
     n = idx.numel()
@@ -120,8 +139,15 @@ def gather_layer(fmt: str, cache: torch.Tensor, block_ids, out: torch.Tensor | N
     return out
 
 
-def scatter_layer(fmt: str, cache: torch.Tensor, block_ids, src: torch.Tensor) -> None:
+def scatter_layer(fmt: str, cache: torch.Tensor, block_ids, src: torch.Tensor, ratio: int = 1) -> None:
     """Writes one layer of n blocks in payload order `[n, 2, T, H, D]` into vLLM's cache."""
+    if ratio > 1:
+        n, two, tokens, h, d = src.shape
+        if tokens % ratio:
+            raise ValueError(f"{tokens} tokens per block do not split into {ratio} kernel blocks")
+        parts = src.reshape(n, 2, ratio, tokens // ratio, h, d).transpose(1, 2).reshape(n * ratio, 2, tokens // ratio, h, d)
+        scatter_layer(fmt, cache, _kernel_ids(block_ids, ratio), parts)
+        return
     num_blocks, tokens, heads, dim = cache_geometry(fmt, cache)
     idx = _index(block_ids, cache.device)
     n = idx.numel()

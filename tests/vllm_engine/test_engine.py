@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import HERE, needs_vllm
+from vllm_support import HERE, needs_vllm
 
 pytestmark = [pytest.mark.vllm, needs_vllm]
 
@@ -28,7 +28,7 @@ def prompt(seed: int, n: int) -> list[int]:
 
 
 # 300 tokens: two full blocks and a tail; 256: exactly two blocks (the whole prompt is stored).
-P1, P2, P3 = prompt(11, 300), prompt(12, 256), prompt(13, 300)
+P1, P2, P3, P4 = prompt(11, 300), prompt(12, 256), prompt(13, 300), prompt(14, 300)
 
 
 def run_engine(spec: dict, timeout_s: float = 240) -> dict:
@@ -50,7 +50,7 @@ def connector(role: str, **extra) -> dict:
 @pytest.fixture(scope="module")
 def baseline(tiny_model):
     """Tokens of an engine without any KV connector."""
-    (rnd,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "rounds": [{"prompts": [P1, P2, P3]}]})["rounds"]
+    (rnd,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "rounds": [{"prompts": [P1, P2, P3, P4]}]})["rounds"]
     return rnd["tokens"]
 
 
@@ -66,7 +66,7 @@ def produced(tiny_model, kv_cluster):
 
 def test_producer_saves_and_hands_off(produced, baseline, kv_cluster):
     rc, client = kv_cluster
-    assert produced["tokens"] == baseline  # saving changes nothing
+    assert produced["tokens"] == baseline[:3]  # saving changes nothing
     node_a = rc.node_id(0)
     for handle in produced["kv_transfer_params"]:
         assert handle["num_tokens"] == 256 and len(handle["kvstore_keys"]) == 2
@@ -113,3 +113,28 @@ def test_a_failed_load_is_recomputed(tiny_model, kv_cluster, produced, baseline)
     assert rnd["totals"]["lookup_hit_blocks"] == 2  # the lookup found them ...
     assert rnd["totals"]["blocks_load_failed"] == 2 and rnd["totals"]["blocks_loaded"] == 0  # ... the load did not
     assert all(not nodes for nodes in rnd["where"].values())
+
+
+def test_kv_both_prefix_cache_with_sync_loads_and_async_saves(tiny_model, kv_cluster, produced, baseline):
+    """kv_both on node B: sync loads (before the forward), async saves (vLLM holds the blocks of a
+    finished request until the saver thread has committed them)."""
+    rc, _ = kv_cluster
+    reuse, fresh, again, idle = run_engine({
+        "model": tiny_model, "max_tokens": MAX_TOKENS, "connector": connector("kv_both", kvstore_load_mode="sync"),
+        "ray": {"address": rc.gcs_address, "node_ip": rc.ips[1]},
+        "rounds": [{"prompts": [P2]}, {"prompts": [P4]}, {"prompts": [P4]}, {"prompts": [[5, 6, 7]]}]})["rounds"]
+    # P2 (two blocks, the whole prompt) is in the store: a sync load takes the first block only,
+    # the last token must be computed.
+    assert reuse["tokens"] == [baseline[1]] and reuse["totals"]["blocks_loaded"] == 1
+    # P4 is new: computed, then saved in the background; its blocks were held meanwhile.
+    assert fresh["tokens"] == [baseline[3]] and fresh["totals"]["blocks_loaded"] == 1
+    keys = fresh["kv_transfer_params"][0]["kvstore_keys"]
+    assert fresh["kv_transfer_params"][0]["kvstore_lease"] is None  # async saves take no lease
+    assert all(fresh["where"][k] == [rc.node_id(1)] for k in keys)
+    assert len(fresh["sched_held"]) == 1 and fresh["free_blocks"] < fresh["total_blocks"]
+    # The next engine steps report the save done and free the blocks; P4 now loads from the store.
+    assert again["tokens"] == [baseline[3]] and again["totals"]["blocks_loaded"] == 3
+    assert again["totals"]["blocks_save_failed"] == 0
+    # Nothing left behind in the scheduler: no request, no held blocks, every block free.
+    assert idle["sched_requests"] == 0 and idle["sched_held"] == []
+    assert idle["free_blocks"] == idle["total_blocks"]

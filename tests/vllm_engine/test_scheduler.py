@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import needs_vllm
+from vllm_support import needs_vllm
 
 pytestmark = [pytest.mark.vllm, needs_vllm]
 
@@ -91,7 +91,8 @@ def put_blocks(client, connector, tokens: list[int], n: int) -> list[bytes]:
     layout = connector._layouts[0]
     keys = kvstore.block_keys(tokens, layout, connector._namespace)[:n]
     blocks = torch.randn((n, *layout.block_shape)).to(layout.torch_dtype)
-    assert client.put(layout, keys, blocks, parents=kvstore.chain_parents(keys)).stored + 0 >= 0
+    result = client.put(layout, keys, blocks, parents=kvstore.chain_parents(keys))
+    assert not result.rejected, result
     return keys
 
 

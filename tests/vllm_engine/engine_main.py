@@ -58,6 +58,7 @@ def main() -> None:
                   "kv_transfer_params": [o.kv_transfer_params for o in outs]}
         if spec.get("connector"):
             result.update(connector_report(result["kv_transfer_params"], handoffs))
+            result.update(scheduler_report(llm))
         rounds.append(result)
     print("RESULT " + json.dumps({"rounds": rounds}), flush=True)
     os._exit(0)  # the engine's threads and Ray's would otherwise hold the exit
@@ -88,6 +89,14 @@ def corrupt(keys_hex: list[str]) -> None:
     noise = torch.randn((len(keys), *layout.block_shape), generator=torch.Generator().manual_seed(7)).to(layout.torch_dtype)
     result = client.put(layout, keys, noise)
     assert result.stored == len(keys), result
+
+
+def scheduler_report(llm) -> dict:
+    """The engine core's scheduler after the round: requests it still tracks, blocks free."""
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    pool = scheduler.kv_cache_manager.block_pool
+    return {"sched_requests": len(scheduler.requests), "sched_held": sorted(scheduler.connector._held),
+            "free_blocks": pool.get_num_free_blocks(), "total_blocks": pool.num_gpu_blocks - 1}
 
 
 def get_worker_layout():

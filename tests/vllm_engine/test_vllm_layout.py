@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvstore.connectors import vllm_layout as vl
-from conftest import needs_vllm
+from vllm_support import needs_vllm
 
 pytestmark = pytest.mark.vllm
 
@@ -40,6 +40,21 @@ def test_round_trip(fmt, dtype):
     untouched = [b for b in range(NUM_BLOCKS) if b not in ids]
     assert not vl.gather_layer(fmt, cache, untouched).any()
     assert torch.equal(vl.gather_layer(fmt, cache, [2, 4]), src[[2, 0]])
+
+
+@pytest.mark.parametrize("fmt", vl.FORMATS)
+def test_kernel_blocks_regroup_into_manager_blocks(fmt):
+    """Kernel blocks of T/2 tokens: manager block b is kernel blocks 2b and 2b+1, in order."""
+    half = torch.zeros(NUM_BLOCKS * 2, H, T // 2, 2 * D) if fmt != "fa_legacy" else torch.zeros(2, NUM_BLOCKS * 2, T // 2, H, D)
+    src = payload(2)
+    vl.scatter_layer(fmt, half, [3, 1], src, ratio=2)
+    assert torch.equal(vl.gather_layer(fmt, half, [3, 1], ratio=2), src)
+    # Kernel block 6 holds manager block 3's first T/2 tokens, kernel block 7 the rest.
+    assert torch.equal(vl.gather_layer(fmt, half, [6]), src[:1, :, :T // 2])
+    assert torch.equal(vl.gather_layer(fmt, half, [7]), src[:1, :, T // 2:])
+    out = torch.empty_like(src)
+    vl.gather_layer(fmt, half, [3, 1], out, ratio=2)
+    assert torch.equal(out, src)
 
 
 def test_cpu_layout_is_k_transposed_then_v():
@@ -128,7 +143,7 @@ def test_cpu_conversion_matches_the_vllm_kernel(dtype):
     ops.cpu_attn_reshape_and_cache(kv[0].contiguous(), kv[1].contiguous(), key_cache, value_cache,
                                    torch.arange(200) + tokens, isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
     got = vl.gather_layer("cpu", cache, [1, 2])  # [2, 2, T, H, D]
-    assert torch.equal(got[0].transpose(0, 1)[:, :, :, :].reshape(tokens, 2, heads, dim).transpose(0, 1), kv[:, :tokens])
+    assert torch.equal(got[0], kv[:, :tokens])
     assert torch.equal(got[1, :, :200 - tokens], kv[:, tokens:])
     # And the reverse: what scatter_layer writes, the kernel's own view reads as K and V.
     fresh = torch.zeros_like(cache)

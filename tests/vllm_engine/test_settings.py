@@ -1,0 +1,48 @@
+"""The connector's version pin and its settings (kv_connector_extra_config)."""
+from __future__ import annotations
+
+import re
+import types
+
+import pytest
+
+from vllm_support import needs_vllm
+
+pytestmark = [pytest.mark.vllm, needs_vllm]
+
+
+def vllm_config(role: str = "kv_both", **extra):
+    tc = types.SimpleNamespace(kv_role=role, kv_connector_extra_config=extra)
+    return types.SimpleNamespace(kv_transfer_config=tc)
+
+
+def test_version_pin():
+    from kvstore.connectors import vllm as kvc
+
+    kvc._check_vllm_version("0.32.0")
+    kvc._check_vllm_version("0.32.3")
+    for other in ("0.33.0", "0.3.2", "0.320.0", "1.0.0"):
+        with pytest.raises(ImportError, match=re.escape(f"tested with vLLM 0.32.x, but vLLM {other} is installed")):
+            kvc._check_vllm_version(other)
+
+
+def test_settings_defaults_and_names():
+    from kvstore.connectors.vllm import Settings
+
+    s = Settings.from_vllm(vllm_config("kv_producer", kvstore_address="10.0.0.5:6379",
+                                       kvstore_token_file="/etc/kvstore/secret/token"))
+    assert (s.address, s.token_file, s.load_async, s.save_async) == ("10.0.0.5:6379", "/etc/kvstore/secret/token",
+                                                                     True, False)
+    assert Settings.from_vllm(vllm_config("kv_both")).save_async  # a prefix cache saves in the background
+    assert not Settings.from_vllm(vllm_config(kvstore_load_mode="sync")).load_async
+
+
+def test_bad_settings_are_named():
+    from kvstore.connectors.vllm import Settings
+
+    with pytest.raises(ValueError, match="kvstore_adress"):
+        Settings.from_vllm(vllm_config(kvstore_adress="x"))
+    with pytest.raises(ValueError, match="HTTP URL"):
+        Settings.from_vllm(vllm_config(kvstore_address="http://kvstore:8470"))
+    with pytest.raises(ValueError, match="kvstore_load_mode='later'"):
+        Settings.from_vllm(vllm_config(kvstore_load_mode="later"))
