@@ -8,8 +8,9 @@ Load it in any engine with:
         "kv_role": "kv_producer" | "kv_consumer" | "kv_both",
         "kv_load_failure_policy": "recompute",          # recommended: a failed load is recomputed
         "kv_connector_extra_config": {
-            "kvstore_address": "10.0.0.5:6379",          # Ray address of the kvstore cluster ("auto",
-                                                         # "ray://host:10001"); empty: embedded store
+            "kvstore_address": "10.0.0.5:6379",          # Ray address of the kvstore cluster ("auto");
+                                                         # empty: the Ray cluster this process is in
+                                                         # (or an embedded one if it is in none)
             "kvstore_namespace": "tenant-a",             # default: the kvstore config's namespace
             "kvstore_token_file": "/etc/kvstore/secret/token",   # optional
         },
@@ -134,7 +135,8 @@ HANDOFF_KEYS = ("kvstore_version", "kvstore_keys", "kvstore_node", "kvstore_leas
 # -- settings ------------------------------------------------------------------------------------
 
 _SETTINGS = {
-    "kvstore_address": "Ray address of the kvstore cluster; empty: an embedded one in this process",
+    "kvstore_address": "Ray address of the kvstore cluster; empty: the Ray cluster this process is in "
+                       "(an embedded one if it is in none)",
     "kvstore_namespace": "tenant namespace salted into every key (default: the kvstore config's)",
     "kvstore_token_file": "file holding the data plane's auth token",
     "kvstore_model_id": "model id in the layout (default: the model path/name and revision)",

@@ -113,7 +113,7 @@ def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 
 def pod_template_as_pod(template: dict[str, Any], name: str) -> dict[str, Any]:
-    """A RayCluster/RayService pod template as a Pod, so kubernetes-validate can check it."""
+    """A RayCluster pod template as a Pod, so kubernetes-validate can check it."""
     metadata = dict(template.get("metadata") or {})
     metadata["name"] = name
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"]}
