@@ -26,18 +26,18 @@ class HBMTier(MemoryTier):
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def write_many(self, items):
-        if self._stream is None:
-            return super().write_many(items)
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._stream):
-            return super().write_many(items)
+        return self._on_stream(super().write_many, items)
 
     def read_many(self, items):
+        return self._on_stream(super().read_many, items)
+
+    def _on_stream(self, copy, items):
+        """Runs a batch of copies on the tier's stream, after the work queued on the caller's."""
         if self._stream is None:
-            return super().read_many(items)
+            return copy(items)
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
-            return super().read_many(items)
+            return copy(items)
 
     def _sync(self) -> None:
         if self._stream is not None:

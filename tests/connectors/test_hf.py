@@ -94,14 +94,21 @@ def test_second_request_prefills_only_its_new_part(cluster, workers):
     assert dec["tokens"] == ref["tokens"]
 
 
-def test_block_lost_mid_handoff_is_recomputed(cluster, workers):
-    _, client = cluster
+def prefilled_without_lease(client, workers, seed: int):
+    """A gqa prompt prefilled on A, its lease released (so its blocks may be tampered with), and
+    the reference generation: (decode worker, ids, prefill result, handle, reference)."""
     a, b = workers("gqa")
-    ids = prompt(5, 96)
+    ids = prompt(seed, 96)
     ref = ray.get(b.reference.remote(ids, NEW_TOKENS))
     pre = ray.get(a.prefill.remote(ids))
     handle = Handle.from_dict(pre["handle"])
-    client.release_lease(handle.lease_id)  # lease gone: the block can go
+    client.release_lease(handle.lease_id)
+    return b, ids, pre, handle, ref
+
+
+def test_block_lost_mid_handoff_is_recomputed(cluster, workers):
+    _, client = cluster
+    b, ids, pre, handle, ref = prefilled_without_lease(client, workers, 5)
     assert client.delete([handle.keys[2]]) == 1
     dec = ray.get(b.decode.remote(ids, pre["first_token"], pre["handle"], NEW_TOKENS))
     assert dec["loaded_tokens"] == 32 and dec["recomputed_tokens"] == 64
@@ -110,12 +117,7 @@ def test_block_lost_mid_handoff_is_recomputed(cluster, workers):
 
 def test_negative_control_corrupted_kv_changes_the_tokens(cluster, workers):
     _, client = cluster
-    a, b = workers("gqa")
-    ids = prompt(6, 96)
-    ref = ray.get(b.reference.remote(ids, NEW_TOKENS))
-    pre = ray.get(a.prefill.remote(ids))
-    handle = Handle.from_dict(pre["handle"])
-    client.release_lease(handle.lease_id)
+    b, ids, pre, handle, ref = prefilled_without_lease(client, workers, 6)
     client.delete(handle.keys)
     noise = torch.randn((len(handle.keys), handle.layout.block_nbytes // 4)).view(torch.uint8)
     assert client.put(handle.layout, handle.keys, noise).stored == len(handle.keys)
