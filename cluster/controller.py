@@ -57,6 +57,8 @@ class ControllerService:
     # -- events from nodes ---------------------------------------------------------------------
 
     def report_events(self, node_id: str, payload: bytes) -> None:
+        """A node's event pump, in order, one batch at a time: applies the batch to the index.
+        Events of a node already declared dead are ignored (it is gone from the index)."""
         _, events = decode_batch(payload)
         with self._lock:
             if node_id not in self._nodes and node_id not in self._starting and node_id not in self._actors:

@@ -70,6 +70,7 @@ class NodeService:
     # -- for the controller and clients ------------------------------------------------------
 
     def info(self) -> dict:
+        """The controller (at registration) and clients (to map the arena): where this node serves."""
         host_tier = next((t for t in self.store.tiers if t.name == "host"), None)
         return {"node_id": self.node_id, "address": self.server.address, "pid": os.getpid(),
                 "shm_name": getattr(host_tier, "shm_name", None), "slot_bytes": self.store.slot_nbytes,
@@ -107,18 +108,23 @@ class NodeService:
         return committed
 
     def abort(self, hold_id: str) -> None:
+        """A writer that gives up: the hold's reserved slots go back, nothing becomes visible."""
         self.store.abort(self._take(hold_id, writing=True).handles)
 
     def release(self, hold_id: str) -> None:
+        """A reader that is done (or the controller ending a lease): the hold's pins go."""
         self.store.release(self._take(hold_id, writing=False).handles)
 
     def contains(self, keys: list[bytes]) -> list[bool]:
+        """Per key: present on this node."""
         return self.store.contains(keys)
 
     def delete(self, keys: list[bytes]) -> int:
+        """The controller fanning out a delete: removes the blocks here; returns how many."""
         return self.store.delete(keys)
 
     def clear(self) -> None:
+        """Deletes everything on this node (announced as AllBlocksCleared)."""
         self.store.clear()
 
     def resync(self) -> None:
@@ -126,11 +132,13 @@ class NodeService:
         self.store.resync()
 
     def stats(self) -> dict:
+        """The controller's stats call: info, the store's counters, the data plane's, open holds."""
         with self._holds_lock:
             holds = len(self._holds)
         return {**self.info(), "store": self.store.stats(), "dataplane": dict(self.server.counters), "holds": holds}
 
     def shutdown(self) -> None:
+        """The controller stopping the cluster: stops the pump and the server, unlinks the arena."""
         self._stopping.set()
         self._pump.join(timeout=5)
         self.server.shutdown()
