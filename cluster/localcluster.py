@@ -141,9 +141,15 @@ class RayTestCluster:
             proc.wait(timeout=10)
 
     def stop(self) -> None:
+        """Stops this cluster's nodes by their process groups, then removes the shared-memory
+        arenas their node actors could not (killed with their node, they never unlink)."""
         import ray
 
+        from kvstore.tiers.host import remove_stale_arenas
+
+        node_ids = []
         if ray.is_initialized():
+            node_ids = [n["NodeID"] for n in ray.nodes() if n["NodeManagerAddress"] in self.ips]
             ray.shutdown()
         for proc in reversed(self.procs):  # workers first, the head last
             if proc is None or proc.poll() is not None:
@@ -162,3 +168,5 @@ class RayTestCluster:
                     pass
         for d in self.temp_dirs:
             shutil.rmtree(d, ignore_errors=True)
+        for node_id in node_ids:
+            remove_stale_arenas(f"*-{node_id[:12]}-*")

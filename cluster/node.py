@@ -10,7 +10,6 @@ so the cluster index heals by itself.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import os
 import secrets
@@ -25,7 +24,7 @@ from kvstore.errors import LeaseError
 from kvstore.events import Event, encode_batch
 from kvstore.layout import Layout
 from kvstore.store import BlockHandle, TieredStore
-from kvstore.tiers.host import SHM_DIR
+from kvstore.tiers.host import remove_stale_arenas
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ class NodeService:
         self.config = config
         self.node_id = node_id
         self._namespace = namespace
-        _remove_stale_arenas(f"{config.shm_prefix}-{short}-")
+        remove_stale_arenas(f"{config.shm_prefix}-*-*")  # any node's: node ids change when nodes restart
         self._outbox: list[Event] = []
         self._outbox_lock = threading.Lock()
         self._send_lock = threading.Lock()
@@ -201,18 +200,6 @@ class NodeService:
         if self._controller is None:
             self._controller = ray.get_actor(CONTROLLER_NAME, namespace=self._namespace)
         return self._controller
-
-
-def _remove_stale_arenas(prefix: str) -> None:
-    """Unlinks arenas this node's earlier actors left behind when they died."""
-    for path in glob.glob(os.path.join(SHM_DIR, prefix + "*")):
-        pid = path.rsplit("-", 1)[-1]
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            log.info("removing %s, left by a node actor that is gone", path)
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
 
 
 NodeActor = ray.remote(num_cpus=0, max_concurrency=16)(NodeService)

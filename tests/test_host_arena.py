@@ -171,3 +171,27 @@ def test_owner_close_unlinks(tier):
     with pytest.raises(TierIOError):
         HostArena.open(arena.name)
     assert os.path.exists(os.path.join(SHM_DIR, name))
+
+
+def test_stale_arenas_of_dead_owners_are_removed_and_live_ones_kept():
+    from kvstore.tiers.host import SHM_DIR, remove_stale_arenas
+
+    dead = _a_dead_pid()
+    tag = f"kvtest-stale-{os.getpid()}"
+    stale = os.path.join(SHM_DIR, f"{tag}-node-{dead}")
+    live = os.path.join(SHM_DIR, f"{tag}-node-{os.getpid()}")
+    for path in (stale, live):
+        open(path, "wb").close()
+    try:
+        assert remove_stale_arenas(f"{tag}-*-*") == [stale]
+        assert not os.path.exists(stale) and os.path.exists(live)
+    finally:
+        for path in (stale, live):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def _a_dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid

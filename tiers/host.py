@@ -11,6 +11,7 @@ so a hot path must never be the first to write a page.
 """
 from __future__ import annotations
 
+import glob
 import logging
 import mmap
 import os
@@ -115,6 +116,27 @@ class HostArena:
         except BufferError:
             # A caller still holds a view of a slot; the mapping goes when that view does.
             log.debug("host arena %s still has views; leaving the mapping to the collector", self.name)
+
+
+def remove_stale_arenas(pattern: str) -> list[str]:
+    """Unlinks arenas matching `pattern` (a glob under /dev/shm) whose owner is dead.
+
+    An arena's name ends in its owner's pid (`<prefix>-<node>-<pid>`); a process that was killed
+    (a node stopped, an actor crashed) never unlinks its arena, and shared memory is RAM until
+    someone does. A live owner's arena is never touched. Returns the paths removed.
+    """
+    removed = []
+    for path in glob.glob(os.path.join(SHM_DIR, pattern)):
+        pid = path.rsplit("-", 1)[-1]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                pass
+    if removed:
+        log.info("removed %d shared-memory arenas left by processes that are gone", len(removed))
+    return removed
 
 
 def _register_pinned(tensor: torch.Tensor) -> bool:
