@@ -4,7 +4,7 @@ The core (this package) and the tiers never import Ray: an engine worker or a GP
 `TieredStore` in one process. The cluster (`kvstore.cluster`) adds Ray on top.
 """
 from kvstore.errors import KVStoreError
-from kvstore.keys import block_keys, chain_parents
+from kvstore.keys import block_keys, cache_extra, chain_parents
 from kvstore.layout import Layout
 from kvstore.store import GetResult, PutResult, TieredStore
 
@@ -20,5 +20,5 @@ def connect(address: str | None = None, **kwargs):
     return _connect(address, **kwargs)
 
 
-__all__ = ["connect", "KVStoreError", "Layout", "TieredStore", "PutResult", "GetResult", "block_keys", "chain_parents"]
+__all__ = ["connect", "KVStoreError", "Layout", "TieredStore", "PutResult", "GetResult", "block_keys", "cache_extra", "chain_parents"]
 __version__ = "0.1.0"

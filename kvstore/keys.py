@@ -1,8 +1,15 @@
 """Block keys: a 16-byte chained hash over token ids, salted by namespace and layout.
 
     root = H("kvstore/v1", namespace, layout.id)
-    k_0  = H_keyed(root,    tokens[0:T])
-    k_i  = H_keyed(k_{i-1}, tokens[i*T:(i+1)*T])
+    k_0  = H_keyed(root,    tokens[0:T]       [+ extra_0])
+    k_i  = H_keyed(k_{i-1}, tokens[i*T:(i+1)*T] [+ extra_i])
+
+`extra_i` is everything besides token ids that changes block i's KV: request-wide parts (a LoRA
+adapter, a request's cache salt, a model revision) and parts of that block alone (a multimodal
+input's content hash and position where it overlaps the block). The rule is that two inputs that
+could produce different KV never share a key, so whoever builds keys must pass every such part;
+`cache_extra` encodes them canonically. Without extras a block hashes exactly its tokens (4T
+bytes); with them the hashed data is longer, so the two can never collide.
 
 H is BLAKE2b with a 16-byte digest, keyed with the previous key: a key names its whole prefix,
 is the same in every process and host (never Python's `hash()`), and a tenant cannot craft a
@@ -12,8 +19,9 @@ the engine to recompute. Token ids are hashed as little-endian uint32.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
+import msgpack
 import numpy as np
 
 from kvstore.errors import InvalidKeyError, InvalidTokensError
@@ -60,24 +68,62 @@ def token_array(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype="<u4")
 
 
+_EXTRA_TAG = b"\x00kvstore.extra.v1"
+
+
+def cache_extra(**parts: Any) -> bytes:
+    """A canonical encoding of the non-token inputs of a block's KV (None parts are left out).
+
+    Values may be str, bytes, int, float, bool or lists/tuples of those; the same parts always
+    give the same bytes, whatever order they were named in.
+    """
+    present = {k: v for k, v in sorted(parts.items()) if v is not None}
+    if not present:
+        return b""
+    try:
+        return msgpack.packb(present, use_bin_type=True)
+    except (TypeError, ValueError) as e:
+        raise InvalidKeyError(f"cache extra {present!r:.120} cannot be encoded: {e}") from None
+
+
 def block_keys(
     tokens: Sequence[int] | np.ndarray,
     layout: Layout,
     namespace: str = "default",
     parent: bytes | None = None,
+    *,
+    extra: bytes = b"",
+    block_extra: Mapping[int, bytes] | None = None,
 ) -> list[bytes]:
     """Keys of every full block of `tokens`.
 
     With `parent`, the tokens continue the chain after that key (its namespace and layout are
     already folded into it); otherwise the chain starts at `root_key(layout, namespace)`.
+    `extra` (request-wide) and `block_extra[i]` (block i of this call only) are folded into the
+    blocks' hashes: build them with `cache_extra`.
     """
     prev = root_key(layout, namespace) if parent is None else check_key(parent)
     data = memoryview(token_array(tokens)).cast("B")
     step = 4 * layout.block_tokens
     blake2b = hashlib.blake2b
     keys = []
-    for start in range(0, len(data) - step + 1, step):
-        prev = blake2b(data[start:start + step], digest_size=KEY_BYTES, key=prev).digest()
+    if not extra and not block_extra:
+        for start in range(0, len(data) - step + 1, step):
+            prev = blake2b(data[start:start + step], digest_size=KEY_BYTES, key=prev).digest()
+            keys.append(prev)
+        return keys
+    if not isinstance(extra, bytes) or (block_extra is not None and not isinstance(block_extra, Mapping)):
+        raise InvalidKeyError(f"extra must be bytes and block_extra a mapping of block index to bytes, got "
+                              f"{type(extra).__name__} and {type(block_extra).__name__}")
+    block_extra = block_extra or {}
+    for i, start in enumerate(range(0, len(data) - step + 1, step)):
+        mine = block_extra.get(i, b"")
+        if not isinstance(mine, bytes):
+            raise InvalidKeyError(f"block_extra[{i}] must be bytes, got {type(mine).__name__}")
+        h = blake2b(data[start:start + step], digest_size=KEY_BYTES, key=prev)
+        # Length-prefixed, so (extra, block extra) pairs cannot run into one another.
+        h.update(_EXTRA_TAG + len(extra).to_bytes(4, "little") + extra + len(mine).to_bytes(4, "little") + mine)
+        prev = h.digest()
         keys.append(prev)
     return keys
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvstore.errors import InvalidKeyError, InvalidTokensError
-from kvstore.keys import KEY_BYTES, block_keys, chain_parents, check_key, check_keys, root_key, token_array
+from kvstore.keys import KEY_BYTES, block_keys, cache_extra, chain_parents, check_key, check_keys, root_key, token_array
 from kvstore.layout import Layout
 
 L = Layout("test/model@r1", 2, 2, 8, "float16", 16)
@@ -176,3 +176,31 @@ def test_chain_parents():
     p = os.urandom(16)
     assert chain_parents(keys, p) == [p, *keys[:-1]]
     assert chain_parents([]) == []
+
+
+def test_extras_change_every_key_and_empty_extras_change_none():
+    plain = block_keys(TOKENS, L, "t")
+    assert block_keys(TOKENS, L, "t", extra=b"", block_extra={}) == plain
+    salted = block_keys(TOKENS, L, "t", extra=cache_extra(cache_salt="s1"))
+    assert not set(salted) & set(plain)
+    assert not set(salted) & set(block_keys(TOKENS, L, "t", extra=cache_extra(cache_salt="s2")))
+    lora = block_keys(TOKENS, L, "t", extra=cache_extra(lora="adapter-a"))
+    assert not set(lora) & (set(salted) | set(plain))
+
+
+def test_block_extra_changes_that_block_and_every_later_one():
+    plain = block_keys(TOKENS, L, "t")
+    img = block_keys(TOKENS, L, "t", block_extra={2: cache_extra(mm=[("hash-a", 5)])})
+    assert img[:2] == plain[:2]
+    assert not set(img[2:]) & set(plain)
+    other = block_keys(TOKENS, L, "t", block_extra={2: cache_extra(mm=[("hash-b", 5)])})
+    assert other[:2] == plain[:2] and not set(other[2:]) & set(img[2:])
+
+
+def test_cache_extra_is_canonical_and_refuses_what_it_cannot_encode():
+    assert cache_extra(a=1, b="x") == cache_extra(b="x", a=1)
+    assert cache_extra(a=None) == b""
+    with pytest.raises(InvalidKeyError, match="cannot be encoded"):
+        cache_extra(a=object())
+    with pytest.raises(InvalidKeyError, match="block_extra\\[0\\]"):
+        block_keys(TOKENS, L, block_extra={0: "not bytes"})
