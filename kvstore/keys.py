@@ -121,8 +121,9 @@ def block_keys(
         if not isinstance(mine, bytes):
             raise InvalidKeyError(f"block_extra[{i}] must be bytes, got {type(mine).__name__}")
         h = blake2b(data[start:start + step], digest_size=KEY_BYTES, key=prev)
-        # Length-prefixed, so (extra, block extra) pairs cannot run into one another.
-        h.update(_EXTRA_TAG + len(extra).to_bytes(4, "little") + extra + len(mine).to_bytes(4, "little") + mine)
+        if extra or mine:  # a block with no extras keys as its tokens alone: text before an image shares
+            # Length-prefixed, so (extra, block extra) pairs cannot run into one another.
+            h.update(_EXTRA_TAG + len(extra).to_bytes(4, "little") + extra + len(mine).to_bytes(4, "little") + mine)
         prev = h.digest()
         keys.append(prev)
     return keys
