@@ -29,6 +29,7 @@ _SIZE_UNITS = {
     "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3,
     "ti": 1024**4, "tib": 1024**4,
 }
+_NODE_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -65,6 +66,7 @@ class Config:
     host_tier_bytes: int = _setting(1024**3, "Shared-memory host tier per node (/dev/shm must be at least this large).", "size")
     nvme_tier_bytes: int = _setting(0, "Size of the NVMe tier's preallocated file (0 disables it).", "size")
     nvme_path: str = _setting("", "Directory that holds the NVMe tier's file (kvstore-blocks.dat).")
+    node_name: str = _setting("", "This node's stable identity: its NVMe tier lives in nvme_path/<node_name> and is found again there after a restart (Ray's node ids change at every start). Empty: the host name (the pod name on Kubernetes). Letters, digits and ._- only; two nodes sharing an nvme_path need different names.")
     nvme_direct_io: bool = _setting(True, "Use O_DIRECT for the NVMe tier; falls back to buffered I/O with a warning where the filesystem refuses it.", "bool")
     io_threads: int = _setting(4, "Threads doing NVMe reads and writes in parallel.", "int")
     eviction_policy: str = _setting("lru", "Order in which each tier evicts: lru or s3fifo (scan-resistant).", "str", ("lru", "s3fifo"))
@@ -80,6 +82,9 @@ class Config:
     auth_token: str = _setting("", "Shared secret for Flight and HTTP; empty generates one at start (printed once).")
     auth_token_file: str = _setting("", "File holding the auth token (a mounted Secret); wins over auth_token.")
     lease_ttl_s: float = _setting(30.0, "How long a handoff lease keeps its blocks pinned if never consumed.", "float")
+    fence_grace_s: float = _setting(10.0, "After a writer's hold expires, how long its slots stay unused: longer than any one copy the writer started before it saw the fence.", "float")
+    verify_reads: str = _setting("sampled", "Which local shared-memory reads re-check the block's checksum (NVMe reads and transfers between nodes always do). sampled: verify_sample_fraction of them.", "str", ("off", "sampled", "always"))
+    verify_sample_fraction: float = _setting(0.0625, "Fraction of local reads checked when verify_reads is sampled.", "float")
     event_batch_ms: int = _setting(20, "How long a node gathers block events before sending them to the controller.", "int")
     max_request_bytes: int = _setting(1024**3, "Largest payload one data-plane request may move.", "size")
     log_level: str = _setting("INFO", "Logging level.", "str", ("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -89,6 +94,9 @@ class Config:
             raise ConfigError(f"slot_bytes={self.slot_bytes!r} must be positive")
         if self.nvme_tier_bytes and not self.nvme_path:
             raise ConfigError("nvme_tier_bytes is set but nvme_path is empty; name a directory for the NVMe file")
+        if self.node_name and not _NODE_NAME_RE.match(self.node_name):
+            raise ConfigError(f"node_name={self.node_name!r} must be 1-200 characters of letters, digits and ._- "
+                              "(it names a directory), not starting with a dot")
         if self.io_threads < 1:
             raise ConfigError(f"io_threads={self.io_threads!r} must be at least 1")
         if not 0 <= self.flight_port <= 65535:
@@ -97,6 +105,10 @@ class Config:
             raise ConfigError(f"http_port={self.http_port!r} is not a port")
         if self.lease_ttl_s <= 0:
             raise ConfigError(f"lease_ttl_s={self.lease_ttl_s!r} must be positive")
+        if self.fence_grace_s <= 0:
+            raise ConfigError(f"fence_grace_s={self.fence_grace_s!r} must be positive")
+        if not 0 <= self.verify_sample_fraction <= 1:
+            raise ConfigError(f"verify_sample_fraction={self.verify_sample_fraction!r} must be within [0, 1]")
         if self.event_batch_ms < 0:
             raise ConfigError(f"event_batch_ms={self.event_batch_ms!r} must not be negative")
 

@@ -10,6 +10,15 @@ copied under it: a put copies into slots it reserved as WRITING, a get copies ou
 pinned, and a move copies while the block is MOVING (see kvstore.block for the states), so
 readers, writers and movers run in parallel and eviction can never free memory under a reader.
 
+Integrity: every block gets its checksum when it is committed (taken while its bytes are copied
+in, or from the writer of a reserved slot), kept in its entry and in every tier it moves to. NVMe
+reads always check it; memory reads as the ReadVerifier says (kvstore.integrity). A block that
+fails is dropped and counted in `corrupt_dropped`: a miss, never data.
+
+Writers outside the store (`reserve`) are fenced: each slot of a memory tier has a generation,
+and `fence` (a writer's hold expired) bumps it and keeps the slot out of use for `fence_grace_s`,
+so a late writer that checks its generation before each copy can never land in a reused slot.
+
 Events (vLLM KV-event shapes) go to `listener`, called with the lock held and in order: it must
 only enqueue.
 """
@@ -20,6 +29,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from typing import Callable, Sequence
 
 import torch
@@ -28,6 +38,7 @@ from kvstore.block import BlockEntry, BlockState
 from kvstore.config import Config
 from kvstore.errors import CorruptBlockError, InvalidKeyError, InvalidLayoutError, LayoutMismatchError, TierIOError
 from kvstore.events import AllBlocksCleared, BlockRemoved, Event, stored_events
+from kvstore.integrity import ReadVerifier, checksum
 from kvstore.keys import check_key, check_keys
 from kvstore.layout import Layout
 from kvstore.payload import Blocks, block_rows
@@ -69,6 +80,8 @@ class BlockHandle:
     nbytes: int
     view: torch.Tensor = dataclasses.field(repr=False)
     entry: BlockEntry = dataclasses.field(repr=False, compare=False)
+    checksum: int | None = None  # a READY block's (acquire); None while being written
+    generation: int = 0  # the slot's generation when reserved: a fenced writer sees it change
 
 
 @dataclasses.dataclass
@@ -88,6 +101,8 @@ class TieredStore:
         prefix_aware: bool = True,
         promote_on_hit: bool = True,
         listener: Callable[[list[Event]], None] | None = None,
+        verifier: ReadVerifier | None = None,
+        fence_grace_s: float = 10.0,
     ) -> None:
         if not tiers:
             raise InvalidLayoutError("a store needs at least one tier")
@@ -97,6 +112,9 @@ class TieredStore:
         self.tiers = list(tiers)
         self.slot_nbytes = sizes.pop()
         self.promote_on_hit = promote_on_hit
+        self.verifier = verifier or ReadVerifier()
+        self.fence_grace_s = fence_grace_s
+        self._fenced: list[tuple[float, int, int]] = []  # (free after, tier, slot) of fenced writers
         self._listener = listener
         self._lock = threading.Lock()
         self._moved = threading.Condition(self._lock)
@@ -108,7 +126,7 @@ class TieredStore:
         self._tier_counters = [_TierCounters() for _ in self.tiers]
         self._counters = dict.fromkeys(
             ("puts", "put_present", "put_rejected", "gets", "hits", "misses", "deletes", "corrupt_dropped",
-             "io_errors"), 0)
+             "io_errors", "verified_reads", "fenced_writes"), 0)
         with self._lock:
             self._recover()
 
@@ -131,7 +149,9 @@ class TieredStore:
                 tiers.append(NVMeTier(config.nvme_path, config.slot_bytes, config.nvme_tier_bytes,
                                       io_threads=config.io_threads, direct_io=config.nvme_direct_io))
             return cls(tiers, policy=config.eviction_policy, prefix_aware=config.prefix_aware_eviction,
-                       promote_on_hit=config.promote_on_hit, listener=listener)
+                       promote_on_hit=config.promote_on_hit, listener=listener,
+                       verifier=ReadVerifier(config.verify_reads, config.verify_sample_fraction),
+                       fence_grace_s=config.fence_grace_s)
         except BaseException:
             for tier in tiers:
                 tier.close()
@@ -167,14 +187,17 @@ class TieredStore:
         row_of = dict(zip(keys, rows))
         with self._lock:
             entries, present, rejected = self._begin_writes(layout, keys, parents)
+        sums: list[int | None] = []
         try:
-            errors = self.tiers[0].write_many([(e.slot, row_of[e.key], self._meta(e)) for e in entries]) \
+            errors = self.tiers[0].write_many([(e.slot, row_of[e.key], self._meta(e)) for e in entries], sums) \
                 if entries else []
         except BaseException:
             with self._lock:
                 for entry in entries:
                     self._settle_unwritten(entry)
             raise
+        for entry, block_sum in zip(entries, sums):
+            entry.checksum = block_sum
         with self._lock:
             result.stored += self._commit_writes(entries, errors)
         result.present += present
@@ -196,7 +219,10 @@ class TieredStore:
         errors: dict[int, Exception | None] = {}
         try:
             for t, idx in by_tier.items():
-                errs = self.tiers[t].read_many([(pinned[i].slot, rows[i], self._meta(pinned[i])) for i in idx])
+                verify = [self.verifier.wanted() for _ in idx]
+                self._counters["verified_reads"] += sum(verify)  # a benign race: a statistic only
+                errs = self.tiers[t].read_many([(pinned[i].slot, rows[i], self._meta(pinned[i])) for i in idx],
+                                               verify)
                 errors.update(zip(idx, errs))
         finally:
             with self._lock:
@@ -287,18 +313,54 @@ class TieredStore:
             raise InvalidLayoutError(f"the top tier {top.name!r} cannot be written in place")
         with self._lock:
             entries, _, _ = self._begin_writes(layout, keys, parents)
+            generations = {e.key: int(top.generations[e.slot]) for e in entries}
         mine = {e.key: e for e in entries}
         handles: list[BlockHandle | None] = []
         for key in keys:
             e = mine.pop(key, None)  # a repeated key gets None: one writer per block
             handles.append(None if e is None else BlockHandle(e.key, top.name, e.slot, e.nbytes,
-                                                              top.view(e.slot)[:e.nbytes], e))
+                                                              top.view(e.slot)[:e.nbytes], e,
+                                                              generation=generations[e.key]))
         return handles
 
-    def commit(self, handles: Sequence[BlockHandle | None]) -> int:
-        """Makes reserved blocks visible (their bytes must be in place). Returns how many."""
+    def commit(self, handles: Sequence[BlockHandle | None], checksums: Sequence[int] | None = None) -> int:
+        """Makes reserved blocks visible (their bytes must be in place). Returns how many.
+
+        `checksums[i]` is handle i's checksum where its writer took it while copying (the data
+        plane does); otherwise the store hashes the bytes in place, once, here. A handle that was
+        fenced meanwhile is not committed (its writer's hold expired; the slot may hold anything).
+        """
+        handles = list(handles)
+        sums = list(checksums) if checksums is not None else [None if h is None else checksum(h.view)
+                                                              for h in handles]
         with self._lock:
-            return self._commit_writes([h.entry for h in handles if h is not None])
+            live = []
+            for handle, block_sum in zip(handles, sums):
+                if handle is None:
+                    continue
+                if self.fenced(handle):
+                    self._counters["fenced_writes"] += 1
+                    continue
+                handle.entry.checksum = block_sum
+                live.append(handle.entry)
+            return self._commit_writes(live)
+
+    def fence(self, handles: Sequence[BlockHandle | None]) -> None:
+        """Ends reserved writes whose writer may still be writing (its hold expired): their slots'
+        generations change, nothing becomes visible, and the slots stay unused for
+        `fence_grace_s`, longer than any one copy a writer starts after checking `fenced`."""
+        top = self.tiers[0]
+        with self._lock:
+            for handle in handles:
+                if handle is None or self.fenced(handle):
+                    continue
+                top.generations[handle.slot] += 1
+                self._settle_unwritten(handle.entry, hold_slot=True)
+                self._counters["fenced_writes"] += 1
+
+    def fenced(self, handle: BlockHandle) -> bool:
+        """Whether a reserved handle's slot was fenced since it was reserved."""
+        return int(self.tiers[0].generations[handle.slot]) != handle.generation
 
     def abort(self, handles: Sequence[BlockHandle | None]) -> None:
         """Gives reserved slots back without making their blocks visible."""
@@ -338,7 +400,7 @@ class TieredStore:
                 self._tier_counters[entry.tier].hits += 1
                 self._policies[entry.tier].touch(entry.key)
                 handles.append(BlockHandle(entry.key, tier.name, entry.slot, entry.nbytes,
-                                           tier.view(entry.slot)[:entry.nbytes], entry))
+                                           tier.view(entry.slot)[:entry.nbytes], entry, entry.checksum))
             hits = sum(h is not None for h in handles)
             self._counters["hits"] += hits
             self._counters["misses"] += len(keys) - hits
@@ -412,7 +474,7 @@ class TieredStore:
 
     @staticmethod
     def _meta(entry: BlockEntry) -> SlotMeta:
-        return SlotMeta(entry.key, entry.layout_id, entry.nbytes, entry.parent)
+        return SlotMeta(entry.key, entry.layout_id, entry.nbytes, entry.parent, entry.checksum)
 
     def _pin(self, layout: Layout, keys: list[bytes]) -> list[BlockEntry | None]:
         pinned: list[BlockEntry | None] = []
@@ -447,6 +509,8 @@ class TieredStore:
     def _reserve(self, t: int, n: int) -> list[int]:
         """Up to n free slots of tier t, evicting (demoting) as needed. May release the lock."""
         allocator = self.tiers[t].allocator
+        if self._fenced:
+            self._reap_fenced()
         slots: list[int] = []
         while len(slots) < n:
             slot = allocator.alloc()
@@ -525,7 +589,7 @@ class TieredStore:
             if err is not None:
                 log.warning("moving block %s from %s to %s failed: %s", entry.key.hex(), src_tier.name,
                             dst_tier.name, err)
-                self._counters["io_errors"] += 1
+                self._counters["corrupt_dropped" if isinstance(err, CorruptBlockError) else "io_errors"] += 1
                 self._release_slot(dst, slot)
                 self._drop(entry)
                 continue
@@ -614,12 +678,25 @@ class TieredStore:
         self._emit(stored_events([e.key for e in committed], [e.parent for e in committed], self.tiers[0].medium))
         return len(committed)
 
-    def _settle_unwritten(self, entry: BlockEntry) -> None:
-        """Ends a WRITING (or, if deleted meanwhile, DOOMED) entry that will not commit."""
+    def _settle_unwritten(self, entry: BlockEntry, hold_slot: bool = False) -> None:
+        """Ends a WRITING (or, if deleted meanwhile, DOOMED) entry that will not commit. With
+        `hold_slot` (a fenced writer) the slot is freed only after the fence's grace period."""
         entry.transition("release" if entry.state is BlockState.DOOMED else "abort")
         if self._index.get(entry.key) is entry:
             del self._index[entry.key]
-        self._release_slot(0, entry.slot, erase=True)
+        if hold_slot:
+            self._fenced.append((time.monotonic() + self.fence_grace_s, 0, entry.slot))
+        else:
+            self._release_slot(0, entry.slot, erase=True)
+
+    def _reap_fenced(self) -> None:
+        """Frees fenced slots whose grace period is over."""
+        now = time.monotonic()
+        due = [f for f in self._fenced if f[0] <= now]
+        if due:
+            self._fenced = [f for f in self._fenced if f[0] > now]
+            for _, t, slot in due:
+                self._release_slot(t, slot, erase=True)
 
     def _drop(self, entry: BlockEntry) -> None:
         """Evicts a READY, unpinned block out of the store (its slot is the caller's)."""
@@ -686,7 +763,8 @@ class TieredStore:
                 if meta.key in self._index:  # the same block in two tiers: keep the upper copy
                     self._release_slot(t, slot)
                     continue
-                entry = BlockEntry(meta.key, meta.layout_id, meta.nbytes, t, slot, meta.parent, BlockState.READY)
+                entry = BlockEntry(meta.key, meta.layout_id, meta.nbytes, t, slot, meta.parent, BlockState.READY,
+                                   meta.checksum)
                 self._index[meta.key] = entry
                 self._visible.add(meta.key)
                 self._policies[t].insert(meta.key)

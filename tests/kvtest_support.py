@@ -18,6 +18,7 @@ from typing import Iterable
 import pytest
 import torch
 
+from kvstore.integrity import ReadVerifier
 from kvstore.layout import Layout
 from kvstore.store import TieredStore
 from kvstore.tiers.base import PAGE, round_up
@@ -104,9 +105,11 @@ class StoreFactory:
         return out
 
     def __call__(self, spec: Iterable[str] = ("host",), *, listener=None, policy: str = "lru",
-                 prefix_aware: bool = True, promote_on_hit: bool = True, **tier_kw) -> TieredStore:
+                 prefix_aware: bool = True, promote_on_hit: bool = True, verify_reads: str = "sampled",
+                 fence_grace_s: float = 10.0, **tier_kw) -> TieredStore:
         return TieredStore(self.tiers(spec, **tier_kw), listener=listener, policy=policy,
-                           prefix_aware=prefix_aware, promote_on_hit=promote_on_hit)
+                           prefix_aware=prefix_aware, promote_on_hit=promote_on_hit,
+                           verifier=ReadVerifier(verify_reads), fence_grace_s=fence_grace_s)
 
     def close(self) -> None:
         """Closes every tier, even when one fails to close (the first failure is raised)."""

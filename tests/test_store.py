@@ -46,12 +46,12 @@ class Gate:
         self.armed = False
         orig = getattr(obj, method)
 
-        def gated(items):
+        def gated(items, *args):
             if self.armed:
                 self.armed = False
                 self.entered.set()
                 assert self.go.wait(10), "gate never released"
-            return orig(items)
+            return orig(items, *args)
 
         setattr(obj, method, gated)
 

@@ -11,9 +11,11 @@ import abc
 import dataclasses
 from typing import Sequence
 
+import numpy as np
 import torch
 
-from kvstore.errors import BlockStateError, ConfigError
+from kvstore.errors import BlockStateError, ConfigError, CorruptBlockError
+from kvstore.integrity import copy_with_checksum
 
 PAGE = 4096
 
@@ -30,6 +32,7 @@ class SlotMeta:
     layout_id: bytes
     nbytes: int
     parent: bytes | None = None
+    checksum: int | None = None  # the payload's xxh3-64 (kvstore.integrity), once it has one
 
 
 class SlotAllocator:
@@ -86,6 +89,8 @@ class Tier(abc.ABC):
         self.slot_stride = round_up(slot_nbytes)
         self.num_slots = num_slots
         self.allocator = SlotAllocator(num_slots)
+        # Per slot, bumped when a writer of the slot is fenced (TieredStore.fence).
+        self.generations = np.zeros(num_slots, dtype=np.uint64)
         self.bytes_written = 0
         self.bytes_read = 0
 
@@ -94,16 +99,23 @@ class Tier(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def write_many(self, items: Sequence[tuple[int, torch.Tensor, SlotMeta]]) -> list[Exception | None]:
+    def write_many(self, items: Sequence[tuple[int, torch.Tensor, SlotMeta]],
+                   checksums: list[int] | None = None) -> list[Exception | None]:
         """Copies each uint8 source tensor (`meta.nbytes` long) into its slot.
 
         Returns one entry per item: None, or the exception that item failed with (the store
-        drops that block and goes on with the rest).
+        drops that block and goes on with the rest). With `checksums`, a new block is being
+        committed: the tier appends each payload's checksum to it, taken while copying.
         """
 
     @abc.abstractmethod
-    def read_many(self, items: Sequence[tuple[int, torch.Tensor, SlotMeta]]) -> list[Exception | None]:
-        """Copies each slot's first `meta.nbytes` bytes into its uint8 destination tensor."""
+    def read_many(self, items: Sequence[tuple[int, torch.Tensor, SlotMeta]],
+                  verify: Sequence[bool] | None = None) -> list[Exception | None]:
+        """Copies each slot's first `meta.nbytes` bytes into its uint8 destination tensor.
+
+        An item whose bytes do not match `meta.checksum` fails with CorruptBlockError. A durable
+        tier checks every item; a memory tier those whose `verify` flag is set.
+        """
 
     def erase(self, slot: int) -> None:
         """Makes a freed slot's old content unrecoverable where the medium outlives the process."""
@@ -137,19 +149,28 @@ class MemoryTier(Tier):
     def view(self, slot: int) -> torch.Tensor:
         return self.arena[slot]
 
-    def write_many(self, items):
+    def write_many(self, items, checksums=None):
         for slot, src, meta in items:
-            self.arena[slot, :meta.nbytes].copy_(src[:meta.nbytes], non_blocking=True)
+            if checksums is None:
+                self.arena[slot, :meta.nbytes].copy_(src[:meta.nbytes], non_blocking=True)
+            else:
+                checksums.append(copy_with_checksum(self.arena[slot, :meta.nbytes], src[:meta.nbytes]))
             self.bytes_written += meta.nbytes
         self._sync()
         return [None] * len(items)
 
-    def read_many(self, items):
-        for slot, dst, meta in items:
-            dst[:meta.nbytes].copy_(self.arena[slot, :meta.nbytes], non_blocking=True)
+    def read_many(self, items, verify=None):
+        errors: list[Exception | None] = [None] * len(items)
+        for i, (slot, dst, meta) in enumerate(items):
+            if verify is not None and verify[i] and meta.checksum is not None:
+                if copy_with_checksum(dst[:meta.nbytes], self.arena[slot, :meta.nbytes]) != meta.checksum:
+                    errors[i] = CorruptBlockError(f"slot {slot} of the {self.name} tier: block {meta.key.hex()} "
+                                                  "fails its checksum")
+            else:
+                dst[:meta.nbytes].copy_(self.arena[slot, :meta.nbytes], non_blocking=True)
             self.bytes_read += meta.nbytes
         self._sync()
-        return [None] * len(items)
+        return errors
 
     def _sync(self) -> None:
         """Waits for copies queued by write_many/read_many (asynchronous only on CUDA)."""

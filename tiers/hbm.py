@@ -25,19 +25,19 @@ class HBMTier(MemoryTier):
         self.arena = torch.zeros((num_slots, self.slot_stride), dtype=torch.uint8, device=self.device)
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-    def write_many(self, items):
-        return self._on_stream(super().write_many, items)
+    def write_many(self, items, checksums=None):
+        return self._on_stream(super().write_many, items, checksums)
 
-    def read_many(self, items):
-        return self._on_stream(super().read_many, items)
+    def read_many(self, items, verify=None):
+        return self._on_stream(super().read_many, items, verify)
 
-    def _on_stream(self, copy, items):
+    def _on_stream(self, copy, items, arg):
         """Runs a batch of copies on the tier's stream, after the work queued on the caller's."""
         if self._stream is None:
-            return copy(items)
+            return copy(items, arg)
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
-            return copy(items)
+            return copy(items, arg)
 
     def _sync(self) -> None:
         if self._stream is not None:

@@ -3,7 +3,9 @@
 The node's owner creates the arena under a name (`/dev/shm/<name>`); engine workers, the data
 plane server and tests open it by that name and read or write slots in place, so handing a
 block between processes on one node copies nothing. The first page holds the geometry, so an
-opener needs only the name. With CUDA present the mapping is registered as pinned memory
+opener needs only the name; then come the slots' generations (one uint64 each: a writer in
+another process checks its slot's generation before each copy, see TieredStore.fence), then the
+slots. With CUDA present the mapping is registered as pinned memory
 (cudaHostRegister), which keeps it shareable and makes host<->device copies asynchronous.
 
 Pages are touched once at creation: on these virtual machines a first touch costs ~10x a copy,
@@ -18,6 +20,7 @@ import os
 import re
 import struct
 
+import numpy as np
 import torch
 
 from kvstore.errors import ConfigError, TierIOError
@@ -28,7 +31,7 @@ log = logging.getLogger(__name__)
 SHM_DIR = "/dev/shm"
 _MAGIC = b"KVSTHOST"
 _SUPER = struct.Struct("<8sIQQQ")  # magic, version, slot_nbytes, slot_stride, num_slots
-_VERSION = 1
+_VERSION = 2
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 
 
@@ -49,7 +52,9 @@ class HostArena:
         self.num_slots = num_slots
         self.owner = owner
         self._mm = mm
-        flat = torch.frombuffer(mm, dtype=torch.uint8, offset=PAGE, count=num_slots * slot_stride)
+        self.generations = np.frombuffer(mm, dtype=np.uint64, count=num_slots, offset=PAGE)
+        flat = torch.frombuffer(mm, dtype=torch.uint8, offset=_slots_offset(num_slots),
+                                count=num_slots * slot_stride)
         self.tensor = flat.view(num_slots, slot_stride)
         self.pinned = _register_pinned(self.tensor)
 
@@ -57,7 +62,7 @@ class HostArena:
     def create(cls, name: str, slot_nbytes: int, num_slots: int) -> "HostArena":
         path = _path(name)
         stride = round_up(slot_nbytes)
-        size = PAGE + num_slots * stride
+        size = _slots_offset(num_slots) + num_slots * stride
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
@@ -96,7 +101,7 @@ class HostArena:
         finally:
             os.close(fd)
         magic, version, slot_nbytes, stride, num_slots = _SUPER.unpack_from(mm, 0)
-        if magic != _MAGIC or version != _VERSION or size < PAGE + num_slots * stride:
+        if magic != _MAGIC or version != _VERSION or size < _slots_offset(num_slots) + num_slots * stride:
             mm.close()
             raise TierIOError(f"{path} is not a kvstore host arena of version {_VERSION}")
         return cls(name, mm, slot_nbytes, stride, num_slots, owner=False)
@@ -106,6 +111,7 @@ class HostArena:
             torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
             self.pinned = False
         self.tensor = None
+        self.generations = None
         if self.owner:
             try:
                 os.unlink(_path(self.name))
@@ -116,6 +122,11 @@ class HostArena:
         except BufferError:
             # A caller still holds a view of a slot; the mapping goes when that view does.
             log.debug("host arena %s still has views; leaving the mapping to the collector", self.name)
+
+
+def _slots_offset(num_slots: int) -> int:
+    """Where the slots start: after the superblock page and the generations' pages."""
+    return PAGE + round_up(num_slots * 8)
 
 
 def remove_stale_arenas(pattern: str) -> list[str]:
@@ -158,6 +169,7 @@ class HostTier(MemoryTier):
         super().__init__(slot_nbytes, num_slots)
         self.arena_handle = HostArena.create(name, slot_nbytes, num_slots)
         self.arena = self.arena_handle.tensor
+        self.generations = self.arena_handle.generations  # shared: writers elsewhere check them
 
     def _sync(self) -> None:
         # Copies to or from a GPU were queued non-blocking on the caller's stream.
@@ -170,6 +182,7 @@ class HostTier(MemoryTier):
 
     def close(self) -> None:
         self.arena = None
+        self.generations = None
         self.arena_handle.close()
 
     def stats(self) -> dict:

@@ -32,6 +32,7 @@ import torch
 import xxhash
 
 from kvstore.errors import ConfigError, CorruptBlockError, TierIOError
+from kvstore.integrity import checksum
 from kvstore.tiers.base import PAGE, SlotMeta, Tier, round_up, slots_for
 
 log = logging.getLogger(__name__)
@@ -201,11 +202,12 @@ class NVMeTier(Tier):
         (stored_sum,) = _HEADER_SUM.unpack_from(page, _HEADER.size)
         if magic != _SLOT_MAGIC or xxhash.xxh3_64_intdigest(page[:_HEADER.size]) != stored_sum:
             raise CorruptBlockError(f"slot {slot} of {self.path}: the header fails its checksum")
-        _, key, layout_id, parent, nbytes, generation, checksum = fields
+        _, key, layout_id, parent, nbytes, generation, payload_sum = fields
         if nbytes > self.slot_nbytes:
             raise CorruptBlockError(f"slot {slot} of {self.path}: length {nbytes} exceeds the slot")
-        meta = SlotMeta(key=key, layout_id=layout_id, nbytes=nbytes, parent=None if parent == _NO_PARENT else parent)
-        return meta, generation, checksum
+        meta = SlotMeta(key=key, layout_id=layout_id, nbytes=nbytes, parent=None if parent == _NO_PARENT else parent,
+                        checksum=payload_sum)
+        return meta, generation, payload_sum
 
     def _payload_target(self, t: torch.Tensor, length: int) -> memoryview | None:
         """`t` itself when direct I/O can use it (CPU, aligned, long enough); else None."""
@@ -222,13 +224,17 @@ class NVMeTier(Tier):
             np.frombuffer(bounce, dtype=np.uint8, count=meta.nbytes)[:] = src[:meta.nbytes].cpu().numpy()
             payload = memoryview(bounce)[:length]
         header = self._buffer("header", PAGE)
+        # A block moving down keeps the checksum it was committed with: if its bytes were damaged
+        # on the way, the read that brings them back finds out.
+        payload_sum = meta.checksum if meta.checksum is not None else checksum(payload[:meta.nbytes])
         packed = _HEADER.pack(_SLOT_MAGIC, meta.key, meta.layout_id, meta.parent or _NO_PARENT, meta.nbytes,
-                              next(self._generation), xxhash.xxh3_64_intdigest(payload[:meta.nbytes]))
+                              next(self._generation), payload_sum)
         header[:_HEADER.size] = packed
         header[_HEADER.size:_HEADER.size + _HEADER_SUM.size] = _HEADER_SUM.pack(xxhash.xxh3_64_intdigest(packed))
         written = os.pwritev(self._fd, [header, payload], self._offset(slot))
         if written != PAGE + length:
             raise TierIOError(f"short write to slot {slot} of {self.path}: {written} of {PAGE + length} bytes")
+        return payload_sum
 
     def _read_one(self, slot: int, dst: torch.Tensor, meta: SlotMeta) -> None:
         length = round_up(meta.nbytes)
@@ -243,39 +249,44 @@ class NVMeTier(Tier):
         parsed = self._parse_header(header, slot)
         if parsed is None:
             raise CorruptBlockError(f"slot {slot} of {self.path}: block {meta.key.hex()} was erased")
-        stored, _, checksum = parsed
+        stored, _, stored_sum = parsed
         if stored.key != meta.key or stored.nbytes != meta.nbytes:
             raise CorruptBlockError(f"slot {slot} of {self.path} holds block {stored.key.hex()}, "
                                     f"not {meta.key.hex()}")
-        if xxhash.xxh3_64_intdigest(payload[:meta.nbytes]) != checksum:
+        if meta.checksum is not None and stored_sum != meta.checksum:
+            raise CorruptBlockError(f"slot {slot} of {self.path}: block {meta.key.hex()} has checksum "
+                                    f"{stored_sum:#x} on disk, {meta.checksum:#x} when committed")
+        if checksum(payload[:meta.nbytes]) != stored_sum:
             raise CorruptBlockError(f"slot {slot} of {self.path}: checksum mismatch for block {meta.key.hex()}")
         if not direct:
             dst[:meta.nbytes].copy_(torch.frombuffer(payload, dtype=torch.uint8, count=meta.nbytes))
 
-    def _run(self, fn, items: Sequence[tuple[int, torch.Tensor, SlotMeta]]) -> tuple[list[Exception | None], int]:
-        """Runs fn over items on the pool; returns per-item errors and the bytes that moved."""
+    def _run(self, fn, items: Sequence[tuple[int, torch.Tensor, SlotMeta]]) -> tuple[list, int]:
+        """Runs fn over items on the pool; returns per-item results (fn's value, or the error
+        the item failed with) and the bytes that moved."""
         def guarded(item):
             try:
-                fn(*item)
-                return None
+                return fn(*item)
             except (CorruptBlockError, TierIOError) as e:
                 return e
             except OSError as e:
                 return TierIOError(f"I/O on slot {item[0]} of {self.path} failed: {e.strerror}")
-        errors = [guarded(items[0])] if len(items) == 1 else list(self._pool.map(guarded, items))
-        self.corrupt_dropped += sum(isinstance(e, CorruptBlockError) for e in errors)
-        moved = sum(meta.nbytes for (_, _, meta), e in zip(items, errors) if e is None)
-        return errors, moved
+        results = [guarded(items[0])] if len(items) == 1 else list(self._pool.map(guarded, items))
+        self.corrupt_dropped += sum(isinstance(e, CorruptBlockError) for e in results)
+        moved = sum(meta.nbytes for (_, _, meta), r in zip(items, results) if not isinstance(r, Exception))
+        return results, moved
 
-    def write_many(self, items):
-        errors, moved = self._run(self._write_one, items)
+    def write_many(self, items, checksums=None):
+        results, moved = self._run(self._write_one, items)
         self.bytes_written += moved
-        return errors
+        if checksums is not None:
+            checksums.extend(None if isinstance(r, Exception) else r for r in results)
+        return [r if isinstance(r, Exception) else None for r in results]
 
-    def read_many(self, items):
-        errors, moved = self._run(self._read_one, items)
+    def read_many(self, items, verify=None):
+        results, moved = self._run(self._read_one, items)
         self.bytes_read += moved
-        return errors
+        return results
 
     def erase(self, slot: int) -> None:
         os.pwrite(self._fd, self._zero_page, self._offset(slot))
