@@ -7,6 +7,11 @@ node actor on every Ray node. The client then works through its own node: it map
 host arena, so a same-node put or get copies straight between the caller's buffer and the arena;
 a block held only by other nodes is pulled over Arrow Flight from its owner and copied, as it
 arrives, into the caller's buffer and into a slot of the local arena (where it stays cached).
+
+Integrity: a block read from the arena is checked against its checksum as `verify_reads` says,
+a pulled block always (kvstore.integrity); a block that fails is a miss. A writer of reserved
+slots checks that its hold was not fenced before each copy (`check_hold`), and renews a long
+hold (`renew`).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from kvstore.cluster.dataplane import DataPlaneClient
 from kvstore.cluster.node import node_actor_name
 from kvstore.config import Config, load_config
 from kvstore.errors import KVStoreError, LeaseError, TransferError
+from kvstore.integrity import ReadVerifier, copy_with_checksum
 from kvstore.keys import check_keys
 from kvstore.layout import Layout
 from kvstore.payload import Blocks, block_rows
@@ -57,6 +63,8 @@ class WriteHold:
     keys: list[bytes]
     views: list  # per key: a uint8 tensor aliasing its reserved slot, or None
     present: list[bool]  # per key: present already (so not reserved)
+    slots: list  # per key: its arena slot, or None
+    generations: list  # per key: its slot's generation when reserved (a fence changes it), or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +72,7 @@ class ReadHold:
     hold_id: str
     keys: list[bytes]
     views: list  # per key: a uint8 tensor aliasing its slot, or None (not on this node)
+    checksums: list  # per key: the block's checksum, or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +102,7 @@ class Client:
         self._token = ray.get(controller.token.remote(), timeout=RPC_TIMEOUT_S)
         self._peers: dict[str, DataPlaneClient] = {}
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="kvstore-copy")
+        self._verifier = ReadVerifier(config.verify_reads, config.verify_sample_fraction)
         self._background: list = []  # commits of blocks cached by earlier gets (see flush)
 
     def _local_node_info(self) -> dict:
@@ -118,15 +128,30 @@ class Client:
         (or `abort`); a hold never committed is aborted by the node after `ttl_s`.
         """
         keys = check_keys(keys)
-        hold_id, slots, present = ray.get(
+        hold_id, slots, present, generations = ray.get(
             self._node.reserve.remote(layout.to_dict(), keys, None if parents is None else list(parents), ttl_s),
             timeout=RPC_TIMEOUT_S)
         arena = self._arena.tensor
         views = [None if slot is None else arena[slot, :layout.block_nbytes] for slot in slots]
-        return WriteHold(hold_id, keys, views, present)
+        return WriteHold(hold_id, keys, views, present, slots, generations)
+
+    def check_hold(self, hold: "WriteHold") -> None:
+        """Raises LeaseError if the hold expired and its slots were fenced. A writer calls it
+        before each copy into the hold's views: a fenced slot may already hold another block,
+        and the fence's grace period (fence_grace_s) covers one copy started after the check."""
+        generations = self._arena.generations
+        for key, slot, generation in zip(hold.keys, hold.slots, hold.generations):
+            if slot is not None and int(generations[slot]) != generation:
+                raise LeaseError(f"hold {hold.hold_id} expired and was fenced (block {key.hex()}, slot {slot}): "
+                                 "stop writing; nothing of it becomes visible")
+
+    def renew(self, hold: "WriteHold | ReadHold", ttl_s: float | None = None) -> float:
+        """Extends a hold by ttl_s (default lease_ttl_s) from now; LeaseError if it expired."""
+        return ray.get(self._node.renew.remote(hold.hold_id, ttl_s), timeout=RPC_TIMEOUT_S)
 
     def commit(self, hold: "WriteHold") -> int:
-        """Makes a reserved hold's blocks visible cluster-wide; returns how many."""
+        """Makes a reserved hold's blocks visible cluster-wide; returns how many. Raises
+        LeaseError if the hold expired first (nothing of it becomes visible)."""
         return ray.get(self._node.commit.remote(hold.hold_id), timeout=RPC_TIMEOUT_S)
 
     def abort(self, hold: "WriteHold") -> None:
@@ -136,9 +161,11 @@ class Client:
         """Pins blocks held by this node for reading in place: `hold.views[i]` or None (not here).
         Give them back with `release(hold)`; the node does so itself after `ttl_s`."""
         keys = check_keys(keys)
-        hold_id, slots = ray.get(self._node.acquire.remote(layout.to_dict(), keys, ttl_s), timeout=RPC_TIMEOUT_S)
+        hold_id, slots, sums = ray.get(self._node.acquire.remote(layout.to_dict(), keys, ttl_s),
+                                       timeout=RPC_TIMEOUT_S)
         arena = self._arena.tensor
-        return ReadHold(hold_id, keys, [None if slot is None else arena[slot, :layout.block_nbytes] for slot in slots])
+        return ReadHold(hold_id, keys, [None if slot is None else arena[slot, :layout.block_nbytes] for slot in slots],
+                        sums)
 
     def release(self, hold: "ReadHold") -> None:
         self._node.release.remote(hold.hold_id)
@@ -150,6 +177,7 @@ class Client:
         rows = block_rows(layout, blocks, len(keys))
         hold = self.reserve(layout, keys, parents)
         try:
+            self.check_hold(hold)  # one check covers the whole batch: it copies within the grace
             for row, view in zip(rows, hold.views):
                 if view is not None:
                     view.copy_(row)
@@ -172,13 +200,20 @@ class Client:
         sources: list[tuple[str, str] | None] = [None] * len(keys)
         hold = self.acquire(layout, keys)
         try:
-            for i, view in enumerate(hold.views):
-                if view is not None:
+            for i, (view, block_sum) in enumerate(zip(hold.views, hold.checksums)):
+                if view is None:
+                    continue
+                if not self._verifier.wanted():
                     rows[i].copy_(view)
-                    sources[i] = (self.node_id, "local")
+                elif copy_with_checksum(rows[i], view) != block_sum:
+                    log.warning("block %s in this node's arena fails its checksum; it is a miss and is dropped",
+                                keys[i].hex())
+                    self._node.drop_corrupt.remote([keys[i]])
+                    continue
+                sources[i] = (self.node_id, "local")
         finally:
             self.release(hold)
-        missing = [i for i, view in enumerate(hold.views) if view is None]
+        missing = [i for i, source in enumerate(sources) if source is None]
         if missing:
             self._pull(layout, keys, rows, missing, sources)
         return ClusterGetResult(sources)
@@ -202,27 +237,29 @@ class Client:
         if not by_owner:
             return
         owned = [i for idx in by_owner.values() for i in idx]
-        hold, slots = ray.get(self._node.reserve.remote(layout.to_dict(), [keys[i] for i in owned]),
-                              timeout=RPC_TIMEOUT_S)[:2]
-        cache = {keys[i]: slot for i, slot in zip(owned, slots)}
+        hold, slots, _, generations = ray.get(
+            self._node.reserve.remote(layout.to_dict(), [keys[i] for i in owned]), timeout=RPC_TIMEOUT_S)
+        cache = {keys[i]: (slot, gen) for i, slot, gen in zip(owned, slots, generations) if slot is not None}
         position = {keys[i]: i for i in owned}
         arena = self._arena.tensor.numpy()
         nbytes = layout.block_nbytes
         copies = []
+        cached: dict[bytes, int] = {}  # key -> checksum, of the blocks copied into the local cache
 
-        def copy(key: bytes, data: memoryview) -> None:
+        def copy(key: bytes, data: memoryview, block_sum: int) -> None:
             block = np.frombuffer(data, dtype=np.uint8)
             np.copyto(rows[position[key]].numpy(), block)
-            slot = cache.get(key)
-            if slot is not None:
+            slot, generation = cache.get(key, (None, None))
+            if slot is not None and int(self._arena.generations[slot]) == generation:  # not fenced
                 np.copyto(arena[slot, :nbytes], block)
+                cached[key] = block_sum
 
-        def sink(key: bytes, data: memoryview) -> None:
+        def sink(key: bytes, data: memoryview, block_sum: int) -> None:
             # On another thread (NumPy lets go of the GIL), so the stream keeps being read and
-            # gRPC's flow control does not stall while a block is copied.
-            copies.append(self._copier.submit(copy, key, data))
+            # gRPC's flow control does not stall while a block is copied. The data plane has
+            # checked the block's checksum already.
+            copies.append(self._copier.submit(copy, key, data, block_sum))
 
-        received: list[bytes] = []
         try:
             for owner, idx in by_owner.items():
                 try:
@@ -234,12 +271,12 @@ class Client:
                 for i in idx:
                     if keys[i] in got:
                         sources[i] = (owner, "remote")
-                        received.append(keys[i])
         finally:
             for done in copies:
                 done.result()
-            # Slots whose block never came are aborted with the hold; the rest become visible.
-            self._background.append(self._node.commit.remote(hold, received))
+            # Slots whose block never came are aborted with the hold; the rest become visible,
+            # under the checksums they travelled with (not hashed again).
+            self._background.append(self._node.commit.remote(hold, list(cached), list(cached.values())))
 
     def flush(self) -> None:
         """Waits until blocks pulled by earlier gets are visible in this node's cache."""
@@ -249,7 +286,7 @@ class Client:
     def _peer(self, address: str) -> DataPlaneClient:
         peer = self._peers.get(address)
         if peer is None:
-            peer = self._peers[address] = DataPlaneClient(address, self._token)
+            peer = self._peers[address] = DataPlaneClient(address, self._token, self.config.transfer_timeout_s)
         return peer
 
     def longest_prefix(self, keys: Sequence[bytes]) -> int:

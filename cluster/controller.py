@@ -234,7 +234,7 @@ class ControllerService:
             info = self._nodes.get(node_id)
         if actor is None or info is None:
             raise LeaseError(f"node {node_id!r} is not a live kvstore node")
-        hold_id, slots = ray.get(actor.acquire.remote(layout, keys, ttl_s), timeout=30)
+        hold_id, slots, _ = ray.get(actor.acquire.remote(layout, keys, ttl_s), timeout=30)
         pinned = [k for k, s in zip(keys, slots) if s is not None]
         lease_id = secrets.token_hex(12)
         with self._lock:

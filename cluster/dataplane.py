@@ -4,9 +4,12 @@ do_get streams blocks straight out of the host arena: each record batch wraps a 
 without copying, and the pin lives exactly as long as Arrow (and gRPC, which serializes
 zero-copy) hold that memory, so a slot is never reused while its bytes are still on the way
 out. do_put writes incoming blocks into slots reserved in the store and commits them at the end
-of the stream. Every call must carry `authorization: Bearer <token>` (checked in a middleware,
-in constant time); a malformed, oversize or unauthorised request gets a Flight error that says
-why, and the server goes on serving.
+of the stream; a stream that does not end within `put_deadline_s` has its slots fenced and is
+refused. Every block travels with its checksum, and the receiving side (the client for a get,
+the server for a put) checks it: a block that arrives damaged is not delivered, never data.
+Every call must carry `authorization: Bearer <token>` (checked in a middleware, in constant
+time); a malformed, oversize or unauthorised request gets a Flight error that says why, and the
+server goes on serving.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch
 
 from kvstore.cluster.protocol import BLOCK_SCHEMA, ProtocolError, decode_request, encode_request
 from kvstore.errors import AuthError, KVStoreError, TransferError
+from kvstore.integrity import checksum, copy_with_checksum
 from kvstore.layout import Layout
 from kvstore.store import BlockHandle, TieredStore
 
@@ -51,14 +55,16 @@ class _TokenAuth(flight.ServerMiddlewareFactory):
 class DataPlaneServer(flight.FlightServerBase):
     """Serves one store's blocks over Flight. Start with `start()`, stop with `shutdown()`."""
 
-    def __init__(self, store: TieredStore, host: str, port: int, token: str, max_request_bytes: int) -> None:
+    def __init__(self, store: TieredStore, host: str, port: int, token: str, max_request_bytes: int,
+                 put_deadline_s: float = 30.0) -> None:
         super().__init__(f"grpc+tcp://{host}:{port}", middleware={"auth": _TokenAuth(token)})
         self.host = host
         self._store = store
         self._max_request_bytes = max_request_bytes
+        self._put_deadline_s = put_deadline_s
         self._counters_lock = threading.Lock()
         self.counters = dict.fromkeys(("requests", "errors", "blocks_sent", "bytes_sent", "blocks_received",
-                                       "bytes_received"), 0)
+                                       "bytes_received", "corrupt_received", "puts_expired"), 0)
         self._thread: threading.Thread | None = None
 
     @property
@@ -110,9 +116,12 @@ class DataPlaneServer(flight.FlightServerBase):
         store = self._store
         weakref.finalize(view, store.release, [handle])
         data = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(view)])
-        return pa.RecordBatch.from_arrays([pa.array([handle.key], pa.binary(16)), data], schema=BLOCK_SCHEMA)
+        return pa.RecordBatch.from_arrays([pa.array([handle.key], pa.binary(16)),
+                                           pa.array([handle.checksum], pa.uint64()), data], schema=BLOCK_SCHEMA)
 
     def do_put(self, context, descriptor, reader, writer):
+        """Writes a stream of blocks into reserved slots; replies {stored, present, rejected,
+        corrupt}: present already, no room (rejected), or arrived damaged (corrupt)."""
         req = self._request(descriptor.command, "put")
         try:
             handles = self._store.reserve(req.layout, req.keys, req.parents)
@@ -120,31 +129,53 @@ class DataPlaneServer(flight.FlightServerBase):
             self._count(errors=1)
             raise flight.FlightServerError(f"bad put request: {e}") from None
         wanted = {h.key: h for h in handles if h is not None}
+        present = sum(h is None and here for h, here in zip(handles, self._store.contains(req.keys)))
+        # A stalled sender must not hold its slots forever: past the deadline they are fenced, and
+        # the copy below checks the fence before writing each block.
+        deadline = threading.Timer(self._put_deadline_s, self._store.fence, [list(wanted.values())])
+        deadline.daemon = True
+        deadline.start()
         expected = set(req.keys)
-        filled: dict[bytes, BlockHandle] = {}
+        filled: dict[bytes, tuple[BlockHandle, int]] = {}
+        corrupt = 0
         try:
             if reader.schema != BLOCK_SCHEMA:
                 raise ProtocolError(f"put stream schema {reader.schema} is not {BLOCK_SCHEMA}")
             for chunk in reader:
-                for key, data in _rows(chunk.data, req.layout.block_nbytes):
+                for key, block_sum, data in _rows(chunk.data, req.layout.block_nbytes):
                     if key not in expected:
                         raise ProtocolError(f"put stream carries block {key.hex()}, which the request did not name")
                     expected.discard(key)
-                    handle = wanted.get(key)
-                    if handle is not None:  # None: present already, or no room; skip its bytes
-                        np.copyto(handle.view.numpy(), np.frombuffer(data, dtype=np.uint8))
-                        filled[key] = handle
                     self._count(blocks_received=1, bytes_received=len(data))
-        except (ProtocolError, pa.ArrowException) as e:
-            self._store.abort(list(wanted.values()))
+                    handle = wanted.get(key)
+                    if handle is None:  # present already, or no room: skip its bytes
+                        continue
+                    if self._store.fenced(handle):
+                        self._count(puts_expired=1)
+                        raise TransferError(f"put stream of {len(req.keys)} blocks did not finish within "
+                                            f"put_deadline_s={self._put_deadline_s}; its slots were given back")
+                    if copy_with_checksum(handle.view, data) != block_sum:
+                        corrupt += 1
+                        log.warning("put of block %s: the bytes arrived damaged (checksum mismatch); not stored",
+                                    key.hex())
+                        continue
+                    filled[key] = (handle, block_sum)
+        except (ProtocolError, TransferError, pa.ArrowException) as e:
+            deadline.cancel()
+            self._store.abort([h for h in wanted.values() if not self._store.fenced(h)])
             self._count(errors=1)
             raise flight.FlightServerError(f"bad put stream: {e}") from None
         except BaseException:
-            self._store.abort(list(wanted.values()))
+            deadline.cancel()
+            self._store.abort([h for h in wanted.values() if not self._store.fenced(h)])
             raise
-        self._store.abort([h for k, h in wanted.items() if k not in filled])
-        stored = self._store.commit(list(filled.values()))
-        writer.write(pa.py_buffer(msgpack.packb({"stored": stored, "present": len(req.keys) - len(wanted)})))
+        deadline.cancel()
+        self._store.abort([h for k, h in wanted.items() if k not in filled and not self._store.fenced(h)])
+        stored = self._store.commit([h for h, _ in filled.values()], [s for _, s in filled.values()])
+        self._count(corrupt_received=corrupt)
+        writer.write(pa.py_buffer(msgpack.packb({"stored": stored, "present": present,
+                                                 "rejected": len(req.keys) - len(wanted) - present,
+                                                 "corrupt": corrupt})))
 
     def shutdown(self) -> None:
         super().shutdown()
@@ -153,12 +184,13 @@ class DataPlaneServer(flight.FlightServerBase):
 
 
 def _rows(batch: pa.RecordBatch, block_nbytes: int):
-    """(key, memoryview of the block's bytes) per row, checked; no copy."""
+    """(key, checksum, memoryview of the block's bytes) per row, checked; no copy."""
     if batch.schema != BLOCK_SCHEMA:
         raise ProtocolError(f"batch schema {batch.schema} is not {BLOCK_SCHEMA}")
-    keys, data = batch.column(0), batch.column(1)
-    if keys.null_count or data.null_count:
-        raise ProtocolError("batch has null keys or payloads")
+    keys, sums, data = batch.column(0), batch.column(1), batch.column(2)
+    if keys.null_count or sums.null_count or data.null_count:
+        raise ProtocolError("batch has null keys, checksums or payloads")
+    sums = sums.to_numpy()
     _, offsets_buf, data_buf = data.buffers()
     offsets = np.frombuffer(offsets_buf, dtype=np.int64, count=len(data) + 1, offset=data.offset * 8)
     key_bytes = keys.buffers()[1]
@@ -167,7 +199,7 @@ def _rows(batch: pa.RecordBatch, block_nbytes: int):
         if end - start != block_nbytes:
             raise ProtocolError(f"block payload of {end - start} bytes; the layout's blocks are {block_nbytes}")
         k0 = (keys.offset + i) * 16
-        yield key_bytes[k0:k0 + 16].to_pybytes(), memoryview(data_buf)[start:end]
+        yield key_bytes[k0:k0 + 16].to_pybytes(), int(sums[i]), memoryview(data_buf)[start:end]
 
 
 class DataPlaneClient:
@@ -175,25 +207,35 @@ class DataPlaneClient:
 
     def __init__(self, address: str, token: str, timeout_s: float = 60.0) -> None:
         self.address = address
+        self.corrupt_received = 0  # blocks that arrived with bytes not matching their checksum
         self._client = flight.FlightClient(f"grpc+tcp://{address}", generic_options=_CHANNEL_OPTIONS)
         self._options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())],
                                                  timeout=timeout_s)
 
-    def get(self, layout: Layout, keys: Sequence[bytes], sink: Callable[[bytes, memoryview], None]) -> set[bytes]:
-        """Streams the blocks the peer has to `sink(key, bytes)`; returns the keys received."""
+    def get(self, layout: Layout, keys: Sequence[bytes],
+            sink: Callable[[bytes, memoryview, int], None]) -> set[bytes]:
+        """Streams the blocks the peer has to `sink(key, bytes, checksum)`, each checked against
+        its checksum first (a damaged one is left out and counted); returns the keys received."""
         requested = set(keys)
         received: set[bytes] = set()
+        delivered: set[bytes] = set()
         try:
             reader = self._client.do_get(flight.Ticket(encode_request("get", layout, list(keys))), self._options)
             for chunk in reader:
-                for key, data in _rows(chunk.data, layout.block_nbytes):
+                for key, block_sum, data in _rows(chunk.data, layout.block_nbytes):
                     if key not in requested or key in received:
                         raise ProtocolError(f"peer {self.address} sent block {key.hex()}, unasked or twice")
-                    sink(key, data)
                     received.add(key)
+                    if checksum(data) != block_sum:
+                        self.corrupt_received += 1
+                        log.warning("block %s from %s arrived damaged (checksum mismatch); it is a miss",
+                                    key.hex(), self.address)
+                        continue
+                    sink(key, data, block_sum)
+                    delivered.add(key)
         except flight.FlightError as e:
             raise TransferError(f"get of {len(keys)} blocks from {self.address} failed: {_first_line(e)}") from None
-        return received
+        return delivered
 
     def put(self, layout: Layout, keys: Sequence[bytes], rows: Sequence[torch.Tensor],
             parents: Sequence[bytes | None] | None = None) -> dict:
@@ -206,9 +248,11 @@ class DataPlaneClient:
                 for key, row in zip(keys, rows):
                     data = row.cpu().numpy()
                     offsets = pa.py_buffer(np.array([0, data.nbytes], dtype=np.int64))  # the server checks sizes
+                    block_sum = checksum(data)
                     data = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(data)])
-                    writer.write_batch(pa.RecordBatch.from_arrays([pa.array([key], pa.binary(16)), data],
-                                                                  schema=BLOCK_SCHEMA))
+                    writer.write_batch(pa.RecordBatch.from_arrays(
+                        [pa.array([key], pa.binary(16)), pa.array([block_sum], pa.uint64()), data],
+                        schema=BLOCK_SCHEMA))
                 writer.done_writing()
                 reply = meta_reader.read()
         except flight.FlightError as e:

@@ -58,8 +58,10 @@ class NodeService:
         self.store = TieredStore.from_config(config, shm_name=f"{config.shm_prefix}-{short}-{os.getpid()}",
                                              listener=self._on_events)
         host = config.flight_host or ray.util.get_node_ip_address()
-        self.server = DataPlaneServer(self.store, host, config.flight_port, token, config.max_request_bytes).start()
+        self.server = DataPlaneServer(self.store, host, config.flight_port, token, config.max_request_bytes,
+                                      config.transfer_timeout_s).start()
         self._holds: dict[str, _Hold] = {}
+        self._expired: dict[str, None] = {}  # ids of holds that expired, oldest first
         self._holds_lock = threading.Lock()
         self._controller = None
         self._stopping = threading.Event()
@@ -75,34 +77,55 @@ class NodeService:
                 "shm_name": getattr(host_tier, "shm_name", None), "slot_bytes": self.store.slot_nbytes,
                 "tiers": [t.name for t in self.store.tiers]}
 
-    def acquire(self, layout: dict, keys: list[bytes], ttl_s: float | None = None) -> tuple[str, list]:
-        """Pins blocks in the host arena for a reader on this node: (hold id, [slot | None])."""
+    def acquire(self, layout: dict, keys: list[bytes], ttl_s: float | None = None) -> tuple[str, list, list]:
+        """Pins blocks in the host arena for a reader on this node:
+        (hold id, [slot | None], [the block's checksum | None])."""
         handles = self.store.acquire(Layout.from_dict(layout), keys)
-        return self._hold(handles, ttl_s, writing=False), [None if h is None else h.slot for h in handles]
+        return (self._hold(handles, ttl_s, writing=False), [None if h is None else h.slot for h in handles],
+                [None if h is None else h.checksum for h in handles])
 
     def reserve(self, layout: dict, keys: list[bytes], parents: list | None = None,
-                ttl_s: float | None = None) -> tuple[str, list, list[bool]]:
+                ttl_s: float | None = None) -> tuple[str, list, list[bool], list]:
         """Reserves arena slots for a writer on this node, then `commit`.
 
-        Returns (hold id, [slot | None], [present already]); a None slot that is not present
-        found no room.
+        Returns (hold id, [slot | None], [present already], [slot generation | None]); a None
+        slot that is not present found no room. The writer checks that each slot's generation in
+        the arena still equals the one returned before every copy into it: if the hold expires
+        (see `renew`) its slots are fenced, and a changed generation means "stop writing".
         """
         handles = self.store.reserve(Layout.from_dict(layout), keys, parents)
         present = [h is None and here for h, here in zip(handles, self.store.contains(keys))]
-        return self._hold(handles, ttl_s, writing=True), [None if h is None else h.slot for h in handles], present
+        return (self._hold(handles, ttl_s, writing=True), [None if h is None else h.slot for h in handles], present,
+                [None if h is None else h.generation for h in handles])
 
-    def commit(self, hold_id: str, filled: list[bytes] | None = None) -> int:
-        """Makes the hold's blocks visible: all of them, or only `filled` (the rest are aborted).
+    def renew(self, hold_id: str, ttl_s: float | None = None) -> float:
+        """A long writer (or reader) extends its hold by `ttl_s` from now; returns the new TTL.
+        Raises LeaseError if the hold has expired already (its slots may be fenced)."""
+        ttl = self.config.lease_ttl_s if ttl_s is None else ttl_s
+        with self._holds_lock:
+            hold = self._holds.get(hold_id)
+            if hold is None:
+                raise LeaseError(self._unknown_hold(hold_id))
+            hold.expires = time.monotonic() + ttl
+        return ttl
+
+    def commit(self, hold_id: str, filled: list[bytes] | None = None, checksums: list[int] | None = None) -> int:
+        """Makes the hold's blocks visible: all of them, or only `filled` (the rest are aborted),
+        with `checksums[i]` for filled[i] where the writer has them (else they are taken here).
 
         Returns once the controller's index has them too, so a get from any node that starts
         after a put returns finds its blocks (read-your-writes across the cluster).
         """
         handles = [h for h in self._take(hold_id, writing=True).handles if h is not None]
+        sums = None
         if filled is not None:
             done = set(filled)
             self.store.abort([h for h in handles if h.key not in done])
             handles = [h for h in handles if h.key in done]
-        committed = self.store.commit(handles)
+            if checksums is not None:
+                sum_of = dict(zip(filled, checksums))
+                sums = [sum_of[h.key] for h in handles]
+        committed = self.store.commit(handles, sums)
         self._send_events()
         return committed
 
@@ -113,6 +136,11 @@ class NodeService:
     def release(self, hold_id: str) -> None:
         """A reader that is done (or the controller ending a lease): the hold's pins go."""
         self.store.release(self._take(hold_id, writing=False).handles)
+
+    def drop_corrupt(self, keys: list[bytes]) -> int:
+        """A reader on this node found these blocks failing their checksums: they are dropped
+        (and counted as corrupt) so no one is served them again."""
+        return self.store.drop_corrupt(keys)
 
     def contains(self, keys: list[bytes]) -> list[bool]:
         """Per key: present on this node."""
@@ -156,9 +184,15 @@ class NodeService:
         with self._holds_lock:
             hold = self._holds.get(hold_id)
             if hold is None or hold.writing != writing:
-                raise LeaseError(f"hold {hold_id!r} is unknown, expired or already given back")
+                raise LeaseError(self._unknown_hold(hold_id))
             del self._holds[hold_id]
         return hold
+
+    def _unknown_hold(self, hold_id: str) -> str:
+        if hold_id in self._expired:
+            return (f"hold {hold_id!r} expired (lease_ttl_s={self.config.lease_ttl_s}) before it was given back; "
+                    "its slots were fenced and nothing it wrote becomes visible (renew long holds)")
+        return f"hold {hold_id!r} is unknown or already given back"
 
     def _expire_holds(self) -> None:
         now = time.monotonic()
@@ -166,9 +200,13 @@ class NodeService:
             expired = [(k, h) for k, h in self._holds.items() if h.expires < now]
             for k, _ in expired:
                 del self._holds[k]
+                self._expired[k] = None
+            while len(self._expired) > 4096:  # remembered only to say "expired" rather than "unknown"
+                del self._expired[next(iter(self._expired))]
         for hold_id, hold in expired:
             log.warning("hold %s expired; giving back %d blocks", hold_id, sum(h is not None for h in hold.handles))
-            (self.store.abort if hold.writing else self.store.release)(hold.handles)
+            # A writer may still be copying into its slots: fence them rather than free them.
+            (self.store.fence if hold.writing else self.store.release)(hold.handles)
 
     def _on_events(self, events: list[Event]) -> None:
         with self._outbox_lock:

@@ -5,7 +5,8 @@ A request (a Flight ticket for do_get, a descriptor command for do_put) is
     {"v": 1, "op": "get" | "put", "layout": {Layout fields}, "keys": [16-byte bin, ...],
      "parents": [16-byte bin | nil, ...]}            # parents: put only, optional
 
-Block payloads travel as Arrow record batches of `BLOCK_SCHEMA`, one block per row. Nothing
+Block payloads travel as Arrow record batches of `BLOCK_SCHEMA`, one block per row, each with
+the checksum it was committed with (kvstore.integrity): the receiver checks it. Nothing
 here is pickle: a peer can only send maps, lists, strings, integers and bytes, and every length
 is capped (msgpack refuses oversize arrays and strings before allocating them).
 """
@@ -23,7 +24,7 @@ from kvstore.layout import Layout
 VERSION = 1
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # of the encoded request itself, not the payload it asks for
 MAX_KEYS = 65536
-BLOCK_SCHEMA = pa.schema([("key", pa.binary(KEY_BYTES)), ("data", pa.large_binary())])
+BLOCK_SCHEMA = pa.schema([("key", pa.binary(KEY_BYTES)), ("checksum", pa.uint64()), ("data", pa.large_binary())])
 
 
 class ProtocolError(KVStoreError, ValueError):

@@ -8,7 +8,10 @@ Prefill side (producer), per request:
 
 `save_layer` queues the copy of layer i into the request's reserved arena slots on a worker
 thread and returns at once, so the copy overlaps the computation of layer i+1. Blocks already
-in the store (a shared prefix) are not written again.
+in the store (a shared prefix) are not written again. The reservation is a hold with a TTL: a
+long prefill renews it as it goes, and every copy first checks that the hold was not fenced (had
+it expired, its slots may already hold other blocks; `finish` then raises LeaseError and nothing
+of the request becomes visible).
 
 Decode side (consumer):
 
@@ -25,12 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
 
 import torch
 
-from kvstore.errors import KVStoreError, PayloadError
+from kvstore.errors import KVStoreError, LeaseError, PayloadError
 from kvstore.keys import block_keys, chain_parents, check_keys
 from kvstore.layout import Layout
 
@@ -77,6 +81,7 @@ class SaveSession:
         self.keys = block_keys(token_ids, layout, namespace)
         self.num_tokens = len(self.keys) * layout.block_tokens
         self.hold = client.reserve(layout, self.keys, chain_parents(self.keys))
+        self._renewed = time.monotonic()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvstore-save")
         self._pending: list[Future] = []
         self._saved: set[int] = set()
@@ -97,13 +102,21 @@ class SaveSession:
             raise PayloadError(f"layer={layer} is out of range [0, {lay.num_layers}) or saved twice")
         self._saved.add(layer)
         if any(view is not None for view in self.hold.views):
+            self._keep_hold()
             self._pending.append(self._writer.submit(self._copy_layer, layer, k, v))
+
+    def _keep_hold(self) -> None:
+        """Renews the hold once a third of its TTL has passed, so a long prefill keeps its slots."""
+        if time.monotonic() - self._renewed > self.client.config.lease_ttl_s / 3:
+            self.client.renew(self.hold)
+            self._renewed = time.monotonic()
 
     def _copy_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         lay = self.layout
         T, L = lay.block_tokens, lay.layer_nbytes
         k = k[:self.num_tokens].to("cpu", non_blocking=False)
         v = v[:self.num_tokens].to("cpu", non_blocking=False)
+        self.client.check_hold(self.hold)  # the copy below ends well within the fence's grace
         for j, view in enumerate(self.hold.views):
             if view is None:
                 continue
@@ -130,7 +143,10 @@ class SaveSession:
 
     def abort(self) -> None:
         self._writer.shutdown(wait=True, cancel_futures=True)
-        self.client.abort(self.hold)
+        try:
+            self.client.abort(self.hold)
+        except LeaseError as e:  # it expired: the node gave its slots back already
+            log.info("%s", e)
 
 
 @dataclasses.dataclass

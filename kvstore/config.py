@@ -82,6 +82,7 @@ class Config:
     auth_token: str = _setting("", "Shared secret for Flight and HTTP; empty generates one at start (printed once).")
     auth_token_file: str = _setting("", "File holding the auth token (a mounted Secret); wins over auth_token.")
     lease_ttl_s: float = _setting(30.0, "How long a handoff lease keeps its blocks pinned if never consumed.", "float")
+    transfer_timeout_s: float = _setting(30.0, "Deadline of one data-plane transfer between nodes: a pull from a stalled peer ends as a miss, a put stream that stalls has its slots given back.", "float")
     fence_grace_s: float = _setting(10.0, "After a writer's hold expires, how long its slots stay unused: longer than any one copy the writer started before it saw the fence.", "float")
     verify_reads: str = _setting("sampled", "Which local shared-memory reads re-check the block's checksum (NVMe reads and transfers between nodes always do). sampled: verify_sample_fraction of them.", "str", ("off", "sampled", "always"))
     verify_sample_fraction: float = _setting(0.0625, "Fraction of local reads checked when verify_reads is sampled.", "float")
@@ -105,6 +106,8 @@ class Config:
             raise ConfigError(f"http_port={self.http_port!r} is not a port")
         if self.lease_ttl_s <= 0:
             raise ConfigError(f"lease_ttl_s={self.lease_ttl_s!r} must be positive")
+        if self.transfer_timeout_s <= 0:
+            raise ConfigError(f"transfer_timeout_s={self.transfer_timeout_s!r} must be positive")
         if self.fence_grace_s <= 0:
             raise ConfigError(f"fence_grace_s={self.fence_grace_s!r} must be positive")
         if not 0 <= self.verify_sample_fraction <= 1:

@@ -290,6 +290,20 @@ class TieredStore:
             self._counters["deletes"] += deleted
         return deleted
 
+    def drop_corrupt(self, keys: Sequence[bytes]) -> int:
+        """Removes blocks a reader outside the store found failing their checksums."""
+        keys = check_keys(keys)
+        with self._lock:
+            dropped = 0
+            for key in keys:
+                entry = self._index.get(key)
+                if entry is not None and entry.visible:
+                    log.warning("dropping block %s: a reader found it failing its checksum", key.hex())
+                    self._discard(entry)
+                    dropped += 1
+            self._counters["corrupt_dropped"] += dropped
+        return dropped
+
     def clear(self) -> None:
         """Deletes every block and announces AllBlocksCleared."""
         with self._lock:

@@ -213,7 +213,8 @@ def test_flight_put_with_wrong_sizes_is_refused(cluster):
     keys = block_keys(tokens(5, 2), LAYOUT, "flight-put")
     with pytest.raises(TransferError, match="bad put stream"):
         peer.put(LAYOUT, keys, [torch.zeros(100, dtype=torch.uint8)] * 2)
-    assert peer.put(LAYOUT, keys, list(payload(keys))) == {"stored": 2, "present": 0}
+    assert peer.put(LAYOUT, keys, list(payload(keys))) == {"stored": 2, "present": 0, "rejected": 0, "corrupt": 0}
+    assert peer.put(LAYOUT, keys, list(payload(keys))) == {"stored": 0, "present": 2, "rejected": 0, "corrupt": 0}
     peer.close()
 
 
