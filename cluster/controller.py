@@ -50,6 +50,10 @@ class ControllerService:
         self._starting: dict[str, object] = {}  # node id -> ObjectRef of its info()
         self._leases: dict[str, _Lease] = {}
         self._dropped_nodes = 0
+        # Verified restores (connectors/verify.py): per (node id, medium) checks and mismatches,
+        # and the sources some connector quarantined. Counters only: lost on a restart.
+        self._verify_counts: dict[tuple[str, str], dict[str, int]] = {}
+        self._quarantined: dict[tuple[str, str], dict] = {}
         self._stopping = threading.Event()
         self._membership = threading.Thread(target=self._watch_membership, name="kvstore-membership", daemon=True)
         self._membership.start()
@@ -261,13 +265,50 @@ class ControllerService:
         for lease_id in [k for k, lease in self._leases.items() if lease.expires < now]:
             del self._leases[lease_id]  # the node's hold expires on its own clock
 
+    # -- verified restores ---------------------------------------------------------------------
+
+    def report_verification(self, reporter: str, sources: list[dict]) -> None:
+        """A connector checked a load against a recompute (connectors/verify.py). Per source it
+        read from: {"node_id", "medium", "checks", "mismatches", "blocks", "keys" (hex of the
+        blocks that did not match), "detail"}. A source with a mismatch joins the quarantine
+        list (the reporter already quarantined it for its own loads). Returns nothing."""
+        now = time.time()
+        with self._lock:
+            for entry in sources:
+                source = (str(entry.get("node_id", "?")), str(entry.get("medium", "?")))
+                counts = self._verify_counts.setdefault(source, {"checks": 0, "mismatches": 0, "checked_blocks": 0,
+                                                                 "mismatched_blocks": 0})
+                keys = [str(k) for k in entry.get("keys", [])]
+                counts["checks"] += int(entry.get("checks", 1))
+                counts["mismatches"] += int(entry.get("mismatches", 0))
+                counts["checked_blocks"] += int(entry.get("blocks", 0))
+                counts["mismatched_blocks"] += len(keys)
+                if entry.get("mismatches"):
+                    q = self._quarantined.setdefault(source, {"node_id": source[0], "medium": source[1], "since": now,
+                                                              "reporters": [], "mismatched_blocks": 0, "keys": []})
+                    q["last"] = now
+                    q["mismatched_blocks"] += len(keys)
+                    q["keys"] = (q["keys"] + keys)[-16:]  # the latest few, for the log search
+                    q["detail"] = str(entry.get("detail", ""))[:300]
+                    if reporter not in q["reporters"] and len(q["reporters"]) < 16:
+                        q["reporters"].append(reporter)
+                    log.error("verification: %d blocks from node %s medium %s did not match a recompute (reported "
+                              "by %s): %s", len(keys), source[0][:12], source[1], reporter[:12], ", ".join(keys[:4]))
+
+    def _verification_stats(self) -> dict:
+        counts = self._verify_counts.values()
+        return {"checks": sum(c["checks"] for c in counts), "mismatches": sum(c["mismatches"] for c in counts),
+                "sources": [{"node_id": n, "medium": m, **c} for (n, m), c in sorted(self._verify_counts.items())],
+                "quarantined": [dict(q) for _, q in sorted(self._quarantined.items())]}
+
     # -- stats ---------------------------------------------------------------------------------
 
     def stats(self, timeout_s: float = 10.0) -> dict:
         with self._lock:
             actors = dict(self._actors)
             summary = {"index_keys": len(self._index), "nodes_registered": len(self._nodes),
-                       "nodes_dropped": self._dropped_nodes, "leases": len(self._leases)}
+                       "nodes_dropped": self._dropped_nodes, "leases": len(self._leases),
+                       "verification": self._verification_stats()}
         refs = {node_id: actor.stats.remote() for node_id, actor in actors.items()}
         nodes = {}
         for node_id, ref in refs.items():

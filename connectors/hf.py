@@ -12,6 +12,13 @@ layers (Llama, Mistral, Qwen, ...; GQA and MQA included: the layout takes the KV
   without a prefill worker: load the longest stored prefix, compute the rest.
 - `Worker` wraps a model and a kvstore client for a Ray actor on one node (`WorkerActor`).
 
+Every load goes through a `Verifier` (connectors/verify.py, docs/verified-restores.md): on a
+sampled fraction of loads, and on every load while a source is new to this process, the loaded
+prefix is recomputed and compared with what was loaded; KV that does not match is deleted from
+the store, its source quarantined, and the recomputed KV used instead. The functions and the
+Worker take `verify`: a Verifier, its settings (VerifySettings or a dict), or None for this
+process's shared Verifier with the default settings.
+
 Batch size 1; greedy decoding (the point is the KV path, not sampling).
 """
 from __future__ import annotations
@@ -25,6 +32,7 @@ import ray
 import torch
 
 from kvstore.connectors.handoff import Handle, Loaded, SaveSession, load
+from kvstore.connectors.verify import CheckResult, Verifier, VerifySettings, verifier as as_verifier
 from kvstore.errors import InvalidLayoutError
 from kvstore.layout import Layout
 
@@ -53,6 +61,37 @@ def cache_from(loaded: Loaded | None, config) -> "DynamicCache":  # noqa: F821
     return cache
 
 
+@dataclasses.dataclass
+class Restored:
+    """A load made ready for the engine: the cache to continue from, and what happened on the way."""
+
+    cache: "DynamicCache"  # noqa: F821
+    num_tokens: int  # prompt tokens the cache holds (loaded, or recomputed by a failed check)
+    loaded_tokens: int  # of them, the tokens whose KV the engine uses from the store
+    check: CheckResult | None  # None: not verified
+
+
+@torch.no_grad()
+def restore(model, input_ids: torch.Tensor, client, loaded: Loaded, verify=None) -> Restored:
+    """A cache from a load, through the verifier: blocks from a quarantined source are a miss,
+    and a load picked for a check has its prefix recomputed and compared; on a mismatch the
+    recomputed KV is used (the bad blocks are gone from the store, their source quarantined)."""
+    v = as_verifier(verify)
+    admission = v.admit(client, loaded)
+    loaded = admission.loaded
+    n = loaded.num_tokens
+    if not admission.verify:
+        return Restored(cache_from(loaded, model.config), n, n, None)
+    start = time.perf_counter()
+    fresh = cache_from(None, model.config)
+    model(input_ids[:, :n], past_key_values=fresh, use_cache=True, logits_to_keep=1)
+    recomputed = [(layer.keys[0].transpose(0, 1), layer.values[0].transpose(0, 1)) for layer in fresh.layers]
+    result = v.check(client, admission, recomputed, time.perf_counter() - start)
+    if result.ok:
+        return Restored(cache_from(loaded, model.config), n, n, result)
+    return Restored(fresh, n, 0, result)
+
+
 def _decoder_layers(model) -> Sequence[torch.nn.Module]:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     return decoder.layers
@@ -65,18 +104,24 @@ class PrefillResult:
     handle: Handle
     reused_tokens: int  # prompt tokens whose KV came from the store instead of being computed
     seconds: float
+    verified: bool = False  # the reused prefix was checked against a recompute
+    mismatched_blocks: int = 0  # blocks the check found wrong (deleted; recomputed KV used)
 
 
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, client, layout: Layout, namespace: str = "default",
-            reuse: bool = True, lease_ttl_s: float | None = None) -> PrefillResult:
+            reuse: bool = True, lease_ttl_s: float | None = None, verify=None) -> PrefillResult:
     """Runs the prompt (reusing the longest stored prefix), saving every layer as it finishes."""
     start = time.perf_counter()
     ids = input_ids[0].tolist()
-    loaded = load(client, token_ids=ids, layout=layout, namespace=namespace, max_tokens=len(ids) - 1) \
-        if reuse else None
-    reused = loaded.num_tokens if loaded else 0
-    cache = cache_from(loaded, model.config)
+    check = None
+    if reuse:
+        loaded = load(client, token_ids=ids, layout=layout, namespace=namespace, max_tokens=len(ids) - 1)
+        # Before the save session: blocks a check deletes are then written again, right.
+        r = restore(model, input_ids, client, loaded, verify)
+        cache, done, reused, check = r.cache, r.num_tokens, r.loaded_tokens, r.check
+    else:
+        cache, done, reused = cache_from(None, model.config), 0, 0
     session = SaveSession(client, layout, ids, namespace)
 
     def save(i: int):
@@ -87,7 +132,7 @@ def prefill(model, input_ids: torch.Tensor, client, layout: Layout, namespace: s
 
     hooks = [layer.register_forward_hook(save(i)) for i, layer in enumerate(_decoder_layers(model))]
     try:
-        out = model(input_ids[:, reused:], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids[:, done:], past_key_values=cache, use_cache=True, logits_to_keep=1)
     except BaseException:
         session.abort()
         raise
@@ -96,7 +141,8 @@ def prefill(model, input_ids: torch.Tensor, client, layout: Layout, namespace: s
             h.remove()
     handle = session.finish(lease_ttl_s)
     logits = out.logits[0, -1]
-    return PrefillResult(int(logits.argmax()), logits, handle, reused, time.perf_counter() - start)
+    return PrefillResult(int(logits.argmax()), logits, handle, reused, time.perf_counter() - start,
+                         check is not None, len(check.mismatches) if check else 0)
 
 
 @dataclasses.dataclass
@@ -106,41 +152,53 @@ class DecodeResult:
     loaded_tokens: int  # prompt tokens whose KV came from the store
     recomputed_tokens: int  # prompt tokens this side had to compute
     sources: list  # per block: (node, "local"/"remote") or None
-    load_seconds: float
+    load_seconds: float  # the load alone
+    verified: bool = False  # the loaded KV was checked against a recompute
+    mismatched_blocks: int = 0  # blocks the check found wrong (deleted; recomputed KV used)
+    verify_seconds: float = 0.0  # the recompute a check took
 
 
 @torch.no_grad()
 def decode(model, input_ids: torch.Tensor, first_token: int, client, handle: Handle,
-           max_new_tokens: int) -> DecodeResult:
+           max_new_tokens: int, verify=None) -> DecodeResult:
     """Continues a request prefilled elsewhere: its KV from the store, then greedy decoding."""
     start = time.perf_counter()
     loaded = load(client, handle)
-    cache = cache_from(loaded, model.config)
     load_seconds = time.perf_counter() - start
+    r = restore(model, input_ids, client, loaded, verify)
+    cache = r.cache
     n = input_ids.shape[1]
-    if loaded.num_tokens < n:  # the tail block, or everything after a lost block
-        model(input_ids[:, loaded.num_tokens:], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    if r.num_tokens < n:  # the tail block, or everything after a lost block
+        model(input_ids[:, r.num_tokens:], past_key_values=cache, use_cache=True, logits_to_keep=1)
     tokens, logits = [first_token], []
     for _ in range(max_new_tokens - 1):
         step = model(torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True).logits[0, -1]
         logits.append(step)
         tokens.append(int(step.argmax()))
-    return DecodeResult(tokens, logits, loaded.num_tokens, n - loaded.num_tokens, loaded.sources, load_seconds)
+    check = r.check
+    return DecodeResult(tokens, logits, r.loaded_tokens, n - r.loaded_tokens, loaded.sources, load_seconds,
+                        check is not None, len(check.mismatches) if check else 0, check.seconds if check else 0.0)
 
 
 @torch.no_grad()
 def first_token(model, input_ids: torch.Tensor, client=None, layout: Layout | None = None,
-                namespace: str = "default") -> tuple[int, torch.Tensor, int]:
+                namespace: str = "default", verify=None) -> tuple[int, torch.Tensor, int]:
     """The first token of a prompt: from the longest stored prefix plus the rest computed, or
     (client None) by computing the whole prompt. Returns (token, logits, tokens loaded)."""
+    token, logits, restored = _first_token(model, input_ids, client, layout, namespace, verify)
+    return token, logits, restored.loaded_tokens if restored else 0
+
+
+def _first_token(model, input_ids, client, layout, namespace, verify) -> tuple[int, torch.Tensor, Restored | None]:
     n = input_ids.shape[1]
     if client is None:
-        cache, done = cache_from(None, model.config), 0
+        r, cache, done = None, cache_from(None, model.config), 0
     else:
         loaded = load(client, token_ids=input_ids[0].tolist(), layout=layout, namespace=namespace, max_tokens=n - 1)
-        cache, done = cache_from(loaded, model.config), loaded.num_tokens
+        r = restore(model, input_ids, client, loaded, verify)
+        cache, done = r.cache, r.num_tokens
     logits = model(input_ids[:, done:], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
-    return int(logits.argmax()), logits, done
+    return int(logits.argmax()), logits, r
 
 
 @torch.no_grad()
@@ -168,34 +226,47 @@ class Worker:
     """A model and a kvstore client in one process (a Ray actor on one node, say).
 
     `model_factory` builds the model (e.g. functools.partial(tiny_llama, seed=0)); every worker
-    of a deployment must build the same weights.
+    of a deployment must build the same weights. The layout takes the model's dtype. `verify`:
+    a Verifier, VerifySettings or a dict of them, or None: the process's shared Verifier with
+    the default settings.
     """
 
     def __init__(self, model_factory: Callable, model_id: str, block_tokens: int = 16, threads: int = 1,
-                 namespace: str = "default") -> None:
+                 namespace: str = "default", verify: VerifySettings | dict | None = None) -> None:
         import kvstore
 
         torch.set_num_threads(threads)  # equal thread counts keep results bit-identical
         self.model = model_factory()
         self.client = kvstore.connect()
-        self.layout = layout_for(self.model.config, model_id, block_tokens)
+        self.layout = layout_for(self.model.config, model_id, block_tokens, dtype=self.model.dtype)
         self.namespace = namespace
         self.node_id = self.client.node_id
+        self.verifier = as_verifier(verify)  # None: the process's shared one
 
     def prefill(self, token_ids: list[int], reuse: bool = True) -> dict:
-        r = prefill(self.model, torch.tensor([token_ids]), self.client, self.layout, self.namespace, reuse)
+        r = prefill(self.model, torch.tensor([token_ids]), self.client, self.layout, self.namespace, reuse,
+                    verify=self.verifier)
         return {"first_token": r.first_token, "logits": r.logits, "handle": r.handle.to_dict(),
-                "reused_tokens": r.reused_tokens, "seconds": r.seconds, "node_id": self.node_id}
+                "reused_tokens": r.reused_tokens, "seconds": r.seconds, "node_id": self.node_id,
+                "verified": r.verified, "mismatched_blocks": r.mismatched_blocks}
 
     def decode(self, token_ids: list[int], first: int, handle: dict, max_new_tokens: int) -> dict:
-        r = decode(self.model, torch.tensor([token_ids]), first, self.client, Handle.from_dict(handle), max_new_tokens)
+        r = decode(self.model, torch.tensor([token_ids]), first, self.client, Handle.from_dict(handle), max_new_tokens,
+                   verify=self.verifier)
         return dataclasses.asdict(r) | {"node_id": self.node_id}
 
     def first_token(self, token_ids: list[int], use_store: bool = True) -> dict:
+        """`seconds` includes a verification's recompute when this load was checked (`verified`)."""
         start = time.perf_counter()
-        token, logits, loaded = first_token(self.model, torch.tensor([token_ids]),
-                                            self.client if use_store else None, self.layout, self.namespace)
-        return {"token": token, "logits": logits, "loaded_tokens": loaded, "seconds": time.perf_counter() - start}
+        token, logits, r = _first_token(self.model, torch.tensor([token_ids]), self.client if use_store else None,
+                                        self.layout, self.namespace, self.verifier)
+        return {"token": token, "logits": logits, "loaded_tokens": r.loaded_tokens if r else 0,
+                "seconds": time.perf_counter() - start, "verified": bool(r and r.check),
+                "mismatched_blocks": len(r.check.mismatches) if r and r.check else 0}
+
+    def verification(self) -> dict:
+        """This worker's verified-restore counters and quarantine (see connectors/verify.py)."""
+        return self.verifier.stats()
 
     def reference(self, token_ids: list[int], max_new_tokens: int) -> dict:
         tokens, logits = generate_reference(self.model, torch.tensor([token_ids]), max_new_tokens)

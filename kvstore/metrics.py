@@ -31,6 +31,12 @@ _STORE_COUNTERS = {
     "corrupt_dropped": "Blocks dropped because their checksum failed.",
     "io_errors": "Block reads or writes that failed.",
 }
+_VERIFY_COUNTERS = {
+    "checks": "Loads from the source that a connector checked against a recompute of the prefix.",
+    "mismatches": "Checked loads from the source whose KV did not match the recompute.",
+    "checked_blocks": "Blocks from the source checked against a recompute.",
+    "mismatched_blocks": "Blocks from the source that did not match (deleted from the store).",
+}
 _DATAPLANE_COUNTERS = {
     "requests": "Data-plane (Arrow Flight) requests served.",
     "errors": "Data-plane requests refused as malformed or oversize.",
@@ -67,6 +73,17 @@ def render(stats: dict, rates: dict[str, dict[str, float]] | None = None) -> str
              stats.get("nodes_dropped", 0))
     w.sample("kvstore_index_keys", "gauge", "Distinct blocks in the cluster index.", stats.get("index_keys", 0))
     w.sample("kvstore_leases", "gauge", "Handoff leases outstanding.", stats.get("leases", 0))
+    verification = stats.get("verification", {})
+    w.sample("kvstore_verify_quarantined_sources", "gauge",
+             "Sources (node, medium) quarantined after their KV did not match a recompute.",
+             len(verification.get("quarantined", [])))
+    for source in verification.get("sources", []):
+        labels = {"node": str(source.get("node_id", "?"))[:12], "medium": str(source.get("medium", "?"))}
+        for key, doc in _VERIFY_COUNTERS.items():
+            w.sample(f"kvstore_verify_{key}_total", "counter", doc, source.get(key, 0), **labels)
+    for source in verification.get("quarantined", []):
+        w.sample("kvstore_verify_quarantined", "gauge", "1 for a quarantined source (node, medium).", 1,
+                 node=str(source.get("node_id", "?"))[:12], medium=str(source.get("medium", "?")))
     for node_id, node in sorted(stats.get("nodes", {}).items()):
         node_label = node_id[:12]
         if "error" in node:

@@ -182,6 +182,7 @@ def _fmt_bytes(n: float) -> str:
 def status_page(stats: dict) -> str:
     """A page a person reads at a glance: nodes, tier fill, hit rate, bytes moved."""
     e = html.escape
+    verification = stats.get("verification", {})
     rows = []
     for node_id, node in sorted(stats.get("nodes", {}).items()):
         if "error" in node:
@@ -216,7 +217,9 @@ table{{border-collapse:collapse;width:100%}} td,th{{border-bottom:1px solid #ddd
 <p class=summary><span><b>{stats.get('nodes_registered', 0)}</b>nodes</span>
 <span><b>{stats.get('index_keys', 0):,}</b>blocks indexed</span>
 <span><b>{stats.get('leases', 0)}</b>leases</span>
-<span><b>{stats.get('nodes_dropped', 0)}</b>nodes lost</span></p>
+<span><b>{stats.get('nodes_dropped', 0)}</b>nodes lost</span>
+<span><b>{verification.get('mismatches', 0):,} / {verification.get('checks', 0):,}</b>verified loads wrong</span>
+<span><b{' class=bad' if verification.get('quarantined') else ''}>{len(verification.get('quarantined', []))}</b>sources quarantined</span></p>
 <table><tr><th>node</th><th>data plane</th><th>blocks</th><th>tiers</th><th>hit rate</th><th>moved</th><th>errors</th></tr>
 {''.join(rows) or '<tr><td colspan=7>no nodes yet</td></tr>'}
 </table><p>Refreshes every 5 s. Metrics: <code>/metrics</code> &middot; JSON: <code>/v1/stats</code></p>

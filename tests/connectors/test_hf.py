@@ -71,6 +71,7 @@ def test_handoff_across_nodes_is_bit_identical(cluster, workers, name):
     assert all(torch.equal(x, y) for x, y in zip(dec["logits"], ref["logits"][1:]))
     assert dec["loaded_tokens"] == 96 and dec["recomputed_tokens"] == 0
     assert {s for s in dec["sources"]} == {(rc.node_id(0), "remote")}
+    assert dec["verified"] and dec["mismatched_blocks"] == 0  # a new source's loads are checked: right KV passes
 
 
 def test_prompt_with_a_partial_tail_block(cluster, workers):
@@ -91,6 +92,7 @@ def test_second_request_prefills_only_its_new_part(cluster, workers):
     ref = ray.get(b.reference.remote(second, NEW_TOKENS))
     pre, dec = handoff(a, b, second)
     assert pre["reused_tokens"] == 48  # three shared full blocks came from the store
+    assert pre["verified"] and pre["mismatched_blocks"] == 0  # checked: KV computed in other chunks passes
     assert dec["tokens"] == ref["tokens"]
 
 
@@ -115,12 +117,43 @@ def test_block_lost_mid_handoff_is_recomputed(cluster, workers):
     assert dec["tokens"] == ref["tokens"]
 
 
+def bf16_llama():
+    return tiny_llama(seed=0).to(torch.bfloat16)
+
+
+def test_bf16_model_hands_off_in_its_own_dtype(cluster):
+    """Regression: the Worker built its layout as float32 whatever the model's dtype, so a bf16
+    model's prefill failed with PayloadError (the layer's dtype against the layout's)."""
+    rc, _ = cluster
+    a, b = (WorkerActor.options(resources={rc.resources[i]: 0.01}).remote(bf16_llama, "test/tiny-llama-bf16")
+            for i in (0, 1))
+    try:
+        ids = prompt(7, 96)
+        ref = ray.get(b.reference.remote(ids, NEW_TOKENS))
+        pre, dec = handoff(a, b, ids)
+        assert Handle.from_dict(pre["handle"]).layout.dtype == "bfloat16"
+        assert dec["loaded_tokens"] == 96 and dec["recomputed_tokens"] == 0
+        assert dec["tokens"] == ref["tokens"]
+        assert all(torch.equal(x, y) for x, y in zip(dec["logits"], ref["logits"][1:]))
+    finally:
+        for actor in (a, b):
+            ray.kill(actor)
+
+
 def test_negative_control_corrupted_kv_changes_the_tokens(cluster, workers):
-    _, client = cluster
-    b, ids, pre, handle, ref = prefilled_without_lease(client, workers, 6)
+    rc, client = cluster
+    _, ids, pre, handle, ref = prefilled_without_lease(client, workers, 6)
     client.delete(handle.keys)
     noise = torch.randn((len(handle.keys), handle.layout.block_nbytes // 4)).view(torch.uint8)
     assert client.put(handle.layout, handle.keys, noise).stored == len(handle.keys)
-    dec = ray.get(b.decode.remote(ids, pre["first_token"], pre["handle"], NEW_TOKENS))
-    assert dec["loaded_tokens"] == 96
+    # Verification off: with it, the first loads from a source are checked and this is caught
+    # (tests/connectors/test_hf_verify.py).
+    b = WorkerActor.options(resources={rc.resources[1]: 0.01}).remote(
+        functools.partial(tiny_llama, seed=0, **CONFIGS["gqa"]), "test/tiny-llama-gqa",
+        verify={"fraction": 0.0, "first_n": 0})
+    try:
+        dec = ray.get(b.decode.remote(ids, pre["first_token"], pre["handle"], NEW_TOKENS))
+    finally:
+        ray.kill(b)
+    assert dec["loaded_tokens"] == 96 and not dec["verified"]
     assert dec["tokens"] != ref["tokens"], "a decode on garbage KV must not match: the test would prove nothing"
