@@ -103,6 +103,7 @@ class Client:
         self._peers: dict[str, DataPlaneClient] = {}
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="kvstore-copy")
         self._verifier = ReadVerifier(config.verify_reads, config.verify_sample_fraction)
+        self.corrupt_received = 0  # pulled blocks that arrived failing their checksums
         self._background: list = []  # commits of blocks cached by earlier gets (see flush)
 
     def _local_node_info(self) -> dict:
@@ -245,25 +246,28 @@ class Client:
         nbytes = layout.block_nbytes
         copies = []
         cached: dict[bytes, int] = {}  # key -> checksum, of the blocks copied into the local cache
+        damaged: set[bytes] = set()
 
         def copy(key: bytes, data: memoryview, block_sum: int) -> None:
-            block = np.frombuffer(data, dtype=np.uint8)
-            np.copyto(rows[position[key]].numpy(), block)
+            row = rows[position[key]]
+            if copy_with_checksum(row, data) != block_sum:  # it came over the wire: always checked
+                log.warning("block %s arrived damaged (checksum mismatch); it is a miss", key.hex())
+                damaged.add(key)
+                return
             slot, generation = cache.get(key, (None, None))
             if slot is not None and int(self._arena.generations[slot]) == generation:  # not fenced
-                np.copyto(arena[slot, :nbytes], block)
+                np.copyto(arena[slot, :nbytes], row.numpy())
                 cached[key] = block_sum
 
         def sink(key: bytes, data: memoryview, block_sum: int) -> None:
-            # On another thread (NumPy lets go of the GIL), so the stream keeps being read and
-            # gRPC's flow control does not stall while a block is copied. The data plane has
-            # checked the block's checksum already.
+            # On another thread (NumPy and xxhash let go of the GIL), so the stream keeps being
+            # read and gRPC's flow control does not stall while a block is checked and copied.
             copies.append(self._copier.submit(copy, key, data, block_sum))
 
         try:
             for owner, idx in by_owner.items():
                 try:
-                    got = self._peer(addresses[owner]).get(layout, [keys[i] for i in idx], sink)
+                    got = self._peer(addresses[owner]).get(layout, [keys[i] for i in idx], sink, verify=False)
                 except TransferError as e:  # the owner died or refused: those blocks are misses
                     log.warning("%s", e)
                     self._peers.pop(addresses[owner], None)
@@ -274,6 +278,10 @@ class Client:
         finally:
             for done in copies:
                 done.result()
+            for i in owned:
+                if keys[i] in damaged:
+                    sources[i] = None
+            self.corrupt_received += len(damaged)
             # Slots whose block never came are aborted with the hold; the rest become visible,
             # under the checksums they travelled with (not hashed again).
             self._background.append(self._node.commit.remote(hold, list(cached), list(cached.values())))

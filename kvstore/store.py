@@ -366,11 +366,16 @@ class TieredStore:
         top = self.tiers[0]
         with self._lock:
             for handle in handles:
-                if handle is None or self.fenced(handle):
-                    continue
+                if handle is None or self.fenced(handle) or not self._uncommitted(handle.entry):
+                    continue  # fenced already, or its writer committed or aborted first
                 top.generations[handle.slot] += 1
                 self._settle_unwritten(handle.entry, hold_slot=True)
                 self._counters["fenced_writes"] += 1
+
+    @staticmethod
+    def _uncommitted(entry: BlockEntry) -> bool:
+        """Still being written: WRITING, or deleted while WRITING (a committed block has its checksum)."""
+        return entry.state is BlockState.WRITING or (entry.state is BlockState.DOOMED and entry.checksum is None)
 
     def fenced(self, handle: BlockHandle) -> bool:
         """Whether a reserved handle's slot was fenced since it was reserved."""

@@ -143,3 +143,16 @@ def test_verify_settings_are_checked():
     with pytest.raises(ConfigError, match="verify_sample_fraction=1.5"):
         load_config(verify_sample_fraction=1.5)
     assert load_config().verify_reads == "sampled"
+
+
+def test_a_fence_that_comes_after_the_commit_or_abort_changes_nothing(make_store):
+    store = make_store(("host",), host_slots=4)
+    committed, aborted = rand_key(), rand_key()
+    [done], [dropped] = store.reserve(LAYOUT, [committed]), store.reserve(LAYOUT, [aborted])
+    done.view.copy_(payload(committed))
+    assert store.commit([done]) == 1
+    store.abort([dropped])
+    store.fence([done, dropped])  # a deadline firing just too late
+    assert not store.fenced(done) and store.stats()["fenced_writes"] == 0
+    out = empty_out(1)
+    assert store.get(LAYOUT, [committed], out).found == [True] and torch.equal(out[0], payload(committed))
