@@ -32,7 +32,7 @@ import ray
 import torch
 
 from kvstore.connectors.handoff import Handle, Loaded, SaveSession, load
-from kvstore.connectors.verify import CheckResult, Verifier, VerifySettings, verifier as as_verifier
+from kvstore.connectors.verify import CheckResult, VerifySettings, verifier as as_verifier
 from kvstore.errors import InvalidLayoutError
 from kvstore.layout import Layout
 

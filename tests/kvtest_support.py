@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import time
 import uuid
 from typing import Iterable
 
@@ -30,6 +31,17 @@ LAYOUT = Layout("test/model@r1", num_layers=2, num_kv_heads=2, head_dim=8, dtype
 NBYTES = LAYOUT.block_nbytes  # 2048
 SLOT = NBYTES
 SHM_PREFIX = "kvtest"
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    """Polls predicate until it returns something truthy (returned), or fails naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def shm_name(tag: str = "") -> str:

@@ -20,6 +20,7 @@ import torch
 import kvstore
 from kvstore import Layout, block_keys, chain_parents
 from kvstore.cluster.localcluster import RayTestCluster
+from kvtest_support import wait_for
 
 pytestmark = pytest.mark.cluster
 # Ray workers cannot import this test module: ship its classes and functions by value.
@@ -94,15 +95,6 @@ def cluster(kv_cluster):
 def on_node(rc: RayTestCluster, i: int):
     return NodeClient.options(resources={rc.resources[i]: 0.01}).remote()
 
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def test_three_nodes_each_run_a_node_actor(cluster):

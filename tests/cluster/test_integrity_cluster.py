@@ -25,6 +25,7 @@ from kvstore.cluster.node import node_actor_name
 from kvstore.connectors.handoff import SaveSession
 from kvstore.errors import LeaseError
 from kvstore.tiers.host import HostArena
+from kvtest_support import wait_for
 
 pytestmark = pytest.mark.cluster
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -85,15 +86,6 @@ def scribble(client, node_id: str, keys: list[bytes]) -> None:
 def store_stats(client, node_id: str) -> dict:
     return ray.get(node_actor(client, node_id).stats.remote())["store"]
 
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def other_node(rc, client) -> str:
