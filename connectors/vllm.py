@@ -30,10 +30,22 @@ and report completions back. Both connect to kvstore with `kvstore.connect(addre
 per process, shared).
 
 Block keys. kvstore block size = vLLM block size (`cache_config.block_size`; 128 on CPU). A
-block's key is `kvstore.block_keys(prompt_token_ids, layout, namespace)[i]`, where the layout is
-derived from the vLLM config (`derive_layout`): model id, attention layers, KV heads and head
-size per TP rank, the KV cache dtype, block size, TP rank and size. Only full blocks of the
+block's key is `kvstore.block_keys(prompt_token_ids, layout, namespace, extra=...,
+block_extra=...)[i]`, where the layout is derived from the vLLM config (`derive_layout`): model
+id, attention layers, KV heads and head size per TP rank, the KV cache dtype, block size, TP rank
+and size; and the extras are what else vLLM's own prefix cache folds into a block's hash
+(`cache_extras`): the request's LoRA adapter (name and path) and cache salt for every block, and,
+for each block a multimodal input's placeholder range overlaps, that input's identifier (content
+hash) and offset relative to the block. So requests that differ in any of these never share a
+block. A request with prompt embeddings is neither looked up nor saved. Only full blocks of the
 prompt are stored; the partial tail, and generated tokens, are always computed by the engine.
+
+Models. Every layer's KV cache spec must be causal full attention (vLLM's `FullAttentionSpec`
+itself), in one KV cache group: a model with sliding-window-only attention (vLLM frees blocks that
+leave the window mid-request), chunked local attention, MLA or Mamba layers is refused at engine
+start, the error naming the layer and its spec. A model that mixes sliding-window and full-attention
+layers runs: with this connector vLLM turns its hybrid KV cache manager off and keeps every block
+of every layer (`_attention_group`).
 
 Load modes (`kvstore_load_mode`): "async" (default) returns `(n, True)` from
 `get_num_new_matched_tokens`: the request waits in WAITING_FOR_REMOTE_KVS while a worker thread
@@ -71,8 +83,8 @@ kv_transfer_params returned by a producer's `request_finished` (the handoff; see
 
 A consumer given these (vLLM passes them to the decode request as
 `SamplingParams(extra_args={"kv_transfer_params": ...})`) checks that the keys are its own
-(same tokens, layout and namespace; otherwise it ignores the handle), loads, and releases the
-leases once the blocks are in its cache.
+(same tokens, extras, layout and namespace; otherwise it ignores the handle), loads, and releases
+the leases once the blocks are in its cache.
 """
 from __future__ import annotations
 
@@ -214,16 +226,37 @@ _BAD_ID_CHARS = re.compile(r"[^\w.\-/:@+]")
 
 
 def _attention_group(kv_cache_config: "KVCacheConfig"):
-    from vllm.v1.kv_cache_interface import AttentionSpec, MLAAttentionSpec
+    """The model's one KV cache group, after checking every layer's spec in every group.
+
+    Only `FullAttentionSpec` itself, causal, is accepted. The other attention specs (its
+    subclasses included) break the connector's premise that a prompt block, once computed, stays
+    in vLLM's cache and holds KV that depends on the tokens up to it alone: vLLM frees the blocks
+    that leave a sliding window (SlidingWindowSpec, RSWASpec) or a local chunk mid-request, MLA
+    stores another payload, and a non-causal layer's KV depends on later tokens. A sliding-window
+    layer that vLLM promoted to a `FullAttentionSpec` (the window recorded in `sliding_window`;
+    vLLM does so for hybrid models when its hybrid KV cache manager is off, as it is for this
+    connector) keeps every block, so it is accepted.
+    """
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, UniformTypeKVCacheSpecs
 
     groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1:
+    for group in groups:
+        spec = group.kv_cache_spec
+        per_layer = (spec.kv_cache_specs if isinstance(spec, UniformTypeKVCacheSpecs)
+                     else dict.fromkeys(group.layer_names, spec))
+        for layer, layer_spec in per_layer.items():
+            if type(layer_spec) is not FullAttentionSpec or layer_spec.non_causal:
+                raise NotImplementedError(
+                    f"kvstore's vLLM connector supports only models whose every layer is causal full attention "
+                    f"(vLLM's FullAttentionSpec), but layer {layer} has "
+                    f"{'a non-causal ' if type(layer_spec) is FullAttentionSpec else ''}{type(layer_spec).__name__}: "
+                    f"{layer_spec}")
+    spec = groups[0].kv_cache_spec if len(groups) == 1 else None
+    if not isinstance(spec, FullAttentionSpec):  # several groups, or layers of several shapes in one
         raise NotImplementedError(
-            f"kvstore's vLLM connector supports models with one KV cache group; this one has {len(groups)} "
-            f"(hybrid attention or sliding-window mixes)")
-    spec = groups[0].kv_cache_spec
-    if isinstance(spec, MLAAttentionSpec) or not isinstance(spec, AttentionSpec):
-        raise NotImplementedError(f"kvstore's vLLM connector does not support KV cache spec {type(spec).__name__}")
+            f"kvstore's vLLM connector supports models whose layers share one KV cache spec; this one has "
+            f"{len(groups)} KV cache group(s): "
+            + "; ".join(f"{type(g.kv_cache_spec).__name__} for {g.layer_names}" for g in groups))
     if spec.head_size_v != spec.head_size:
         raise NotImplementedError(f"K head size {spec.head_size} != V head size {spec.head_size_v}")
     return groups[0]
@@ -255,6 +288,32 @@ def derive_layout(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig", t
     return Layout(model_id=model_id, num_layers=len(group.layer_names), num_kv_heads=spec.num_kv_heads,
                   head_dim=spec.head_size, dtype=dtype, block_tokens=spec.block_size, tp_rank=tp_rank,
                   tp_size=vllm_config.parallel_config.tensor_parallel_size)
+
+
+# -- key extras ----------------------------------------------------------------------------------
+
+def cache_extras(request: "Request", block_size: int) -> tuple[bytes, dict[int, bytes]]:
+    """What besides its token ids determines the KV of a request's blocks, as `kvstore.block_keys`
+    extras: (request-wide extra, {block index: that block's extra}).
+
+    The same inputs as vLLM's own prefix cache (vllm/v1/core/kv_cache_utils.py,
+    generate_block_hash_extra_keys): the LoRA adapter's name and path (a name re-pointed at another
+    adapter must not reuse KV), the cache salt (vLLM hashes it into the first block, and the chain
+    carries it on; here it is in every block, to the same effect), and for each block that a
+    multimodal input's placeholder range overlaps, the input's identifier (its content hash) and
+    offset relative to the block start (negative when it began in an earlier block), so the same
+    placeholder ids with another image, or the same image elsewhere, key differently. Prompt
+    embeddings are not here: such requests are never keyed (`KVStoreConnector._req_state`).
+    """
+    lora = request.lora_request
+    extra = kvstore.cache_extra(lora=[lora.lora_name, lora.lora_path] if lora else None,
+                                cache_salt=request.cache_salt or None)
+    mm: dict[int, list[list]] = {}
+    for feature in sorted(request.mm_features or (), key=lambda f: f.mm_position.offset):
+        offset, length = feature.mm_position.offset, feature.mm_position.length
+        for block in range(offset // block_size, (offset + length - 1) // block_size + 1):
+            mm.setdefault(block, []).append([feature.identifier, offset - block * block_size])
+    return extra, {block: kvstore.cache_extra(mm=items) for block, items in mm.items()}
 
 
 # -- metadata (scheduler -> workers) -------------------------------------------------------------
@@ -351,16 +410,18 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._consumes = tc.is_kv_consumer
         self._block_size = vllm_config.cache_config.block_size
         self._tp_size = vllm_config.parallel_config.tensor_parallel_size
-        self._client = _client(self.settings)
-        self._namespace = self.settings.namespace or self._client.config.namespace
+        # The layouts first: a model the connector cannot serve is refused before any connection.
         self._layouts = [derive_layout(vllm_config, kv_cache_config, r, self.settings.model_id)
                          for r in range(self._tp_size)]
         if self._layouts[0].block_tokens != self._block_size:
             raise ValueError(f"KV cache block size {self._layouts[0].block_tokens} != cache_config.block_size "
                              f"{self._block_size}")
+        self._client = _client(self.settings)
+        self._namespace = self.settings.namespace or self._client.config.namespace
         self._stats: dict[str, float] = {}
         if role == KVConnectorRole.SCHEDULER:
             self._reqs: dict[str, _Req] = {}
+            self._told_embeds = False  # the refusal of prompt embeddings was logged
             self._sync_loaded: list[str] = []  # sync loads sent last step: release their leases
             self._held: set[str] = set()       # finished requests whose blocks wait for async saves
         else:
@@ -376,11 +437,25 @@ class KVStoreConnector(KVConnectorBase_V1):
     # Scheduler side (engine core)
     # ============================================================================================
 
-    def _req_state(self, request_id: str, prompt: list[int] | None) -> _Req | None:
-        st = self._reqs.get(request_id)
-        if st is None and prompt is not None:
-            keys = [kvstore.block_keys(prompt, layout, self._namespace) for layout in self._layouts]
-            st = self._reqs[request_id] = _Req(keys=keys, prompt_len=len(prompt))
+    def _req_state(self, request: "Request") -> _Req:
+        """The request's state, made the first time the scheduler shows it (in
+        get_num_new_matched_tokens or update_state_after_alloc, both before it is scheduled)."""
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            prompt = list(request.prompt_token_ids or [])
+            if request.prompt_embeds is not None:
+                # Its KV comes from the embeddings, not the ids: no key names it (vLLM hashes the
+                # embeddings; kvstore does not), so it is neither loaded nor saved.
+                if not self._told_embeds:
+                    log.warning("kvstore connector: requests with prompt embeddings are neither loaded from nor "
+                                "saved to kvstore (first: %s)", request.request_id)
+                    self._told_embeds = True
+                keys: list[list[bytes]] = [[] for _ in self._layouts]
+            else:
+                extra, block_extra = cache_extras(request, self._block_size)
+                keys = [kvstore.block_keys(prompt, layout, self._namespace, extra=extra, block_extra=block_extra)
+                        for layout in self._layouts]
+            st = self._reqs[request.request_id] = _Req(keys=keys, prompt_len=len(prompt))
         return st
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -395,7 +470,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         prompt (vLLM recomputes the last token). No side effects beyond remembering the lookup."""
         if not self._consumes:
             return 0, False
-        st = self._req_state(request.request_id, list(request.prompt_token_ids or []))
+        st = self._req_state(request)
         B = self._block_size
         limit = len(st.keys[0]) if self.settings.load_async else min(len(st.keys[0]), (request.num_tokens - 1) // B)
         first = num_computed_tokens // B
@@ -424,8 +499,9 @@ class KVStoreConnector(KVConnectorBase_V1):
         except (TypeError, ValueError):
             theirs = None
         if not theirs or theirs != st.keys[0][:len(theirs)]:
-            log.warning("request %s: its kvstore handle names other blocks (different tokens, layout or "
-                        "namespace); ignoring it and looking up its own keys", request.request_id)
+            log.warning("request %s: its kvstore handle names other blocks (different tokens, LoRA, cache salt, "
+                        "multimodal inputs, layout or namespace); ignoring it and looking up its own keys",
+                        request.request_id)
             return
         st.handle_leases = [lease for lease in (params.get("kvstore_leases") or [params.get("kvstore_lease")]) if lease]
 
@@ -434,9 +510,9 @@ class KVStoreConnector(KVConnectorBase_V1):
         once more after the load with num_external_tokens=0). With external tokens, plans the load
         of the blocks the last lookup found into the request's newly allocated blocks; it goes to
         the workers in this step's metadata."""
+        st = self._req_state(request)
         if num_external_tokens <= 0:
             return
-        st = self._reqs[request.request_id]
         B = self._block_size
         first = st.lookup[0]
         end = first + num_external_tokens // B
@@ -464,7 +540,7 @@ class KVStoreConnector(KVConnectorBase_V1):
                 st.pending_load = None
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
-            st = self._req_state(new.req_id, list(new.prompt_token_ids or []))
+            st = self._reqs[new.req_id]  # made in update_state_after_alloc, which vLLM calls first
             st.block_ids = list(new.block_ids[0])
             st.saved = max(st.saved, new.num_computed_tokens // self._block_size)
             self._plan_save(meta, new.req_id, st, new.num_computed_tokens + scheduled.get(new.req_id, 0))

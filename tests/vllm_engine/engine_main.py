@@ -4,10 +4,12 @@
 
 spec: model (dir), max_tokens, connector (None or a dict: kv_role, extra config,
 kv_load_failure_policy), ray (None or {"address", "node_ip"}: join the test's Ray cluster as a
-driver on that node first, so the connector's kvstore.connect() reuses it), and rounds: a list
-of {prompts (lists of token ids), handoffs (per prompt: kv_transfer_params to pass, or None),
-corrupt (optional: hex keys whose blocks are replaced by noise in the store before the round,
-the negative control)}. The rounds run one after the other in the same engine.
+driver on that node first, so the connector's kvstore.connect() reuses it), max_lora_rank
+(optional: enables LoRA), and rounds: a list of {prompts (each a list of token ids, or a dict
+{"tokens", "cache_salt" (optional), "lora" (optional: [name, int id, path])}), handoffs (per
+prompt: kv_transfer_params to pass, or None), corrupt (optional: hex keys whose blocks are
+replaced by noise in the store before the round, the negative control)}. The rounds run one
+after the other in the same engine.
 
 Prints one line `RESULT {json}`: per round the generated token ids, the returned
 kv_transfer_params, the connector's per-process totals after the round, and where the store
@@ -35,8 +37,11 @@ def main() -> None:
                  log_to_driver=False)
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
+    from vllm.lora.request import LoRARequest
 
     kwargs = {}
+    if spec.get("max_lora_rank"):
+        kwargs.update(enable_lora=True, max_lora_rank=spec["max_lora_rank"], max_loras=2)
     if spec.get("connector"):
         c = spec["connector"]
         kwargs["kv_transfer_config"] = KVTransferConfig(
@@ -53,7 +58,11 @@ def main() -> None:
         handoffs = rnd.get("handoffs") or [None] * len(rnd["prompts"])
         params = [SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 8), ignore_eos=True,
                                  extra_args={"kv_transfer_params": h} if h else None) for h in handoffs]
-        outs = llm.generate([{"prompt_token_ids": p} for p in rnd["prompts"]], params, use_tqdm=False)
+        prompts = [p if isinstance(p, dict) else {"tokens": p} for p in rnd["prompts"]]
+        inputs = [{"prompt_token_ids": p["tokens"], **({"cache_salt": p["cache_salt"]} if p.get("cache_salt") else {})}
+                  for p in prompts]
+        loras = [LoRARequest(*p["lora"]) if p.get("lora") else None for p in prompts]
+        outs = llm.generate(inputs, params, lora_request=loras, use_tqdm=False)
         result = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
                   "kv_transfer_params": [o.kv_transfer_params for o in outs]}
         if spec.get("connector"):

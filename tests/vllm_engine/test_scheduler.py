@@ -49,7 +49,9 @@ def make_scheduler(model: str, address: str, role: str, **extra):
                      structured_output_manager=StructuredOutputManager(config), block_size=BLOCK, log_stats=True)
 
 
-def request(req_id: str, tokens: list[int], max_tokens: int = 2, kv_transfer_params: dict | None = None):
+def request(req_id: str, tokens: list[int], max_tokens: int = 2, kv_transfer_params: dict | None = None,
+            **inputs):
+    """A vLLM Request; `inputs` are its other inputs (cache_salt, lora_request, mm_features, prompt_embeds)."""
     from vllm import SamplingParams
     from vllm.utils.hashing import sha256
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
@@ -58,7 +60,7 @@ def request(req_id: str, tokens: list[int], max_tokens: int = 2, kv_transfer_par
     init_none_hash(sha256)
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True,
                             extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None)
-    return Request(req_id, tokens, params, None, block_hasher=get_request_block_hasher(BLOCK, sha256))
+    return Request(req_id, tokens, params, None, block_hasher=get_request_block_hasher(BLOCK, sha256), **inputs)
 
 
 def output(scheduler, so, *, sending=(), recving=(), invalid=()):
@@ -84,12 +86,13 @@ def step(scheduler, **kv):
     return so, finished
 
 
-def put_blocks(client, connector, tokens: list[int], n: int) -> list[bytes]:
-    """Stores the first n blocks of `tokens` as the producer's worker would have."""
+def put_blocks(client, connector, tokens: list[int], n: int, extra: bytes = b"",
+               block_extra: dict[int, bytes] | None = None) -> list[bytes]:
+    """Stores the first n blocks of `tokens` (with key extras) as the producer's worker would have."""
     import kvstore
 
     layout = connector._layouts[0]
-    keys = kvstore.block_keys(tokens, layout, connector._namespace)[:n]
+    keys = kvstore.block_keys(tokens, layout, connector._namespace, extra=extra, block_extra=block_extra)[:n]
     blocks = torch.randn((n, *layout.block_shape)).to(layout.torch_dtype)
     result = client.put(layout, keys, blocks, parents=kvstore.chain_parents(keys))
     assert not result.rejected, result
@@ -252,3 +255,121 @@ def test_a_foreign_handle_is_ignored(tiny_model, store):
     assert not so.kv_connector_metadata.loads and so.num_scheduled_tokens == {"f": 300}
     step(c)
     assert_clean(c, free0)
+
+
+# -- cache identity: inputs besides token ids ----------------------------------------------------
+
+def save_as_worker(client, connector, so) -> list[bytes]:
+    """Commits the saves planned in step `so` as the workers would (random payloads); their keys."""
+    import kvstore
+
+    layout = connector._layouts[0]
+    keys = []
+    for save in so.kv_connector_metadata.saves:
+        blocks = torch.randn((len(save.block_ids), *layout.block_shape)).to(layout.torch_dtype)
+        result = client.put(layout, save.keys[0], blocks, parents=kvstore.chain_parents(save.keys[0], save.parents[0]))
+        assert not result.rejected, result
+        keys += save.keys[0]
+    return keys
+
+
+def image(identifier: str, offset: int, length: int):
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+
+    return MultiModalFeatureSpec(data=None, modality="image", identifier=identifier,
+                                 mm_position=PlaceholderRange(offset=offset, length=length))
+
+
+def loads_of_first_step(s, req) -> list[list[bytes]]:
+    """Adds the request and runs one step: the keys of the loads the connector planned for it."""
+    s.add_request(req)
+    so, _ = step(s)
+    return [load.keys[0] for load in so.kv_connector_metadata.loads if load.req_id == req.request_id]
+
+
+def test_a_handle_of_another_cache_salt_is_ignored(tiny_model, store):
+    """Same tokens, another cache salt: the producer's handle is not this request's, and none of
+    the blocks stored under the other salt is looked up or loaded."""
+    from kvstore.errors import LeaseError
+
+    address, client = store
+    p = make_scheduler(tiny_model, address, "kv_producer")
+    tokens = prompt(8, 300)
+    p.add_request(request("p", tokens, max_tokens=1, cache_salt="tenant-a"))
+    so = p.schedule()
+    stored = save_as_worker(client, p.connector, so)
+    outs = p.update_from_output(so, output(p, so))
+    (handle,) = [o.kv_transfer_params for eco in outs.values() for o in eco.outputs]
+    assert handle["kvstore_keys"] == [k.hex() for k in stored] and handle["kvstore_lease"]
+
+    c = make_scheduler(tiny_model, address, "kv_consumer", kvstore_load_mode="sync")
+    free0 = free_blocks(c)
+    assert loads_of_first_step(c, request("b", tokens, kv_transfer_params=handle, cache_salt="tenant-b")) == []
+    assert not c.connector._reqs["b"].handle_leases  # the handle was not taken as its own
+    assert all(k not in stored for k in c.connector._reqs["b"].keys[0])
+    for _ in range(2):
+        step(c)
+    # The producer's own salt: the handle is its, the blocks load, the lease is released.
+    assert loads_of_first_step(c, request("a", tokens, kv_transfer_params=handle, cache_salt="tenant-a")) == [stored]
+    with pytest.raises(LeaseError):
+        client.release_lease(handle["kvstore_lease"])
+    for _ in range(3):
+        step(c)
+    assert_clean(c, free0)
+
+
+def image(identifier: str, offset: int, length: int):
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+
+    return MultiModalFeatureSpec(data=None, modality="image", identifier=identifier,
+                                 mm_position=PlaceholderRange(offset=offset, length=length))
+
+
+def test_multimodal_inputs_key_the_blocks_they_overlap(tiny_model, store):
+    """The same placeholder token ids with another image (or the same image elsewhere, or none)
+    share no block. The scheduler cannot compute past an image here (a text-only model has no
+    encoder budget), so the requests that miss are aborted; those that hit load and finish."""
+    from vllm.v1.request import RequestStatus
+
+    from kvstore.connectors.vllm import cache_extras
+
+    address, client = store
+    s = make_scheduler(tiny_model, address, "kv_consumer")
+    free0 = free_blocks(s)
+    tokens = prompt(9, 300)
+
+    def with_image(req_id, identifier, offset):  # 60 placeholder tokens: in blocks 0 and 1
+        return request(req_id, tokens, mm_features=[image(identifier, offset, 60)])
+
+    text = put_blocks(client, s.connector, tokens, 2)  # as a text-only request stored them
+    with_a = put_blocks(client, s.connector, tokens, 2, *cache_extras(with_image("-", "img-a", 100), BLOCK))
+    assert not set(text) & set(with_a)
+
+    assert loads_of_first_step(s, with_image("b", "img-b", 100)) == []      # another image
+    assert loads_of_first_step(s, with_image("a-moved", "img-a", 110)) == []  # the image elsewhere
+    assert loads_of_first_step(s, with_image("a", "img-a", 100)) == [with_a]
+    assert loads_of_first_step(s, request("text", tokens)) == [text]
+    s.finish_requests(["b", "a-moved"], RequestStatus.FINISHED_ABORTED)
+    step(s, recving={"a", "text"})
+    for _ in range(3):
+        step(s)
+    assert_clean(s, free0)
+
+
+def test_requests_with_prompt_embeddings_are_neither_loaded_nor_saved(tiny_model, store, caplog):
+    """Their KV comes from the embeddings, which no key covers: blocks stored for the same token
+    ids are not loaded, nothing is saved, no handle is returned; the refusal is logged once."""
+    address, client = store
+    s = make_scheduler(tiny_model, address, "kv_both", kvstore_save_mode="sync")
+    free0 = free_blocks(s)
+    tokens = prompt(10, 300)
+    put_blocks(client, s.connector, tokens, 2)
+    for req_id in ("e1", "e2"):
+        embeds = torch.randn((len(tokens), 128), generator=torch.Generator().manual_seed(int(req_id[1:])))
+        s.add_request(request(req_id, tokens, max_tokens=1, prompt_embeds=embeds))
+    so, finished = step(s)
+    assert not so.kv_connector_metadata.loads and not so.kv_connector_metadata.saves
+    assert so.num_scheduled_tokens == {"e1": 300, "e2": 300}
+    assert {r: f.kv_transfer_params for r, f in finished.items()} == {"e1": None, "e2": None}
+    assert len([r for r in caplog.records if "prompt embeddings" in r.getMessage()]) == 1
+    assert_clean(s, free0)
