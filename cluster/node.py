@@ -19,6 +19,7 @@ import time
 import ray
 
 from kvstore.cluster.dataplane import DataPlaneServer
+from kvstore.cluster.identity import claim_nvme_dir
 from kvstore.config import load_config
 from kvstore.errors import LeaseError
 from kvstore.events import Event, encode_batch
@@ -46,8 +47,11 @@ class NodeService:
     def __init__(self, node_id: str, namespace: str, token: str, overrides: dict) -> None:
         config = load_config(os.environ.get("KVSTORE_CONFIG") or None, **overrides)
         short = node_id[:12]
-        if config.nvme_tier_bytes:
-            config = dataclasses.replace(config, nvme_path=os.path.join(config.nvme_path, short))
+        # The NVMe file is found again by the node's stable name, never by Ray's node id (new at
+        # every start); the directory is locked for this process's life (see cluster/identity.py).
+        self._nvme_claim = claim_nvme_dir(config, {"ray_node_id": node_id}) if config.nvme_tier_bytes else None
+        if self._nvme_claim is not None:
+            config = dataclasses.replace(config, nvme_path=self._nvme_claim.directory)
         self.config = config
         self.node_id = node_id
         self._namespace = namespace
@@ -55,8 +59,13 @@ class NodeService:
         self._outbox: list[Event] = []
         self._outbox_lock = threading.Lock()
         self._send_lock = threading.Lock()
-        self.store = TieredStore.from_config(config, shm_name=f"{config.shm_prefix}-{short}-{os.getpid()}",
-                                             listener=self._on_events)
+        try:
+            self.store = TieredStore.from_config(config, shm_name=f"{config.shm_prefix}-{short}-{os.getpid()}",
+                                                 listener=self._on_events)
+        except BaseException:
+            if self._nvme_claim is not None:
+                self._nvme_claim.release()
+            raise
         host = config.flight_host or ray.util.get_node_ip_address()
         self.server = DataPlaneServer(self.store, host, config.flight_port, token, config.max_request_bytes,
                                       config.transfer_timeout_s).start()
@@ -162,7 +171,8 @@ class NodeService:
         """The controller's stats call: info, the store's counters, the data plane's, open holds."""
         with self._holds_lock:
             holds = len(self._holds)
-        return {**self.info(), "store": self.store.stats(), "dataplane": dict(self.server.counters), "holds": holds}
+        return {**self.info(), "store": self.store.stats(), "dataplane": dict(self.server.counters), "holds": holds,
+                "nvme": self._nvme_claim.stats() if self._nvme_claim is not None else None}
 
     def shutdown(self) -> None:
         """The controller stopping the cluster: stops the pump and the server, unlinks the arena."""
