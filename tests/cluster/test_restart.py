@@ -30,6 +30,7 @@ from kvstore.errors import ConfigError
 from kvstore.store import TieredStore
 from kvstore.tiers.host import SHM_DIR
 from kvstore.tiers.nvme import FILE_NAME
+from kvtest_support import wait_for
 
 # Ray workers cannot import this test module: ship its classes and functions by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -87,15 +88,6 @@ class NodeClient:
     def get_checked(self, keys: list[bytes]) -> dict:
         return checked_get(self.client, keys)
 
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 class KV:

@@ -30,7 +30,7 @@ from .conftest import (
 # schema's kvstoreConfig, so a setting added to the service shows up here until the chart has it.
 CHART_OWNED = {
     "http_host", "http_port", "flight_host", "flight_port",
-    "nvme_path", "ray_address", "auth_token", "auth_token_file",
+    "nvme_path", "ray_address", "auth_token", "auth_token_file", "node_name",
 }
 TOKEN_PATH = "/etc/kvstore/secret/token"
 CONFIG_PATH = "/etc/kvstore/config.yaml"
@@ -217,6 +217,13 @@ def test_nvme_volumes(rendered_ci, values_ci):
     assert claim["resources"]["requests"]["storage"] == gpu["nvme"]["pvc"]["size"]
     # A group without an NVMe volume has none.
     assert "nvme" not in volumes(templates["cpu-memory"])
+    # A host path's NVMe file is found again by the Kubernetes node's name (a recreated pod has a new
+    # name); a per-pod volume dies with its pod, so the pod's own name (the default) is right there.
+    def node_name_env(template):
+        env = {e["name"]: e for e in template["spec"]["containers"][0].get("env", [])}
+        return env.get("KVSTORE_NODE_NAME")
+    assert node_name_env(templates["head"])["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert node_name_env(templates["gpu"]) is None and node_name_env(templates["cpu-memory"]) is None
 
 
 # --- the config files -------------------------------------------------------------------------

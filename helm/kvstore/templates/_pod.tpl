@@ -203,6 +203,14 @@ spec:
           containerPort: {{ $root.Values.ports.flight }}
       env:
         {{- include "kvstore.env" . | nindent 8 }}
+        {{- if eq $nvmeType "hostPath" }}
+        # The NVMe file on a host path is found again by the Kubernetes node's name: a recreated
+        # pod (a new name) on the same node re-adopts it. One pod per node and host path.
+        - name: KVSTORE_NODE_NAME
+          valueFrom:
+            fieldRef:
+              fieldPath: spec.nodeName
+        {{- end }}
       {{- with $resources }}
       resources:
         {{- toYaml . | nindent 8 }}
