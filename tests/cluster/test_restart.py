@@ -14,7 +14,6 @@ import hashlib
 import logging
 import os
 import sys
-import time
 
 import numpy as np
 import pytest
