@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
@@ -29,6 +30,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kvstore.cluster.controller import CONTROLLER_NAME, ControllerActor
 from kvstore.cluster.dataplane import DataPlaneClient
+from kvstore.cluster.locations import LocationCache
 from kvstore.cluster.node import node_actor_name
 from kvstore.config import Config, load_config
 from kvstore.errors import KVStoreError, LeaseError, TransferError
@@ -100,7 +102,11 @@ class Client:
         self._node = ray.get_actor(node_actor_name(self.node_id), namespace=config.ray_namespace)
         self._arena = HostArena.open(info["shm_name"])
         self._token = ray.get(controller.token.remote(), timeout=RPC_TIMEOUT_S)
-        self._peers: dict[str, DataPlaneClient] = {}
+        self._peers: dict[str, DataPlaneClient] = {}  # by address
+        self._peers_lock = threading.Lock()
+        self._addresses: dict[str, str] = {}  # node id -> data-plane address, refreshed when one is unknown
+        self._locations = LocationCache()
+        self._streams = ThreadPoolExecutor(4, thread_name_prefix="kvstore-pull")  # one per owner pulled from
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="kvstore-copy")
         self._verifier = ReadVerifier(config.verify_reads, config.verify_sample_fraction)
         self.corrupt_received = 0  # pulled blocks that arrived failing their checksums
@@ -189,12 +195,15 @@ class Client:
         rejected = [k for k, view, here in zip(keys, hold.views, hold.present) if view is None and not here]
         return PutResult(stored=stored, present=sum(hold.present), rejected=rejected)
 
-    def get(self, layout: Layout, keys: Sequence[bytes], out: Blocks) -> ClusterGetResult:
+    def get(self, layout: Layout, keys: Sequence[bytes], out: Blocks, cache: bool | None = None,
+            owner: str | None = None) -> ClusterGetResult:
         """Fills `out` with every block found anywhere in the cluster.
 
         Blocks on this node are copied straight from the arena. Others are pulled from their
-        owners over Arrow Flight by this process: each one is copied into `out` and into a slot
-        reserved in this node's arena (so the next get is local) while the next one arrives.
+        owners over Arrow Flight by this process, one stream per owner, straight into `out`;
+        with `cache` (default: the `cache_pulled_blocks` setting) each is also copied into this
+        node's arena, so the next get is local. `owner`: a node known to hold the blocks (a
+        handoff handle's), tried without asking the controller.
         """
         keys = check_keys(keys)
         rows = block_rows(layout, out, len(keys), "out")
@@ -215,33 +224,33 @@ class Client:
         finally:
             self.release(hold)
         missing = [i for i, source in enumerate(sources) if source is None]
+        if owner is not None and owner != self.node_id:
+            for i in missing:
+                self._locations.learn(keys[i], owner)
         if missing:
-            self._pull(layout, keys, rows, missing, sources)
+            self._pull(layout, keys, rows, missing, sources,
+                       self.config.cache_pulled_blocks if cache is None else cache)
         return ClusterGetResult(sources)
 
-    def _pull(self, layout: Layout, keys: list[bytes], rows, missing: list[int], sources) -> None:
-        """Pulls keys[missing] from the nodes holding them into `rows`, caching them here too.
+    def _pull(self, layout: Layout, keys: list[bytes], rows, missing: list[int], sources, cache: bool) -> None:
+        """Pulls keys[missing] from the nodes holding them into `rows`: one Flight stream per
+        owner, the owners in parallel.
 
-        Each block is copied into `rows` and into a slot reserved in this node's arena on a worker
-        thread while the stream goes on, and its receive buffer is let go at once (so the
-        allocator keeps reusing a few warm buffers: fresh pages cost ~10x a copy here). The
-        commit that makes the cached copies visible is not waited for (`flush` waits).
+        Owners come from the location cache; the controller is asked once, for the keys it does
+        not know, and once more for blocks whose cached owner no longer had them. Each block is
+        checked and copied into `rows` on a worker thread while the stream goes on, and its
+        receive buffer is let go at once (fresh pages cost ~10x a copy here). With `cache`, it is
+        also copied into a slot reserved in this node's arena, so the next get is local; the
+        commit that makes those copies visible is not waited for (`flush` waits).
         """
         wanted = [keys[i] for i in missing]
-        locations = ray.get(self._controller.locate.remote(wanted), timeout=RPC_TIMEOUT_S)
-        addresses = {n["node_id"]: n["address"] for n in self.nodes()}
-        by_owner: dict[str, list[int]] = {}
-        for i, holders in zip(missing, locations):
-            owner = next((n for n, _ in holders if n != self.node_id and n in addresses), None)
-            if owner is not None:
-                by_owner.setdefault(owner, []).append(i)
-        if not by_owner:
-            return
-        owned = [i for idx in by_owner.values() for i in idx]
-        hold, slots, _, generations = ray.get(
-            self._node.reserve.remote(layout.to_dict(), [keys[i] for i in owned]), timeout=RPC_TIMEOUT_S)
-        cache = {keys[i]: (slot, gen) for i, slot, gen in zip(owned, slots, generations) if slot is not None}
-        position = {keys[i]: i for i in owned}
+        reserved: dict[bytes, tuple[int, int]] = {}  # key -> (slot, generation) of its local copy
+        hold = None
+        if cache:
+            hold, slots, _, generations = ray.get(self._node.reserve.remote(layout.to_dict(), wanted),
+                                                  timeout=RPC_TIMEOUT_S)
+            reserved = {k: (s, g) for k, s, g in zip(wanted, slots, generations) if s is not None}
+        position = {keys[i]: i for i in missing}
         arena = self._arena.tensor.numpy()
         nbytes = layout.block_nbytes
         copies = []
@@ -254,7 +263,7 @@ class Client:
                 log.warning("block %s arrived damaged (checksum mismatch); it is a miss", key.hex())
                 damaged.add(key)
                 return
-            slot, generation = cache.get(key, (None, None))
+            slot, generation = reserved.get(key, (None, None))
             if slot is not None and int(self._arena.generations[slot]) == generation:  # not fenced
                 np.copyto(arena[slot, :nbytes], row.numpy())
                 cached[key] = block_sum
@@ -264,27 +273,73 @@ class Client:
             # read and gRPC's flow control does not stall while a block is checked and copied.
             copies.append(self._copier.submit(copy, key, data, block_sum))
 
+        delivered: dict[bytes, str] = {}  # key -> the node it came from
         try:
-            for owner, idx in by_owner.items():
-                try:
-                    got = self._peer(addresses[owner]).get(layout, [keys[i] for i in idx], sink, verify=False)
-                except TransferError as e:  # the owner died or refused: those blocks are misses
-                    log.warning("%s", e)
-                    self._peers.pop(addresses[owner], None)
-                    continue
-                for i in idx:
-                    if keys[i] in got:
-                        sources[i] = (owner, "remote")
+            todo = list(missing)
+            for refresh in (False, True):
+                by_owner, looked_up = self._owners(keys, todo, refresh)
+                delivered.update(self._stream(layout, keys, by_owner, sink))
+                # A cached owner that no longer had a block: forget it and ask once more.
+                todo = [i for i in todo if keys[i] not in delivered and i not in looked_up]
+                self._locations.forget(keys[i] for i in todo)
+                if not todo:
+                    break
         finally:
             for done in copies:
                 done.result()
-            for i in owned:
-                if keys[i] in damaged:
-                    sources[i] = None
             self.corrupt_received += len(damaged)
-            # Slots whose block never came are aborted with the hold; the rest become visible,
-            # under the checksums they travelled with (not hashed again).
-            self._background.append(self._node.commit.remote(hold, list(cached), list(cached.values())))
+            if hold is not None:
+                # Slots whose block never came are aborted with the hold; the rest become
+                # visible, under the checksums they travelled with (not hashed again).
+                self._background.append(self._node.commit.remote(hold, list(cached), list(cached.values())))
+        for key, owner in delivered.items():
+            if key not in damaged:
+                sources[position[key]] = (owner, "remote")
+
+    def _owners(self, keys: list[bytes], idx: list[int], refresh: bool) -> tuple[dict[str, list[int]], set[int]]:
+        """keys[idx] grouped by the node to pull each from (self excluded), and which of them the
+        controller was asked about (those not in the location cache, or all with `refresh`)."""
+        by_owner: dict[str, list[int]] = {}
+        unknown = []
+        for i in idx:
+            owner = None if refresh else self._locations.owner(keys[i])
+            if owner is None:
+                unknown.append(i)
+            else:
+                by_owner.setdefault(owner, []).append(i)
+        holders = ray.get(self._controller.locate.remote([keys[i] for i in unknown]), timeout=RPC_TIMEOUT_S) \
+            if unknown else []
+        named = set(by_owner) | {n for hs in holders for n, _ in hs if n != self.node_id}
+        if not named <= self._addresses.keys():  # a node this client has not talked to yet
+            self._addresses = {n["node_id"]: n["address"] for n in self.nodes()}
+        if unknown:
+            for i, hs in zip(unknown, holders):
+                owner = next((n for n, _ in hs if n != self.node_id and n in self._addresses), None)
+                if owner is not None:
+                    self._locations.learn(keys[i], owner)
+                    by_owner.setdefault(owner, []).append(i)
+        return by_owner, set(unknown)
+
+    def _stream(self, layout: Layout, keys: list[bytes], by_owner: dict[str, list[int]], sink) -> dict[bytes, str]:
+        """One Flight stream per owner, in parallel; returns key -> owner of the blocks received.
+        An owner that fails or times out (transfer_timeout_s) contributes misses, and is forgotten
+        until the controller names it again."""
+        def pull(owner: str, idx: list[int]) -> tuple[str, set[bytes]]:
+            address = self._addresses.get(owner)
+            if address is None:
+                return owner, set()
+            try:
+                return owner, self._peer(address).get(layout, [keys[i] for i in idx], sink, verify=False)
+            except TransferError as e:  # the owner died or refused: those blocks are misses
+                log.warning("%s", e)
+                self._peers.pop(address, None)
+                self._addresses.pop(owner, None)
+                self._locations.forget_node(owner)
+                return owner, set()
+
+        jobs = list(by_owner.items())
+        results = [pull(*jobs[0])] if len(jobs) == 1 else list(self._streams.map(lambda job: pull(*job), jobs))
+        return {key: owner for owner, got in results for key in got}
 
     def flush(self) -> None:
         """Waits until blocks pulled by earlier gets are visible in this node's cache."""
@@ -292,10 +347,11 @@ class Client:
         ray.get(refs, timeout=RPC_TIMEOUT_S)
 
     def _peer(self, address: str) -> DataPlaneClient:
-        peer = self._peers.get(address)
-        if peer is None:
-            peer = self._peers[address] = DataPlaneClient(address, self._token, self.config.transfer_timeout_s)
-        return peer
+        with self._peers_lock:  # streams to several owners open their channels concurrently
+            peer = self._peers.get(address)
+            if peer is None:
+                peer = self._peers[address] = DataPlaneClient(address, self._token, self.config.transfer_timeout_s)
+            return peer
 
     def longest_prefix(self, keys: Sequence[bytes]) -> int:
         return ray.get(self._controller.longest_prefix.remote(check_keys(keys)), timeout=RPC_TIMEOUT_S)
@@ -343,6 +399,7 @@ class Client:
         for peer in self._peers.values():
             peer.close()
         self._copier.shutdown()
+        self._streams.shutdown()
         self._arena.close()
         if shutdown_cluster if shutdown_cluster is not None else self.embedded:
             try:

@@ -196,7 +196,8 @@ def load(client, handle: Handle | None = None, *, token_ids: Sequence[int] | Non
     if max_tokens is not None:
         keys = keys[:max(0, max_tokens) // layout.block_tokens]
     out = torch.empty((len(keys), layout.block_nbytes), dtype=torch.uint8)
-    result = client.get(layout, keys, out) if keys else None
+    owner = handle.node_id if handle is not None else None  # pulled from there without a lookup
+    result = client.get(layout, keys, out, owner=owner) if keys else None
     found = result.found if result else []
     usable = next((i for i, ok in enumerate(found) if not ok), len(found))
     if handle is not None and handle.lease_id is not None:

@@ -82,6 +82,7 @@ class Config:
     auth_token: str = _setting("", "Shared secret for Flight and HTTP; empty generates one at start (printed once).")
     auth_token_file: str = _setting("", "File holding the auth token (a mounted Secret); wins over auth_token.")
     lease_ttl_s: float = _setting(30.0, "How long a handoff lease keeps its blocks pinned if never consumed.", "float")
+    cache_pulled_blocks: bool = _setting(True, "Keep a copy of every block a get pulls from another node in this node's host tier (the next get is local); off, a pull costs one copy fewer.", "bool")
     transfer_timeout_s: float = _setting(30.0, "Deadline of one data-plane transfer between nodes: a pull from a stalled peer ends as a miss, a put stream that stalls has its slots given back.", "float")
     fence_grace_s: float = _setting(10.0, "After a writer's hold expires, how long its slots stay unused: longer than any one copy the writer started before it saw the fence.", "float")
     verify_reads: str = _setting("sampled", "Which local shared-memory reads re-check the block's checksum (NVMe reads and transfers between nodes always do). sampled: verify_sample_fraction of them.", "str", ("off", "sampled", "always"))

@@ -120,6 +120,76 @@ def test_put_on_a_get_on_c_bytes_equal(cluster):
     assert again["hits"] == 40 and {s[1] for s in again["sources"]} == {"local"}
 
 
+class CountingLocates:
+    """The controller's handle, counting the client's location lookups."""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.locates = handle, 0
+
+    def __getattr__(self, name):
+        self.locates += name == "locate"
+        return getattr(self.handle, name)
+
+
+def pull(client, keys, cache=False):
+    out = torch.zeros((len(keys), LAYOUT.block_nbytes), dtype=torch.uint8)
+    result = client.get(LAYOUT, keys, out, cache=cache)
+    ok = [found and torch.equal(out[i], payload(keys[i:i + 1])[0]) for i, found in enumerate(result.found)]
+    assert ok == result.found, "a block was served with bytes other than its own"
+    return result
+
+
+def test_pulls_from_several_owners_at_once_and_cache_their_locations(cluster):
+    rc, client = cluster
+    keys = block_keys(tokens(11, 12), LAYOUT, "several-owners")
+    b, c = on_node(rc, 1), on_node(rc, 2)
+    ray.get([b.put_keys.remote(keys[:6]), c.put_keys.remote(keys[6:])])
+    wait_for(lambda: client.longest_prefix(keys) == 12, 10, "the index to learn the blocks")
+    counting = client._controller = CountingLocates(client._controller)
+    try:
+        first = pull(client, keys)
+        assert first.sources == [(rc.node_id(1), "remote")] * 6 + [(rc.node_id(2), "remote")] * 6
+        assert counting.locates == 1  # one lookup for the whole batch, both owners
+        second = pull(client, keys)
+        assert second.sources == first.sources and counting.locates == 1  # owners remembered
+    finally:
+        client._controller = counting.handle
+    client.flush()
+    assert client.contains(keys) == [True] * 12
+    assert not any(ray.get(ray.get_actor(f"kvstore-node-{rc.node_id(0)}", namespace="kvstore")
+                           .contains.remote(keys)))  # cache=False: nothing copied onto this node
+
+
+def test_a_stale_location_is_a_miss_or_a_fresh_lookup_never_wrong_bytes(cluster):
+    rc, client = cluster
+    keys = block_keys(tokens(12, 4), LAYOUT, "stale-location")
+    b, c = on_node(rc, 1), on_node(rc, 2)
+    ray.get(b.put_keys.remote(keys))
+    wait_for(lambda: client.longest_prefix(keys) == 4, 10, "the index to learn the blocks")
+    assert pull(client, keys).hits == 4  # the client now believes B holds them
+    node_b = ray.get_actor(f"kvstore-node-{rc.node_id(1)}", namespace="kvstore")
+    assert ray.get(node_b.delete.remote(keys)) == 4  # evicted from B behind the client's back
+    ray.get(c.put_keys.remote(keys[:2]))  # two of them now live on C
+    wait_for(lambda: [bool(h) for h in client.where(keys)] == [True, True, False, False], 10,
+             "the index to follow the move")
+    again = pull(client, keys)
+    assert again.sources == [(rc.node_id(2), "remote")] * 2 + [None, None]
+
+
+def test_a_known_owner_is_pulled_from_without_a_lookup(cluster):
+    rc, client = cluster
+    keys = block_keys(tokens(13, 3), LAYOUT, "known-owner")
+    ray.get(on_node(rc, 1).put_keys.remote(keys))
+    counting = client._controller = CountingLocates(client._controller)
+    try:
+        out = torch.zeros((3, LAYOUT.block_nbytes), dtype=torch.uint8)
+        result = client.get(LAYOUT, keys, out, cache=False, owner=rc.node_id(1))  # as a handoff handle names it
+        assert result.sources == [(rc.node_id(1), "remote")] * 3 and torch.equal(out, payload(keys))
+        assert counting.locates == 0
+    finally:
+        client._controller = counting.handle
+
+
 def test_longest_prefix_and_best_node_across_nodes(cluster):
     rc, client = cluster
     keys = block_keys(tokens(2, 30), LAYOUT)
