@@ -4,8 +4,9 @@
 
 Node A (127.0.0.2) runs this driver; node B (127.0.0.3) holds the blocks.
 - remote_get_vs_tcp: a client on A getting 256 blocks of 2 MiB that only B holds (pulled over
-  Arrow Flight into A's arena, then delivered into the caller's buffer), over one raw TCP stream
-  moving the same bytes from a process on B's address into a preallocated buffer on A (>= 0.8).
+  Arrow Flight into the caller's buffer and, by default, into A's arena too), over one raw TCP
+  stream moving the same bytes from a process on B's address into a preallocated buffer on A
+  (>= 0.8). remote_get_uncached_vs_tcp: the same get with cache=False (no local copy).
 - remote_get_vs_ray: the same get over moving the same blocks through Ray's object store from an
   actor on B to an actor on A (`ray.get` of 256 refs, no further copy) (>= 1.5).
 - local_get_vs_memcpy: a get of blocks already in A's arena, over a torch `copy_` of the same
@@ -119,11 +120,11 @@ def main(argv=None) -> int:
         def drop_local_copies():
             ray.get(node_a.delete.remote(keys))
 
-        def remote_get():
-            r = client.get(LAYOUT, keys, out)
+        def remote_get(cache: bool | None = None):
+            r = client.get(LAYOUT, keys, out, cache=cache)
             assert r.hits == BLOCKS and all(s == (b_id, "remote") for s in r.sources), r.sources[:3]
 
-        tcp_times, ray_times, get_times = [], [], []
+        tcp_times, ray_times, get_times, uncached_times = [], [], [], []
         for rep in range(args.repeats + 1):  # round 0 warms every path up (channels, allocators) untimed
             tcp_times.append(tcp_receive(peer, rc.ips[1], tcp_buf))
             refs = ray.get(peer.make_objects.remote())
@@ -131,16 +132,21 @@ def main(argv=None) -> int:
             del refs
             drop_local_copies()
             start = time.perf_counter()
+            remote_get(cache=False)
+            uncached_times.append(time.perf_counter() - start)
+            start = time.perf_counter()
             remote_get()
             get_times.append(time.perf_counter() - start)
             client.flush()  # the cache fill behind the get, before anything else is timed
             if rep == 0:
-                tcp_times.clear(), ray_times.clear(), get_times.clear()
+                tcp_times.clear(), ray_times.clear(), get_times.clear(), uncached_times.clear()
         med = lambda xs: float(np.median(xs))  # noqa: E731
-        print("per round (s): tcp", np.round(tcp_times, 3), "ray", np.round(ray_times, 3), "get", np.round(get_times, 3))
+        print("per round (s): tcp", np.round(tcp_times, 3), "ray", np.round(ray_times, 3), "get", np.round(get_times, 3),
+              "uncached get", np.round(uncached_times, 3))
         figures = {
             "remote_get_vs_tcp": med(tcp_times) / med(get_times),
             "remote_get_vs_ray": med(ray_times) / med(get_times),
+            "remote_get_uncached_vs_tcp": med(tcp_times) / med(uncached_times),
             "remote_get_gbps": total / med(get_times) / 1e9,
             "tcp_gbps": total / med(tcp_times) / 1e9,
             "ray_object_store_gbps": total / med(ray_times) / 1e9,

@@ -4,9 +4,13 @@ and leases.
 With no address it starts an embedded local Ray with one node (a laptop, a test, the demo);
 with one it joins that cluster. Either way it starts (or finds) the controller, which puts a
 node actor on every Ray node. The client then works through its own node: it maps that node's
-host arena, so a same-node put or get copies straight between the caller's buffer and the arena;
-a block held only by other nodes is pulled over Arrow Flight from its owner and copied, as it
-arrives, into the caller's buffer and into a slot of the local arena (where it stays cached).
+host arena. A get reads the blocks in it through the arena's directory with no call to anyone
+(tiers/directory.py); blocks on the node's NVMe tier take one call to the node actor, which
+brings them into the arena. A block held only by other nodes is pulled over Arrow Flight, one
+stream per owner, straight into the caller's buffer (and, if `cache_pulled_blocks`, into the
+local arena). Owners are remembered (cluster/locations.py); the controller is asked only about
+keys the client has not seen. A put reserves slots through the node actor, copies into them in
+place, and commits through it (the commit waits for the controller's index).
 
 Integrity: a block read from the arena is checked against its checksum as `verify_reads` says,
 a pulled block always (kvstore.integrity); a block that fails is a miss. A writer of reserved
@@ -101,6 +105,9 @@ class Client:
         info = self._local_node_info()
         self._node = ray.get_actor(node_actor_name(self.node_id), namespace=config.ray_namespace)
         self._arena = HostArena.open(info["shm_name"])
+        # Without a durable tier, the arena's directory knows every block of this node: a block
+        # it does not have is not here, and no call to the node is needed to say so.
+        self._node_has_durable_tier = any(t != "host" for t in info["tiers"])
         self._token = ray.get(controller.token.remote(), timeout=RPC_TIMEOUT_S)
         self._peers: dict[str, DataPlaneClient] = {}  # by address
         self._peers_lock = threading.Lock()
@@ -208,9 +215,44 @@ class Client:
         keys = check_keys(keys)
         rows = block_rows(layout, out, len(keys), "out")
         sources: list[tuple[str, str] | None] = [None] * len(keys)
-        hold = self.acquire(layout, keys)
+        corrupt = self._read_directory(keys, rows, sources)
+        rest = [i for i, source in enumerate(sources) if source is None and i not in corrupt]
+        if rest and self._node_has_durable_tier:
+            self._read_through_node(layout, keys, rows, rest, sources)
+        missing = [i for i, source in enumerate(sources) if source is None]
+        if owner is not None and owner != self.node_id:
+            for i in missing:
+                self._locations.learn(keys[i], owner)
+        if missing:
+            self._pull(layout, keys, rows, missing, sources,
+                       self.config.cache_pulled_blocks if cache is None else cache)
+        return ClusterGetResult(sources)
+
+    def _read_directory(self, keys: list[bytes], rows, sources) -> set[int]:
+        """Copies the blocks in this node's host tier straight out of the shared arena, with no
+        call to anyone (tiers/directory.py); returns the positions of blocks that failed their
+        checksum (they are misses, and the node is told to drop them)."""
+        directory, slots = self._arena.directory, self._arena.tensor
+        corrupt = set()
+        for i, key in enumerate(keys):
+            status = directory.read(key, slots, rows[i], self._verifier.wanted())
+            if status == "hit":
+                sources[i] = (self.node_id, "local")
+            elif status == "corrupt":
+                corrupt.add(i)
+        if corrupt:
+            log.warning("%d blocks in this node's arena fail their checksums; they are misses and are dropped",
+                        len(corrupt))
+            self._node.drop_corrupt.remote([keys[i] for i in corrupt])
+        return corrupt
+
+    def _read_through_node(self, layout: Layout, keys: list[bytes], rows, idx: list[int], sources) -> None:
+        """keys[idx], which the directory did not have, from the node itself: a block on its NVMe
+        tier is brought into the arena first (one call to the node actor, and one to release)."""
+        wanted = [keys[i] for i in idx]
+        hold = self.acquire(layout, wanted)
         try:
-            for i, (view, block_sum) in enumerate(zip(hold.views, hold.checksums)):
+            for i, view, block_sum in zip(idx, hold.views, hold.checksums):
                 if view is None:
                     continue
                 if not self._verifier.wanted():
@@ -223,14 +265,6 @@ class Client:
                 sources[i] = (self.node_id, "local")
         finally:
             self.release(hold)
-        missing = [i for i, source in enumerate(sources) if source is None]
-        if owner is not None and owner != self.node_id:
-            for i in missing:
-                self._locations.learn(keys[i], owner)
-        if missing:
-            self._pull(layout, keys, rows, missing, sources,
-                       self.config.cache_pulled_blocks if cache is None else cache)
-        return ClusterGetResult(sources)
 
     def _pull(self, layout: Layout, keys: list[bytes], rows, missing: list[int], sources, cache: bool) -> None:
         """Pulls keys[missing] from the nodes holding them into `rows`: one Flight stream per

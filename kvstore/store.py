@@ -540,10 +540,16 @@ class TieredStore:
             if not freed:
                 break
             slots.extend(freed)
+        for slot in slots:
+            self.tiers[t].begin_write(slot)  # readers of the slot's old bytes must see a change
         return slots
 
     def _evict(self, t: int, n: int) -> list[int]:
         """Frees up to n slots of tier t by demoting victims (dropping them from the bottom tier)."""
+        for slot, key in self.tiers[t].take_touched():  # read without the store: a second chance
+            entry = self._index.get(key)
+            if entry is not None and entry.tier == t and entry.slot == slot and entry.state is BlockState.READY:
+                self._policies[t].touch(key)
         victims: list[BlockEntry] = []
         for key in self._policies[t].candidates():
             entry = self._index[key]
@@ -612,7 +618,9 @@ class TieredStore:
                 self._release_slot(dst, slot)
                 self._drop(entry)
                 continue
+            src_tier.withdraw(entry.key)
             entry.tier, entry.slot = dst, slot
+            dst_tier.publish(slot, self._meta(entry))
             self._policies[dst].insert(entry.key)
             moved.append(entry)
         if dst > src:
@@ -694,6 +702,7 @@ class TieredStore:
             self._policies[0].insert(entry.key)
             self._visible.add(entry.key)
             self._link(entry)
+            self.tiers[0].publish(entry.slot, self._meta(entry))
         self._emit(stored_events([e.key for e in committed], [e.parent for e in committed], self.tiers[0].medium))
         return len(committed)
 
@@ -719,6 +728,7 @@ class TieredStore:
 
     def _drop(self, entry: BlockEntry) -> None:
         """Evicts a READY, unpinned block out of the store (its slot is the caller's)."""
+        self.tiers[entry.tier].withdraw(entry.key)
         entry.transition("drop")
         self._forget(entry)
         self._tier_counters[entry.tier].evictions += 1
@@ -729,6 +739,8 @@ class TieredStore:
         if entry.state in (BlockState.DOOMED, BlockState.FREED):
             return
         was_visible = entry.visible  # committed: linked to its parent and announced
+        if was_visible:
+            self.tiers[entry.tier].withdraw(entry.key)
         if entry.state is BlockState.READY:
             self._policies[entry.tier].remove(entry.key)
         if entry.evictable:

@@ -117,6 +117,22 @@ class Tier(abc.ABC):
         tier checks every item; a memory tier those whose `verify` flag is set.
         """
 
+    # The directory other processes read without asking the store (the host tier's, see
+    # tiers/directory.py); no-ops for a tier that has none.
+
+    def begin_write(self, slot: int) -> None:
+        """The store hands the slot out for writing."""
+
+    def publish(self, slot: int, meta: SlotMeta) -> None:
+        """A block is ready to read in the slot."""
+
+    def withdraw(self, key: bytes) -> None:
+        """The block is no longer to be read from this tier."""
+
+    def take_touched(self) -> list[tuple[int, bytes]]:
+        """(slot, key) of the blocks read through the directory since the last call."""
+        return []
+
     def erase(self, slot: int) -> None:
         """Makes a freed slot's old content unrecoverable where the medium outlives the process."""
 

@@ -4,8 +4,9 @@ The node's owner creates the arena under a name (`/dev/shm/<name>`); engine work
 plane server and tests open it by that name and read or write slots in place, so handing a
 block between processes on one node copies nothing. The first page holds the geometry, so an
 opener needs only the name; then come the slots' generations (one uint64 each: a writer in
-another process checks its slot's generation before each copy, see TieredStore.fence), then the
-slots. With CUDA present the mapping is registered as pinned memory
+another process checks its slot's generation before each copy, see TieredStore.fence), the
+directory (which block each slot holds, read by other processes without asking the store: see
+tiers/directory.py), then the slots. With CUDA present the mapping is registered as pinned memory
 (cudaHostRegister), which keeps it shareable and makes host<->device copies asynchronous.
 
 Pages are touched once at creation: on these virtual machines a first touch costs ~10x a copy,
@@ -24,14 +25,15 @@ import numpy as np
 import torch
 
 from kvstore.errors import ConfigError, TierIOError
-from kvstore.tiers.base import PAGE, MemoryTier, round_up, slots_for
+from kvstore.tiers.base import PAGE, MemoryTier, SlotMeta, round_up, slots_for
+from kvstore.tiers.directory import SlotDirectory, directory_bytes
 
 log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 _MAGIC = b"KVSTHOST"
 _SUPER = struct.Struct("<8sIQQQ")  # magic, version, slot_nbytes, slot_stride, num_slots
-_VERSION = 2
+_VERSION = 3
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 
 
@@ -53,6 +55,7 @@ class HostArena:
         self.owner = owner
         self._mm = mm
         self.generations = np.frombuffer(mm, dtype=np.uint64, count=num_slots, offset=PAGE)
+        self.directory = SlotDirectory(mm, PAGE + num_slots * 8, num_slots, init=owner)
         flat = torch.frombuffer(mm, dtype=torch.uint8, offset=_slots_offset(num_slots),
                                 count=num_slots * slot_stride)
         self.tensor = flat.view(num_slots, slot_stride)
@@ -112,6 +115,7 @@ class HostArena:
             self.pinned = False
         self.tensor = None
         self.generations = None
+        self.directory = None
         if self.owner:
             try:
                 os.unlink(_path(self.name))
@@ -125,8 +129,8 @@ class HostArena:
 
 
 def _slots_offset(num_slots: int) -> int:
-    """Where the slots start: after the superblock page and the generations' pages."""
-    return PAGE + round_up(num_slots * 8)
+    """Where the slots start: after the superblock page, the generations and the directory."""
+    return PAGE + round_up(num_slots * 8 + directory_bytes(num_slots))
 
 
 def remove_stale_arenas(pattern: str) -> list[str]:
@@ -175,6 +179,18 @@ class HostTier(MemoryTier):
         # Copies to or from a GPU were queued non-blocking on the caller's stream.
         if self.arena_handle.pinned:
             torch.cuda.current_stream().synchronize()
+
+    def begin_write(self, slot: int) -> None:
+        self.arena_handle.directory.begin_write(slot)
+
+    def publish(self, slot: int, meta: SlotMeta) -> None:
+        self.arena_handle.directory.publish(slot, meta.key, meta.checksum or 0, meta.nbytes)
+
+    def withdraw(self, key: bytes) -> None:
+        self.arena_handle.directory.withdraw(key)
+
+    def take_touched(self) -> list[tuple[int, bytes]]:
+        return self.arena_handle.directory.take_touched()
 
     @property
     def shm_name(self) -> str:

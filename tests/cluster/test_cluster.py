@@ -120,14 +120,14 @@ def test_put_on_a_get_on_c_bytes_equal(cluster):
     assert again["hits"] == 40 and {s[1] for s in again["sources"]} == {"local"}
 
 
-class CountingLocates:
-    """The controller's handle, counting the client's location lookups."""
+class Counting:
+    """An actor handle that counts the calls of one method made through it."""
 
-    def __init__(self, handle) -> None:
-        self.handle, self.locates = handle, 0
+    def __init__(self, handle, method: str) -> None:
+        self.handle, self.method, self.calls = handle, method, 0
 
     def __getattr__(self, name):
-        self.locates += name == "locate"
+        self.calls += name == self.method
         return getattr(self.handle, name)
 
 
@@ -139,19 +139,35 @@ def pull(client, keys, cache=False):
     return result
 
 
+def test_a_same_node_get_calls_no_actor(cluster):
+    _, client = cluster
+    keys = block_keys(tokens(14, 8), LAYOUT, "no-call")
+    client.put(LAYOUT, keys, payload(keys))
+    counting = client._node = Counting(client._node, "acquire")
+    try:
+        out = torch.zeros((8, LAYOUT.block_nbytes), dtype=torch.uint8)
+        result = client.get(LAYOUT, keys, out)
+        assert result.sources == [(client.node_id, "local")] * 8 and torch.equal(out, payload(keys))
+        assert counting.calls == 0  # straight from the arena's directory
+        client.get(LAYOUT, block_keys(tokens(15, 1), LAYOUT, "no-call"), out[:1])
+        assert counting.calls == 1  # a block not in the arena may be on this node's NVMe: ask it
+    finally:
+        client._node = counting.handle
+
+
 def test_pulls_from_several_owners_at_once_and_cache_their_locations(cluster):
     rc, client = cluster
     keys = block_keys(tokens(11, 12), LAYOUT, "several-owners")
     b, c = on_node(rc, 1), on_node(rc, 2)
     ray.get([b.put_keys.remote(keys[:6]), c.put_keys.remote(keys[6:])])
     wait_for(lambda: client.longest_prefix(keys) == 12, 10, "the index to learn the blocks")
-    counting = client._controller = CountingLocates(client._controller)
+    counting = client._controller = Counting(client._controller, "locate")
     try:
         first = pull(client, keys)
         assert first.sources == [(rc.node_id(1), "remote")] * 6 + [(rc.node_id(2), "remote")] * 6
-        assert counting.locates == 1  # one lookup for the whole batch, both owners
+        assert counting.calls == 1  # one lookup for the whole batch, both owners
         second = pull(client, keys)
-        assert second.sources == first.sources and counting.locates == 1  # owners remembered
+        assert second.sources == first.sources and counting.calls == 1  # owners remembered
     finally:
         client._controller = counting.handle
     client.flush()
@@ -180,12 +196,12 @@ def test_a_known_owner_is_pulled_from_without_a_lookup(cluster):
     rc, client = cluster
     keys = block_keys(tokens(13, 3), LAYOUT, "known-owner")
     ray.get(on_node(rc, 1).put_keys.remote(keys))
-    counting = client._controller = CountingLocates(client._controller)
+    counting = client._controller = Counting(client._controller, "locate")
     try:
         out = torch.zeros((3, LAYOUT.block_nbytes), dtype=torch.uint8)
         result = client.get(LAYOUT, keys, out, cache=False, owner=rc.node_id(1))  # as a handoff handle names it
         assert result.sources == [(rc.node_id(1), "remote")] * 3 and torch.equal(out, payload(keys))
-        assert counting.locates == 0
+        assert counting.calls == 0
     finally:
         client._controller = counting.handle
 
