@@ -93,8 +93,10 @@ class Lease:
 class Client:
     """A process's handle on the cluster (from `connect`); thread-safe for concurrent calls.
 
-    A put is visible cluster-wide when it returns. Blocks are content-addressed: putting a key
-    that exists is a no-op, and bytes under a key never change.
+    A put is readable by every process on its node when it returns; the cluster's index (so
+    lookups and gets on other nodes) has it within `event_batch_ms` plus one controller call, or
+    when the put returns with `wait_index=True` (or after `sync()`). Blocks are
+    content-addressed: putting a key that exists is a no-op, and bytes under a key never change.
     """
 
     def __init__(self, controller, config: Config, embedded: bool) -> None:
@@ -163,10 +165,15 @@ class Client:
         """Extends a hold by ttl_s (default lease_ttl_s) from now; LeaseError if it expired."""
         return ray.get(self._node.renew.remote(hold.hold_id, ttl_s), timeout=RPC_TIMEOUT_S)
 
-    def commit(self, hold: "WriteHold") -> int:
-        """Makes a reserved hold's blocks visible cluster-wide; returns how many. Raises
-        LeaseError if the hold expired first (nothing of it becomes visible)."""
-        return ray.get(self._node.commit.remote(hold.hold_id), timeout=RPC_TIMEOUT_S)
+    def commit(self, hold: "WriteHold", wait_index: bool = False) -> int:
+        """Makes a reserved hold's blocks visible (on this node at once; in the cluster's index
+        with the node's next event batch, or before returning with `wait_index`); returns how
+        many. Raises LeaseError if the hold expired first (nothing of it becomes visible)."""
+        return ray.get(self._node.commit.remote(hold.hold_id, None, None, wait_index), timeout=RPC_TIMEOUT_S)
+
+    def sync(self) -> None:
+        """Returns once the cluster's index has everything this node stored so far."""
+        ray.get(self._node.sync.remote(), timeout=RPC_TIMEOUT_S)
 
     def abort(self, hold: "WriteHold") -> None:
         ray.get(self._node.abort.remote(hold.hold_id), timeout=RPC_TIMEOUT_S)
@@ -185,8 +192,9 @@ class Client:
         self._node.release.remote(hold.hold_id)
 
     def put(self, layout: Layout, keys: Sequence[bytes], blocks: Blocks,
-            parents: Sequence[bytes | None] | None = None) -> PutResult:
-        """Writes blocks into this node's host arena in place; present keys are skipped."""
+            parents: Sequence[bytes | None] | None = None, wait_index: bool = False) -> PutResult:
+        """Writes blocks into this node's host arena in place; present keys are skipped. See the
+        class doc for when other nodes see them (`wait_index`)."""
         keys = check_keys(keys)
         rows = block_rows(layout, blocks, len(keys))
         hold = self.reserve(layout, keys, parents)
@@ -198,7 +206,7 @@ class Client:
         except BaseException:
             self._node.abort.remote(hold.hold_id)
             raise
-        stored = self.commit(hold)
+        stored = self.commit(hold, wait_index)
         rejected = [k for k, view, here in zip(keys, hold.views, hold.present) if view is None and not here]
         return PutResult(stored=stored, present=sum(hold.present), rejected=rejected)
 

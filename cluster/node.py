@@ -118,12 +118,14 @@ class NodeService:
             hold.expires = time.monotonic() + ttl
         return ttl
 
-    def commit(self, hold_id: str, filled: list[bytes] | None = None, checksums: list[int] | None = None) -> int:
+    def commit(self, hold_id: str, filled: list[bytes] | None = None, checksums: list[int] | None = None,
+               wait_index: bool = False) -> int:
         """Makes the hold's blocks visible: all of them, or only `filled` (the rest are aborted),
         with `checksums[i]` for filled[i] where the writer has them (else they are taken here).
 
-        Returns once the controller's index has them too, so a get from any node that starts
-        after a put returns finds its blocks (read-your-writes across the cluster).
+        Returns once every process on this node can read them. The controller's index learns
+        them with the next event batch (within event_batch_ms), or before this returns with
+        `wait_index` (a handoff, whose reader on another node looks them up at once).
         """
         handles = [h for h in self._take(hold_id, writing=True).handles if h is not None]
         sums = None
@@ -135,8 +137,13 @@ class NodeService:
                 sum_of = dict(zip(filled, checksums))
                 sums = [sum_of[h.key] for h in handles]
         committed = self.store.commit(handles, sums)
-        self._send_events()
+        if wait_index:
+            self._send_events()
         return committed
+
+    def sync(self) -> None:
+        """Returns once the controller has applied every event of this node so far."""
+        self._send_events()
 
     def abort(self, hold_id: str) -> None:
         """A writer that gives up: the hold's reserved slots go back, nothing becomes visible."""

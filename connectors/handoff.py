@@ -136,7 +136,7 @@ class SaveSession:
             self.abort()
             raise
         self._writer.shutdown()
-        self.client.commit(self.hold)
+        self.client.commit(self.hold, wait_index=True)  # the decode side may look them up at once
         lease = self.client.lease(self.layout, self.keys, lease_ttl_s) if self.keys else None
         return Handle(self.namespace, self.layout, list(self.keys), self.num_tokens, self.client.node_id,
                       None if lease is None else lease.lease_id)

@@ -54,6 +54,9 @@ class NodeClient:
         assert not result.rejected, result
         return keys
 
+    def where(self, keys: list[bytes]) -> list:
+        return self.client.where(keys)
+
     def put_keys(self, keys: list[bytes]) -> int:
         return self.client.put(LAYOUT, keys, payload(keys)).stored
 
@@ -204,6 +207,25 @@ def test_a_known_owner_is_pulled_from_without_a_lookup(cluster):
         assert counting.calls == 0
     finally:
         client._controller = counting.handle
+
+
+def test_when_a_put_is_seen_where(cluster):
+    rc, client = cluster
+    # wait_index: the controller has the blocks when put returns, so another node's lookup does.
+    waited = block_keys(tokens(16, 3), LAYOUT, "seen-waited")
+    client.put(LAYOUT, waited, payload(waited), wait_index=True)
+    assert ray.get(on_node(rc, 1).where.remote(waited)) == [[(client.node_id, "CPU")]] * 3
+    # Without it: readable at once by any process on this node, in the index with the next batch.
+    plain = block_keys(tokens(17, 3), LAYOUT, "seen-plain")
+    client.put(LAYOUT, plain, payload(plain))
+    neighbour = NodeClient.options(resources={rc.resources[0]: 0.01}).remote()
+    got = ray.get(neighbour.get_checked.remote(plain))
+    assert got["hits"] == 3 and got["corrupt"] == 0 and {s[1] for s in got["sources"]} == {"local"}
+    wait_for(lambda: all(client.where(plain)), 5, "the next event batch to reach the index")
+    late = block_keys(tokens(18, 2), LAYOUT, "seen-synced")
+    client.put(LAYOUT, late, payload(late))
+    client.sync()
+    assert all(client.where(late))
 
 
 def test_longest_prefix_and_best_node_across_nodes(cluster):
