@@ -83,3 +83,102 @@ def report(suite: str, figures: dict, targets: dict[str, tuple[str, float]], jso
             json.dump(out, f, indent=2)
         print(f"wrote {json_path}")
     return 0
+
+
+# -- one raw TCP stream, the bound every network figure is a ratio to -----------------------------
+
+_TCP_SENDER = r"""
+import os, socket, struct, sys
+ip, size = sys.argv[1], int(sys.argv[2])
+chunk = os.urandom(1 << 20)
+buf = bytearray(chunk * (size // len(chunk) + 1))[:size]  # touched, not the zero page
+view = memoryview(buf)
+server = socket.create_server((ip, 0))
+print(server.getsockname()[1], flush=True)
+while True:
+    conn, _ = server.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with conn:
+        while True:
+            head = conn.recv(8, socket.MSG_WAITALL)
+            if len(head) < 8:
+                break
+            (n,) = struct.unpack("<Q", head)
+            while n:
+                k = min(n, size)
+                conn.sendall(view[:k])
+                n -= k
+"""
+
+
+class TcpBound:
+    """One raw TCP stream from a sender process listening on `sender_ip` into a caller's
+    preallocated buffer in this process: the bound for moving the same bytes between two
+    processes over this machine's loopback.
+
+    The sender keeps `max_bytes` of touched data and answers each 8-byte request (a length)
+    with that many bytes on one persistent connection (TCP_NODELAY), so `stream` times one
+    request's bytes arriving and `roundtrips` times request/response pairs (a latency bound).
+    Stop it with `close` (it is killed by its pid).
+    """
+
+    def __init__(self, sender_ip: str = "127.0.0.1", max_bytes: int = 64 * 1024**2) -> None:
+        import socket
+        import subprocess
+
+        self.max_bytes = max_bytes
+        self.proc = subprocess.Popen([sys.executable, "-c", _TCP_SENDER, sender_ip, str(max_bytes)],
+                                     stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line.strip().isdigit():
+            self.proc.kill()
+            raise RuntimeError(f"the TCP bound's sender did not start on {sender_ip}")
+        self.address = (sender_ip, int(line))
+        self.sock = socket.create_connection(self.address)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _receive(self, view: memoryview) -> None:
+        got, n = 0, len(view)
+        while got < n:
+            k = self.sock.recv_into(view[got:], n - got)
+            if not k:
+                raise ConnectionError("the TCP bound's sender closed early")
+            got += k
+
+    def stream(self, buf) -> float:
+        """Seconds to receive len(buf) bytes (one request) into buf (a touched buffer)."""
+        import struct
+
+        view = memoryview(buf).cast("B")
+        start = time.perf_counter()
+        self.sock.sendall(struct.pack("<Q", len(view)))
+        self._receive(view)
+        return time.perf_counter() - start
+
+    def roundtrips(self, buf, count: int) -> list[float]:
+        """Seconds of each of `count` request/response pairs of len(buf) bytes."""
+        import struct
+
+        view = memoryview(buf).cast("B")
+        head = struct.pack("<Q", len(view))
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            self.sock.sendall(head)
+            self._receive(view)
+            times.append(time.perf_counter() - start)
+        return times
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def __enter__(self) -> "TcpBound":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
