@@ -105,8 +105,8 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 # ==================================================================================================
-# Worker side: runs in a peer's own virtual environment (numpy, the standard library, the peer's
-# client library; never torch-free assumptions beyond that, never kvstore or Ray).
+# Worker side: runs in a peer's own virtual environment, so it imports only numpy, the standard
+# library and that peer's client library (never kvstore, Ray or bench.common).
 # ==================================================================================================
 
 class RedisClient:
