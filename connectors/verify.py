@@ -20,17 +20,20 @@ model itself: recompute the prefix and compare. A `Verifier` does that on a samp
   controller (`report_verification`, shown in /v1/stats and /metrics).
 
 `admit` runs right after `handoff.load`; when it says so, the engine recomputes the prefix and
-passes the result to `check`. The engine side is in connectors/hf.py.
+passes the result to `check`. The engine side is in connectors/hf.py. An engine that decides
+before it loads and compares layer by layer (connectors/vllm.py) uses the parts: `admit_blocks`,
+`compare`, `record` and `quarantine`.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import random
+import sys
 import threading
 import time
 from collections import Counter
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -155,23 +158,33 @@ class Verifier:
         n = loaded.num_blocks
         if n == 0:
             return Admission(loaded, [], False, 0)
+        cut, sources, verify = self.admit_blocks(n, lambda: self._sources(client, loaded))
+        if cut < n:
+            loaded = Loaded(loaded.layout, loaded.keys, loaded.blocks[:cut], loaded.sources)
+        return Admission(loaded, sources, verify, n - cut)
+
+    def admit_blocks(self, n: int, sources: "Callable[[], list[Source]]") -> tuple[int, list[Source], bool]:
+        """The decision of `admit` for a load of n blocks whose sources (one per block) `sources()`
+        names; it is called only when sampling or the quarantine needs it (one controller call).
+        Returns (usable blocks before the first from a quarantined source, their sources, check)."""
+        if n == 0:
+            return 0, [], False
         s = self.settings
         with self._lock:
             sampled = s.fraction > 0 and self._rng.random() < s.fraction
             need_sources = sampled or s.first_n > 0 or bool(self.quarantined)
         # One controller call per load (not per block), skipped when nothing depends on it.
-        sources = self._sources(client, loaded) if need_sources else []
+        srcs = sources() if need_sources else []
         with self._lock:
-            cut = next((j for j, src in enumerate(sources) if src in self.quarantined), n)
-            fresh = any(self._seen[src] < s.first_n for src in set(sources[:cut]))
-            self._seen.update(set(sources[:cut]))
+            cut = next((j for j, src in enumerate(srcs) if src in self.quarantined), n)
+            fresh = any(self._seen[src] < s.first_n for src in set(srcs[:cut]))
+            self._seen.update(set(srcs[:cut]))
             self.counters["loads"] += 1
             self.counters["quarantine_skipped_blocks"] += n - cut
         if cut < n:
             log.warning("verify: %d of %d loaded blocks come from quarantined %s on; recomputing them", n - cut, n,
-                        sources[cut])
-            loaded = Loaded(loaded.layout, loaded.keys, loaded.blocks[:cut], loaded.sources)
-        return Admission(loaded, sources[:cut], cut > 0 and (sampled or fresh), n - cut)
+                        srcs[cut])
+        return cut, srcs[:cut], cut > 0 and (sampled or fresh)
 
     def _sources(self, client, loaded: Loaded) -> list[Source]:
         n = loaded.num_blocks
@@ -193,16 +206,24 @@ class Verifier:
         and acts on a mismatch: delete, quarantine, count, log, report."""
         loaded = admission.loaded
         lay = loaded.layout
+        failed = compare([loaded.layer(i) for i in range(lay.num_layers)], recomputed, lay.block_tokens,
+                         self.settings.rtol_for(lay.dtype), self.settings.atol)
+        return self.record(client, loaded.keys[:loaded.num_blocks], admission.sources, failed, lay, seconds)
+
+    def record(self, client, keys: Sequence[bytes], sources: Sequence[Source],
+               failed: Sequence[tuple[int, int, str, float, float]], layout, seconds: float = 0.0) -> CheckResult:
+        """Acts on a finished check of the blocks `keys` (read from `sources`, one per key; empty:
+        unknown) whose `compare` found `failed`: deletes the failed blocks, quarantines their
+        sources, counts, logs and reports (every check, passed or not, goes to the controller)."""
+        lay = layout
         rtol = self.settings.rtol_for(lay.dtype)
-        failed = compare([loaded.layer(i) for i in range(lay.num_layers)], recomputed, lay.block_tokens, rtol,
-                         self.settings.atol)
-        sources = admission.sources or [("?", "?")] * loaded.num_blocks
-        mismatches = [Mismatch(b, loaded.keys[b], sources[b], layer, part, err, bound)
+        sources = list(sources) or [("?", "?")] * len(keys)
+        mismatches = [Mismatch(b, keys[b], sources[b], layer, part, err, bound)
                       for b, layer, part, err, bound in failed]
         bad_sources = {m.source for m in mismatches}
         with self._lock:
             self.counters["checks"] += 1
-            self.counters["checked_blocks"] += loaded.num_blocks
+            self.counters["checked_blocks"] += len(keys)
             self.counters["recompute_seconds"] += seconds
             if mismatches:
                 self.counters["mismatches"] += 1
@@ -221,10 +242,19 @@ class Verifier:
         self._report(client, sources, mismatches, lay)
         return CheckResult(not mismatches, mismatches, seconds)
 
+    def quarantine(self, source: Source, blocks: int = 0) -> None:
+        """Quarantines a source another process's check found wrong (e.g. a vLLM worker's, for its
+        scheduler): new loads from it are cut like this process's own finds."""
+        with self._lock:
+            entry = self.quarantined.setdefault(tuple(source), {"since": time.time(), "blocks": 0})
+            entry["blocks"] += blocks
+
     def _delete(self, client, keys: list[bytes]) -> None:
         try:
             if hasattr(client, "flush"):
                 client.flush()  # a copy this load cached here must be indexed, so the delete reaches it
+            if hasattr(client, "sync"):
+                client.sync()  # ... and the index must have it (puts reach it with the next event batch)
             deleted = client.delete(keys)
             log.warning("verify: deleted %d copies of %d mismatched blocks", deleted, len(keys))
         except Exception as e:  # the engine still goes on with the recomputed KV
@@ -277,7 +307,9 @@ def _versions() -> str:
         tf = transformers.__version__
     except ImportError:
         tf = "-"
-    return f"kvstore {kvstore.__version__}, torch {torch.__version__}, transformers {tf}"
+    engine = sys.modules.get("vllm")  # the vLLM connector's checks name the engine's version too
+    vllm = f", vllm {engine.__version__}" if getattr(engine, "__version__", None) else ""
+    return f"kvstore {kvstore.__version__}, torch {torch.__version__}, transformers {tf}{vllm}"
 
 
 _default: Verifier | None = None

@@ -13,6 +13,9 @@ Load it in any engine with:
                                                          # (or an embedded one if it is in none)
             "kvstore_namespace": "tenant-a",             # default: the kvstore config's namespace
             "kvstore_token_file": "/etc/kvstore/secret/token",   # optional
+            "kvstore_verify_fraction": 0.01,             # verified restores (below): share of loads
+            "kvstore_verify_first_n": 8,                 # checked at random, and every load while a
+                                                         # source is within its first n loads
         },
     }
 
@@ -59,7 +62,34 @@ the step ends; so when `request_finished` runs, every block of the handoff is in
 the lease pins it. "async" (the default for kv_both) copies and commits on a worker thread while
 the next steps run; vLLM's blocks of such a request are held after it finishes
 (`request_finished` returns True) until the worker reports the save done (`finished_sending`),
-and no lease is taken (the blocks may still be in flight when the handle is returned).
+and no lease is taken (the blocks may still be in flight when the handle is returned). Either way
+a save returns once the cluster's index has its blocks (`put(..., wait_index=True)`), so a
+decode side or this engine's next lookup on any node finds them.
+
+Verified restores (connectors/verify.py, docs/verified-restores.md). Checksums cannot tell KV
+that was wrong when it was written (a writer bug, another engine or kernel, another prompt's blocks
+under this prompt's keys) from right KV; only the model can. So on a sample of the loads the
+scheduler would make (`kvstore_verify_fraction`, default 0.01, and every load while one of its
+sources, a (writer node, medium) pair, is within its first `kvstore_verify_first_n` loads in this
+scheduler, default 8) the scheduler does not load: `get_num_new_matched_tokens` returns 0, the
+engine computes the prefix itself, and the step's metadata tells the workers to check the blocks
+the store holds for it (`KVStoreConnectorMetadata.checks`: keys, vLLM block ids, sources). A
+worker fetches those blocks in the background when the step's metadata is bound, and as the
+forward hands it each layer (`save_kv_layer`) compares that layer of the blocks the engine just
+computed with the stored ones: per block, K|V and KV head, `max|stored - computed| <= atol + rtol *
+max|computed|` (`verify.compare`; `kvstore_verify_rtol`/`_atol` override the defaults by dtype).
+At the end of the step (`wait_for_save`, before that step's saves are committed, so a kv_both
+engine writes the right KV back) a mismatch is acted on by `Verifier.record`: the wrong blocks are
+deleted from the store, the mismatch is counted, logged at ERROR (key hex, medium, writer node,
+kvstore/torch/vLLM versions) and reported to the controller (`report_verification`; every check
+is reported). The source is quarantined in the scheduler: the worker sends it back in the step's
+`KVConnectorOutput.kv_connector_worker_meta` (`KVStoreWorkerMetadata`, vLLM's channel from
+workers to the scheduler's connector, so this works with the engine core and workers in one
+process or several), and the scheduler's `Verifier` cuts every later load before the first block
+from a quarantined source (those blocks are computed). The request's own output is right by
+construction: the engine computed its KV. Counters: `verify_*` in the connector stats and TOTALS;
+`KVStoreConnector.verification()` gives a side's Verifier counters and quarantine.
+`kvstore_verify_fraction=0` with `kvstore_verify_first_n=0` turns checks off.
 
 Failures. A block the store cannot deliver (evicted, its node dead, the store unreachable) is
 reported through `get_block_ids_with_load_errors`; with `kv_load_failure_policy="recompute"` vLLM
@@ -121,6 +151,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # noqa: E402
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats  # noqa: E402
 from vllm.v1.core.sched.output import SchedulerOutput  # noqa: E402
@@ -128,6 +159,7 @@ from vllm.v1.outputs import KVConnectorOutput  # noqa: E402
 
 import kvstore  # noqa: E402
 from kvstore.connectors import vllm_layout  # noqa: E402
+from kvstore.connectors.verify import Source, Verifier, VerifySettings, compare  # noqa: E402
 from kvstore.layout import DTYPES, Layout  # noqa: E402
 
 if TYPE_CHECKING:
@@ -155,6 +187,13 @@ _SETTINGS = {
     "kvstore_load_mode": "async (default) or sync",
     "kvstore_save_mode": "sync (default for kv_producer) or async (default for kv_both)",
     "kvstore_lease_ttl_s": "TTL of the handoff lease (default: the kvstore config's lease_ttl_s)",
+    "kvstore_verify_fraction": "verified restores: share of loads checked against the engine's own "
+                               "computation instead of loaded (default 0.01; 0 with first_n 0: off)",
+    "kvstore_verify_first_n": "verified restores: check every load while a source (node, medium) is within "
+                              "its first n loads in this scheduler (default 8)",
+    "kvstore_verify_rtol": "verified restores: relative tolerance (default by the KV dtype, see verify.py)",
+    "kvstore_verify_atol": "verified restores: absolute tolerance (default 1e-6)",
+    "kvstore_verify_seed": "verified restores: seed of the sampling coin (default: random)",
     "kvstore_test_delete_before_load": "test hook: a worker deletes the blocks from the store right "
                                        "before it loads them, so the load really fails",
 }
@@ -170,6 +209,7 @@ class Settings:
     save_async: bool
     lease_ttl_s: float | None
     test_delete_before_load: bool
+    verify: VerifySettings = VerifySettings()
 
     @classmethod
     def from_vllm(cls, vllm_config: "VllmConfig") -> "Settings":
@@ -201,7 +241,30 @@ class Settings:
             save_async=mode("kvstore_save_mode", "async" if tc.kv_role == "kv_both" else "sync"),
             lease_ttl_s=None if ttl is None else float(ttl),
             test_delete_before_load=bool(extra.get("kvstore_test_delete_before_load", False)),
+            verify=_verify_settings(extra),
         )
+
+
+def _verify_settings(extra: dict) -> VerifySettings:
+    defaults = VerifySettings()
+
+    def num(key: str, kind, default):
+        value = extra.get(key)
+        if value is None or value == "":
+            return default
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}={value!r} is not a number") from None
+
+    try:
+        return VerifySettings(fraction=num("kvstore_verify_fraction", float, defaults.fraction),
+                              first_n=num("kvstore_verify_first_n", int, defaults.first_n),
+                              rtol=num("kvstore_verify_rtol", float, defaults.rtol),
+                              atol=num("kvstore_verify_atol", float, defaults.atol),
+                              seed=num("kvstore_verify_seed", int, defaults.seed))
+    except ValueError as e:
+        raise ValueError(f"kv_connector_extra_config: kvstore_verify_*: {e}") from None
 
 
 _CLIENTS: dict[tuple, Any] = {}
@@ -330,16 +393,49 @@ class Transfer:
 
 
 @dataclasses.dataclass
+class Check:
+    """Blocks a request's forward completes this step, to compare with what the store holds
+    under their keys (verified restores): the scheduler did not load them."""
+
+    req_id: str
+    block_ids: list[int]
+    keys: list[list[bytes]]              # [tp_rank][i]
+    sources: list[Source]                # [i]: (node, medium) a load would have read block i from
+
+
+@dataclasses.dataclass
 class KVStoreConnectorMetadata(KVConnectorMetadata):
     loads: list[Transfer] = dataclasses.field(default_factory=list)
     saves: list[Transfer] = dataclasses.field(default_factory=list)
     flush: set[str] = dataclasses.field(default_factory=set)  # preempted requests with saves in flight
+    checks: list[Check] = dataclasses.field(default_factory=list)
+
+
+# -- worker metadata (workers -> scheduler) ------------------------------------------------------
+
+@dataclasses.dataclass
+class KVStoreWorkerMetadata(KVConnectorWorkerMetadata):
+    """What a worker's checks found this step: the sources to quarantine, [(node, medium,
+    mismatched blocks)] (vLLM aggregates the workers' and hands it to the scheduler's connector)."""
+
+    quarantine: list[tuple[str, str, int]] = dataclasses.field(default_factory=list)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> "KVStoreWorkerMetadata":
+        if isinstance(other, KVStoreWorkerMetadata):
+            return KVStoreWorkerMetadata(self.quarantine + other.quarantine)
+        return self
 
 
 # -- stats ---------------------------------------------------------------------------------------
 
 _COUNTERS = ("lookups", "lookup_hit_blocks", "lookup_s", "blocks_loaded", "blocks_load_failed", "blocks_saved",
-             "blocks_save_failed", "load_s", "save_s")
+             "blocks_save_failed", "load_s", "save_s",
+             # verified restores: scheduler (requests computed for a check instead of loaded, and the
+             # blocks they would have loaded; blocks not loaded because their source is quarantined)
+             "verify_requests", "verify_request_blocks", "verify_quarantine_skipped_blocks",
+             "verify_quarantined_sources",
+             # ... and workers (checks made, blocks compared, checks that failed, blocks that failed)
+             "verify_checks", "verify_checked_blocks", "verify_mismatches", "verify_mismatched_blocks", "verify_s")
 
 
 @dataclasses.dataclass
@@ -392,6 +488,9 @@ class _Req:
     loading: bool = False              # an async load is in flight
     async_saves: bool = False          # async saves were sent: hold vLLM's blocks at finish
     handle_leases: list[str] = dataclasses.field(default_factory=list)
+    admitted: tuple | None = None      # (first, present) -> the verifier's (usable, sources, check)
+    check: tuple[int, int, list[Source]] | None = None  # (first, end block, sources): compute, then compare
+    checked: int = 0                   # blocks of `check` sent to the workers so far
 
 
 class KVStoreConnector(KVConnectorBase_V1):
@@ -419,6 +518,9 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._client = _client(self.settings)
         self._namespace = self.settings.namespace or self._client.config.namespace
         self._stats: dict[str, float] = {}
+        # Verified restores: the scheduler's samples its loads and keeps the quarantine; a
+        # worker's counts its checks (its quarantine is the scheduler's business).
+        self._verifier = Verifier(self.settings.verify)
         if role == KVConnectorRole.SCHEDULER:
             self._reqs: dict[str, _Req] = {}
             self._told_embeds = False  # the refusal of prompt embeddings was logged
@@ -486,8 +588,50 @@ class KVStoreConnector(KVConnectorBase_V1):
         _count(self._stats, lookups=1, lookup_hit_blocks=present, lookup_s=time.perf_counter() - t0)
         if present <= first:
             return 0, False
+        present = self._admit(request, st, first, present)
+        if present <= first:
+            return 0, False
         st.lookup = (first, present)
         return present * B - num_computed_tokens, self.settings.load_async
+
+    def _admit(self, request: "Request", st: _Req, first: int, present: int) -> int:
+        """Verified restores: the end block of what may be loaded of blocks first..present. The
+        verifier cuts the load before the first block from a quarantined source, and when it picks
+        the load for a check nothing is loaded (returns `first`): the engine computes the blocks
+        and the workers compare them with the store's (`Check` in the metadata). Decided once per
+        lookup result (vLLM may ask again while the request waits for room)."""
+        if st.admitted is None or st.admitted[0] != (first, present):
+            keys = st.keys[0][first:present]
+            try:
+                decision = self._verifier.admit_blocks(present - first, lambda: self._sources(keys))
+            except Exception as e:  # the index cannot say where the blocks are: compute them
+                log.warning("kvstore: cannot locate the blocks of request %s (%s); computing them", request.request_id,
+                            e)
+                return first
+            st.admitted = ((first, present), decision)
+            usable, sources, check = decision
+            _count(self._stats, verify_quarantine_skipped_blocks=present - first - usable)
+            if check:
+                st.check, st.checked = (first, first + usable, sources), 0
+                _count(self._stats, verify_requests=1, verify_request_blocks=usable)
+                log.info("kvstore: request %s computes its %d stored blocks (from %s) to verify them instead of "
+                         "loading them", request.request_id, usable, sorted(set(sources)))
+                self._release_handle(st)  # nothing is loaded: the handoff's blocks need no pin
+        usable, _, check = st.admitted[1]
+        return first if check else first + usable
+
+    def _sources(self, keys: list[bytes]) -> list[Source]:
+        """Per key, the (node, medium) a load would read it from: this node if it holds it, else
+        the first holder (as the client's get picks them); one index call."""
+        me = self._client.node_id
+        out = []
+        for holders in self._client.where(keys):
+            media: dict[str, str] = {}
+            for node, medium in holders:
+                media.setdefault(node, medium)
+            node = me if me in media else next(iter(media), "?")
+            out.append((node, media.get(node, "?")))
+        return out
 
     def _check_handle(self, request: "Request", st: _Req) -> None:
         """Keeps the leases of a producer's handle whose keys are this request's own keys."""
@@ -544,6 +688,7 @@ class KVStoreConnector(KVConnectorBase_V1):
             st.block_ids = list(new.block_ids[0])
             st.saved = max(st.saved, new.num_computed_tokens // self._block_size)
             self._plan_save(meta, new.req_id, st, new.num_computed_tokens + scheduled.get(new.req_id, 0))
+            self._plan_check(meta, new.req_id, st, new.num_computed_tokens + scheduled.get(new.req_id, 0))
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             st = self._reqs.get(req_id)
@@ -555,6 +700,7 @@ class KVStoreConnector(KVConnectorBase_V1):
             elif new_ids:
                 st.block_ids.extend(new_ids[0])
             self._plan_save(meta, req_id, st, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
+            self._plan_check(meta, req_id, st, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
         for req_id in scheduler_output.preempted_req_ids or ():
             st = self._reqs.get(req_id)
             if st is not None and st.async_saves:
@@ -574,10 +720,34 @@ class KVStoreConnector(KVConnectorBase_V1):
         st.saved = complete
         st.async_saves |= self.settings.save_async
 
+    def _plan_check(self, meta: KVStoreConnectorMetadata, req_id: str, st: _Req, done_tokens: int) -> None:
+        """Verified restores: the blocks of the request's check that this step's forward
+        completes go to the workers, to be compared as the forward computes them."""
+        if st.check is None:
+            return
+        first, end, sources = st.check
+        start = first + st.checked
+        complete = min(done_tokens // self._block_size, end, len(st.block_ids))
+        if complete <= start:
+            return
+        meta.checks.append(Check(req_id, st.block_ids[start:complete], [k[start:complete] for k in st.keys],
+                                 sources[start - first:complete - first]))
+        st.checked = complete - first
+        if complete >= end:
+            st.check = None
+
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        """Scheduler, with the workers' output of each step: releases the handoff leases of
-        requests whose loads are done (sync loads of the last step; async ones in
-        finished_recving)."""
+        """Scheduler, with the workers' output of each step: quarantines the sources the workers'
+        checks found wrong, and releases the handoff leases of requests whose loads are done (sync
+        loads of the last step; async ones in finished_recving)."""
+        found = connector_output.kv_connector_worker_meta
+        if isinstance(found, KVStoreWorkerMetadata):
+            for node, medium, blocks in found.quarantine:
+                if (node, medium) not in self._verifier.quarantined:
+                    log.error("kvstore: quarantining source node %s medium %s (%d blocks did not match the engine's "
+                              "own KV): its blocks are no longer loaded by this engine", node, medium, blocks)
+                    _count(self._stats, verify_quarantined_sources=1)
+                self._verifier.quarantine((node, medium), blocks)
         self._held -= set(connector_output.finished_sending or ())
         done = list(self._sync_loaded) + list(connector_output.finished_recving or ())
         self._sync_loaded = []
@@ -643,6 +813,11 @@ class KVStoreConnector(KVConnectorBase_V1):
         vLLM frees their blocks, rather than idling with the blocks held."""
         return bool(self._held)
 
+    def verification(self) -> dict:
+        """This side's Verifier: counters, quarantine and settings (the scheduler's samples the
+        loads and holds the quarantine; a worker's counts the checks it made)."""
+        return self._verifier.stats()
+
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         """Both sides, after each step: the counters since the last call (None when idle)."""
         if not any(self._stats.values()):
@@ -682,6 +857,15 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._staging: dict[str, torch.Tensor] = {}
         self._saved_layers: set[int] = set()
         self._save_buffer: torch.Tensor | None = None
+        # Verified restores: this step's fetch of the stored blocks to check, per check the
+        # blocks found and the failures so far ({position: (position, layer, part, error, bound)}).
+        self._checker = ThreadPoolExecutor(1, thread_name_prefix="kvstore-vllm-verify")
+        self._check_fetch: Future | None = None
+        self._check_found: list[list[int]] = []
+        self._check_failed: list[dict[int, tuple]] = []
+        self._checked_layers: set[int] = set()
+        self._check_s = 0.0
+        self._quarantine_out: list[tuple[str, str, int]] = []
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Worker, once after vLLM allocated its KV cache: keeps each attention layer's cache (a
@@ -762,6 +946,100 @@ class KVStoreConnector(KVConnectorBase_V1):
                                                     dtype=self._layout.torch_dtype)
         return buf[:n]
 
+    # -- verified restores -------------------------------------------------------------------
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Worker, each step before the forward: also starts fetching the stored blocks this
+        step's checks compare with (on the checker thread, while the forward runs)."""
+        super().bind_connector_metadata(connector_metadata)
+        self._check_fetch, self._check_found, self._check_failed = None, [], []
+        self._checked_layers, self._check_s = set(), 0.0
+        if isinstance(connector_metadata, KVStoreConnectorMetadata) and connector_metadata.checks and self._caches:
+            self._check_fetch = self._checker.submit(self._fetch_checks, connector_metadata.checks)
+
+    def _fetch_checks(self, checks: list[Check]) -> tuple[torch.Tensor, list[list[int]]]:
+        """The stored blocks of every check of the step, and per check the blocks found."""
+        buf = self._buffer("verify", sum(len(c.block_ids) for c in checks))
+        found, start = [], 0
+        for c in checks:
+            keys = c.keys[self._tp_rank]
+            try:
+                ok = self._client.get(self._layout, keys, buf[start:start + len(keys)]).found
+            except Exception as e:  # nothing to compare with: no check
+                log.warning("kvstore: fetching %d blocks of request %s to verify them failed: %s", len(keys),
+                            c.req_id, e)
+                ok = [False] * len(keys)
+            found.append([start + i for i, hit in enumerate(ok) if hit])
+            start += len(keys)
+        return buf, found
+
+    def _check_layer(self, meta: KVStoreConnectorMetadata, layer: int) -> None:
+        """Compares one layer of the blocks the forward just computed with the stored ones."""
+        if self._check_fetch is None or layer in self._checked_layers:
+            return
+        t0 = time.perf_counter()
+        self._checked_layers.add(layer)
+        try:
+            buf, found = self._check_fetch.result()
+        except Exception as e:  # _fetch_checks catches everything; belt and braces
+            log.warning("kvstore: verify fetch failed: %s", e)
+            buf, found = None, [[] for _ in meta.checks]
+        if not self._check_found:
+            self._check_found = found
+            self._check_failed = [{} for _ in meta.checks]
+        rtol, atol = self.settings.verify.rtol_for(self._layout.dtype), self.settings.verify.atol
+        _, T, H, D = self._layout.block_shape[1:]
+        start = 0
+        for j, c in enumerate(meta.checks):
+            rows = found[j]
+            if rows:
+                ids = [c.block_ids[r - start] for r in rows]
+                computed = torch.empty((len(ids), 2, T, H, D), dtype=self._layout.torch_dtype)
+                self._gather_layer(layer, ids, computed)
+                stored = buf[rows, layer]
+                failed = compare([(stored[:, 0].reshape(-1, H, D), stored[:, 1].reshape(-1, H, D))],
+                                 [(computed[:, 0].reshape(-1, H, D), computed[:, 1].reshape(-1, H, D))], T, rtol, atol)
+                for pos, _, part, error, bound in failed:
+                    self._check_failed[j].setdefault(pos, (pos, layer, part, error, bound))
+            start += len(c.block_ids)
+        self._check_s += time.perf_counter() - t0
+
+    def _finish_checks(self, meta: KVStoreConnectorMetadata) -> None:
+        """Worker, at the end of the step (before its saves commit): compares any layer the
+        forward did not hand over, then acts on each check (`Verifier.record`: delete the wrong
+        blocks, count, log, report) and queues their sources for the scheduler's quarantine."""
+        if self._check_fetch is None:
+            return
+        for layer in range(len(self._caches)):
+            self._check_layer(meta, layer)
+        start = 0
+        for j, c in enumerate(meta.checks):
+            rows = self._check_found[j]
+            if rows:
+                keys = [c.keys[self._tp_rank][r - start] for r in rows]
+                sources = [tuple(c.sources[r - start]) if r - start < len(c.sources) else ("?", "?") for r in rows]
+                failed = sorted(self._check_failed[j].values())
+                result = self._verifier.record(self._client, keys, sources, failed, self._layout, self._check_s)
+                bad: dict[Source, int] = {}
+                for m in result.mismatches:
+                    bad[m.source] = bad.get(m.source, 0) + 1
+                self._quarantine_out += [(node, medium, n) for (node, medium), n in bad.items()]
+                _count(self._stats, verify_checks=1, verify_checked_blocks=len(keys),
+                       verify_mismatches=int(not result.ok), verify_mismatched_blocks=len(result.mismatches))
+                log.log(logging.INFO if result.ok else logging.ERROR,
+                        "kvstore: verified %d stored blocks of request %s against the engine's KV: %s", len(keys),
+                        c.req_id, "match" if result.ok else f"{len(result.mismatches)} do not match (deleted; "
+                        f"quarantining {sorted(bad)}; vLLM {vllm.__version__})")
+            start += len(c.block_ids)
+        _count(self._stats, verify_s=self._check_s)
+        self._check_fetch = None
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        """Worker, after each step: the sources this step's checks found wrong, for the
+        scheduler's quarantine (vLLM passes it to `update_connector_output`)."""
+        out, self._quarantine_out = getattr(self, "_quarantine_out", []), []
+        return KVStoreWorkerMetadata(out) if out else None
+
     # -- loads --------------------------------------------------------------------------------
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
@@ -815,13 +1093,23 @@ class KVStoreConnector(KVConnectorBase_V1):
                       **kwargs: Any) -> None:
         """Worker, in each attention layer after it wrote this step's KV. In sync save mode,
         copies this layer of the blocks completed this step into the step's payload buffer (the
-        commit is in wait_for_save); in async mode the saver thread reads the blocks later."""
+        commit is in wait_for_save); in async mode the saver thread reads the blocks later. With
+        checks (verified restores) this step, first compares this layer of their blocks with the
+        stored ones."""
         meta = self._get_connector_metadata()
-        if not isinstance(meta, KVStoreConnectorMetadata) or not meta.saves or self.settings.save_async:
+        if not isinstance(meta, KVStoreConnectorMetadata) or not (meta.saves or meta.checks):
             return
         try:
             layer = self._layer_names.index(layer_name)
         except ValueError:
+            return
+        if meta.checks:
+            try:
+                self._check_layer(meta, layer)
+            except Exception as e:  # a check that cannot run must never break the forward
+                log.warning("kvstore: verifying layer %s failed, dropping this step's checks: %s", layer_name, e)
+                self._check_fetch = None
+        if not meta.saves or self.settings.save_async:
             return
         block_ids = [b for s in meta.saves for b in s.block_ids]
         if self._save_buffer is None or self._save_buffer.shape[0] != len(block_ids):
@@ -830,10 +1118,17 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._saved_layers.add(layer)
 
     def wait_for_save(self) -> None:
-        """Worker, once per step after the forward, metadata still bound. Sync mode: copies any
+        """Worker, once per step after the forward, metadata still bound. First acts on the step's
+        checks (verified restores: `_finish_checks`). Sync mode: copies any
         layer save_kv_layer did not, and commits the step's blocks to the store before returning.
         Async mode: hands the step's saves to the saver thread (vLLM keeps the blocks)."""
         meta = self._get_connector_metadata()
+        if isinstance(meta, KVStoreConnectorMetadata) and meta.checks:
+            try:
+                self._finish_checks(meta)  # first: a wrong block is deleted before the right one is saved
+            except Exception as e:  # a check that cannot run must never break the step
+                log.warning("kvstore: finishing this step's verification failed: %s", e)
+                self._check_fetch = None
         if not isinstance(meta, KVStoreConnectorMetadata) or not meta.saves:
             self._save_buffer, self._saved_layers = None, set()
             return
@@ -863,8 +1158,10 @@ class KVStoreConnector(KVConnectorBase_V1):
                 payload = self._buffer("async-save", len(keys))
                 for layer in range(len(self._caches)):
                     self._gather_layer(layer, save.block_ids, payload[:, layer])
+            # wait_index: a handoff's reader (or this engine's next lookup) on any node finds them
+            # as soon as the save is reported done; one controller call per request and step.
             result = self._client.put(self._layout, keys, payload,
-                                      parents=kvstore.chain_parents(keys, save.parents[self._tp_rank]))
+                                      parents=kvstore.chain_parents(keys, save.parents[self._tp_rank]), wait_index=True)
             stored, failed = result.stored + result.present, len(result.rejected)
             if failed:
                 log.warning("kvstore had no room for %d of %d blocks of request %s", failed, len(keys), save.req_id)
@@ -931,6 +1228,6 @@ class KVStoreConnector(KVConnectorBase_V1):
 
     def shutdown(self) -> None:
         """Worker or scheduler, when the engine stops: lets transfers in flight finish."""
-        for pool in (getattr(self, "_loader", None), getattr(self, "_saver", None)):
+        for pool in (getattr(self, "_loader", None), getattr(self, "_saver", None), getattr(self, "_checker", None)):
             if pool is not None:
                 pool.shutdown(wait=True)

@@ -12,8 +12,9 @@ replaced by noise in the store before the round, the negative control)}. The rou
 after the other in the same engine.
 
 Prints one line `RESULT {json}`: per round the generated token ids, the returned
-kv_transfer_params, the connector's per-process totals after the round, and where the store
-holds the blocks named in the round's handoffs and outputs.
+kv_transfer_params, the connector's per-process totals after the round, where the store
+holds the blocks named in the round's handoffs and outputs, and the verifiers' state (the
+worker's checks, the scheduler's samples and quarantine).
 """
 from __future__ import annotations
 
@@ -80,8 +81,11 @@ def connector_report(returned: list, handoffs: list) -> dict:
 
     get_kv_transfer_group().wait_idle()  # async saves of this round are in the store
     client = next(iter(kvc._CLIENTS.values()))
+    client.flush()  # copies cached by this round's pulls are committed ...
+    client.sync()   # ... and in the cluster's index
     keys = [bytes.fromhex(k) for p in returned + handoffs if p for k in p.get("kvstore_keys", [])]
     return {"totals": dict(kvc.TOTALS), "node_id": client.node_id,
+            "worker_verify": get_kv_transfer_group().verification(),
             "where": {k.hex(): sorted(n for n, _ in holders) for k, holders in zip(keys, client.where(keys))}}
 
 
@@ -96,7 +100,7 @@ def corrupt(keys_hex: list[str]) -> None:
     keys = [bytes.fromhex(k) for k in keys_hex]
     client.delete(keys)
     noise = torch.randn((len(keys), *layout.block_shape), generator=torch.Generator().manual_seed(7)).to(layout.torch_dtype)
-    result = client.put(layout, keys, noise)
+    result = client.put(layout, keys, noise, wait_index=True)
     assert result.stored == len(keys), result
 
 
@@ -105,6 +109,7 @@ def scheduler_report(llm) -> dict:
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
     return {"sched_requests": len(scheduler.requests), "sched_held": sorted(scheduler.connector._held),
+            "sched_verify": scheduler.connector.verification(),
             "free_blocks": pool.get_num_free_blocks(), "total_blocks": pool.num_gpu_blocks - 1}
 
 

@@ -50,6 +50,9 @@ def run_engine(spec: dict, timeout_s: float = 240) -> dict:
 
 
 def connector(role: str, **extra) -> dict:
+    """Verified restores are off unless a test turns them on: these tests are about the load path
+    (with them on, a source's first loads are computed and checked instead: test_verify_engine.py)."""
+    extra = {"kvstore_verify_fraction": 0, "kvstore_verify_first_n": 0, **extra}
     return {"kv_role": role, "kv_load_failure_policy": "recompute", "extra": extra}
 
 

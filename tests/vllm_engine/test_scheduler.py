@@ -38,7 +38,9 @@ def make_scheduler(model: str, address: str, role: str, **extra):
         kv_transfer_config=KVTransferConfig(
             kv_connector="KVStoreConnector", kv_connector_module_path="kvstore.connectors.vllm", kv_role=role,
             kv_load_failure_policy="recompute",
-            kv_connector_extra_config={"kvstore_address": address, "kvstore_namespace": "sched-test", **extra}),
+            kv_connector_extra_config={"kvstore_address": address, "kvstore_namespace": "sched-test",
+                                       # verified restores off unless a test turns them on
+                                       "kvstore_verify_fraction": 0, "kvstore_verify_first_n": 0, **extra}),
     ).create_engine_config()
     config.cache_config.num_gpu_blocks = NUM_BLOCKS
     kv_cache_config = KVCacheConfig(
@@ -63,7 +65,7 @@ def request(req_id: str, tokens: list[int], max_tokens: int = 2, kv_transfer_par
     return Request(req_id, tokens, params, None, block_hasher=get_request_block_hasher(BLOCK, sha256), **inputs)
 
 
-def output(scheduler, so, *, sending=(), recving=(), invalid=()):
+def output(scheduler, so, *, sending=(), recving=(), invalid=(), worker_meta=None):
     """The fake ModelRunnerOutput of step `so`: token 7 for each request that is past its prompt."""
     from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 
@@ -74,7 +76,7 @@ def output(scheduler, so, *, sending=(), recving=(), invalid=()):
         done = req.num_computed_tokens >= req.num_tokens  # the scheduler already advanced it by this step
         sampled.append([7] if done else [])
     kv = KVConnectorOutput(finished_sending=set(sending) or None, finished_recving=set(recving) or None,
-                           invalid_block_ids=set(invalid))
+                           invalid_block_ids=set(invalid), kv_connector_worker_meta=worker_meta)
     return ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
                              sampled_token_ids=sampled, kv_connector_output=kv)
 
@@ -94,7 +96,7 @@ def put_blocks(client, connector, tokens: list[int], n: int, extra: bytes = b"",
     layout = connector._layouts[0]
     keys = kvstore.block_keys(tokens, layout, connector._namespace, extra=extra, block_extra=block_extra)[:n]
     blocks = torch.randn((n, *layout.block_shape)).to(layout.torch_dtype)
-    result = client.put(layout, keys, blocks, parents=kvstore.chain_parents(keys))
+    result = client.put(layout, keys, blocks, parents=kvstore.chain_parents(keys), wait_index=True)
     assert not result.rejected, result
     return keys
 
@@ -267,7 +269,8 @@ def save_as_worker(client, connector, so) -> list[bytes]:
     keys = []
     for save in so.kv_connector_metadata.saves:
         blocks = torch.randn((len(save.block_ids), *layout.block_shape)).to(layout.torch_dtype)
-        result = client.put(layout, save.keys[0], blocks, parents=kvstore.chain_parents(save.keys[0], save.parents[0]))
+        result = client.put(layout, save.keys[0], blocks, parents=kvstore.chain_parents(save.keys[0], save.parents[0]),
+                            wait_index=True)
         assert not result.rejected, result
         keys += save.keys[0]
     return keys
@@ -372,4 +375,47 @@ def test_requests_with_prompt_embeddings_are_neither_loaded_nor_saved(tiny_model
     assert so.num_scheduled_tokens == {"e1": 300, "e2": 300}
     assert {r: f.kv_transfer_params for r, f in finished.items()} == {"e1": None, "e2": None}
     assert len([r for r in caplog.records if "prompt embeddings" in r.getMessage()]) == 1
+    assert_clean(s, free0)
+
+
+# -- verified restores ---------------------------------------------------------------------------
+
+def test_a_sampled_load_is_computed_and_checked_block_by_block_and_a_bad_source_quarantined(tiny_model, store):
+    """With every load sampled, the scheduler loads nothing: the engine computes the prompt (here
+    in chunks of 200 tokens) and each step's metadata names the stored blocks that step completes,
+    for the workers to compare. A source a worker reports wrong (kv_connector_worker_meta) is
+    quarantined: a later request's blocks from it are neither loaded nor checked."""
+    from kvstore.connectors.vllm import KVStoreWorkerMetadata
+
+    address, client = store
+    s = make_scheduler(tiny_model, address, "kv_consumer", kvstore_verify_fraction=1.0, kvstore_verify_first_n=0)
+    s.max_num_scheduled_tokens = 200  # chunked prefill
+    free0 = free_blocks(s)
+    tokens, later = prompt(40, 300), prompt(41, 300)
+    keys = put_blocks(client, s.connector, tokens, 2)
+    put_blocks(client, s.connector, later, 2)
+    client.flush()
+    source = (client.node_id, client.where(keys[:1])[0][0][1])
+    s.add_request(request("v", tokens))
+
+    so, _ = step(s)
+    meta = so.kv_connector_metadata
+    assert not meta.loads and so.num_scheduled_tokens == {"v": 200}
+    (check,) = meta.checks  # the first block is complete after this step
+    assert check.keys[0] == keys[:1] and check.sources == [source]
+    assert check.block_ids == so.scheduled_new_reqs[0].block_ids[0][:1]
+    so, _ = step(s, worker_meta=KVStoreWorkerMetadata([(*source, 1)]))  # the worker found it wrong
+    assert so.num_scheduled_tokens == {"v": 100}
+    (check,) = so.kv_connector_metadata.checks  # the second block, this step
+    assert check.keys[0] == keys[1:2]
+    stats = s.connector.verification()
+    assert [(q["node_id"], q["medium"]) for q in stats["quarantined"]] == [source]
+
+    s.add_request(request("w", later))
+    so, _ = step(s)
+    assert not so.kv_connector_metadata.loads and not so.kv_connector_metadata.checks
+    assert so.num_scheduled_tokens["w"] == 200 - 1  # computed from the start ("v" decodes one token)
+    assert s.connector.verification()["quarantine_skipped_blocks"] == 2
+    for _ in range(4):
+        step(s)
     assert_clean(s, free0)

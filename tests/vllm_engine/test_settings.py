@@ -46,3 +46,17 @@ def test_bad_settings_are_named():
         Settings.from_vllm(vllm_config(kvstore_address="http://kvstore:8470"))
     with pytest.raises(ValueError, match="kvstore_load_mode='later'"):
         Settings.from_vllm(vllm_config(kvstore_load_mode="later"))
+
+
+def test_verify_settings():
+    from kvstore.connectors.verify import VerifySettings
+    from kvstore.connectors.vllm import Settings
+
+    assert Settings.from_vllm(vllm_config()).verify == VerifySettings()  # verify.py's defaults
+    s = Settings.from_vllm(vllm_config(kvstore_verify_fraction="0.5", kvstore_verify_first_n=2,
+                                       kvstore_verify_rtol=0.1, kvstore_verify_atol=0, kvstore_verify_seed=3))
+    assert s.verify == VerifySettings(fraction=0.5, first_n=2, rtol=0.1, atol=0.0, seed=3)
+    with pytest.raises(ValueError, match="fraction=2.0 must be in"):
+        Settings.from_vllm(vllm_config(kvstore_verify_fraction=2))
+    with pytest.raises(ValueError, match="kvstore_verify_first_n='many' is not a number"):
+        Settings.from_vllm(vllm_config(kvstore_verify_first_n="many"))
