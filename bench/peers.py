@@ -954,7 +954,8 @@ def measure_kvstore(sizes: dict, args) -> tuple[dict, dict]:
                             ray.get(node_a.delete.remote(keys))
                         out_np[:, :16] = 0
                         start = time.perf_counter()
-                        r = client.get(layout, keys, out)
+                        # Cross-node: into the caller's buffer only, as every peer does (no local copy).
+                        r = client.get(layout, keys, out, cache=False) if drop else client.get(layout, keys, out)
                         elapsed = time.perf_counter() - start
                         client.flush()  # the cache fill behind a remote get, before anything is timed
                         want = (b_id, "remote") if drop else (a_id, "local")
@@ -966,12 +967,9 @@ def measure_kvstore(sizes: dict, args) -> tuple[dict, dict]:
                     return _batch_entry(size * count, times, bound)
 
                 row["cross_node"] = batch("cross-node", drop=True)
-                row["cross_node"]["caches_pulled_blocks"] = bool(getattr(client.config, "cache_pulled_blocks", True))
-                # Same node: the blocks in A's arena. A get that caches what it pulls puts them there
-                # (whatever the cache_pulled_blocks default is); older clients always cached.
-                import inspect
-
-                fill = {"cache": True} if "cache" in inspect.signature(client.get).parameters else {}
+                row["cross_node"]["caches_pulled_blocks"] = False
+                # Same node: the blocks in A's arena, put there by a get that caches what it pulls.
+                fill = {"cache": True}
                 ray.get(node_a.delete.remote(keys))
                 client.get(layout, keys, out, **fill)
                 client.flush()
@@ -991,7 +989,8 @@ def measure_kvstore(sizes: dict, args) -> tuple[dict, dict]:
                                 ray.get(node_a.delete.remote([keys[i]]))
                             out_np[i, :16] = 0
                             start = time.perf_counter()
-                            r = client.get(layout, [keys[i]], out[i:i + 1])
+                            r = client.get(layout, [keys[i]], out[i:i + 1], cache=False) if drop \
+                                else client.get(layout, [keys[i]], out[i:i + 1])
                             elapsed = time.perf_counter() - start
                             if drop:
                                 client.flush()
