@@ -48,6 +48,7 @@ from kvstore.tiers.host import HostArena
 log = logging.getLogger(__name__)
 
 RPC_TIMEOUT_S = 60.0
+_STREAM_MIN_BYTES = 32 * 1024 * 1024  # a pull is split into streams of at least this much
 
 
 @dataclasses.dataclass
@@ -363,9 +364,10 @@ class Client:
         return by_owner, set(unknown)
 
     def _stream(self, layout: Layout, keys: list[bytes], by_owner: dict[str, list[int]], sink) -> dict[bytes, str]:
-        """One Flight stream per owner, in parallel; returns key -> owner of the blocks received.
-        An owner that fails or times out (transfer_timeout_s) contributes misses, and is forgotten
-        until the controller names it again."""
+        """Flight streams to every owner at once (a large pull from one owner split over up to
+        `pull_streams` of them); returns key -> owner of the blocks received. An owner that fails
+        or times out (transfer_timeout_s) contributes misses, and is forgotten until the
+        controller names it again."""
         def pull(owner: str, idx: list[int]) -> tuple[str, set[bytes]]:
             address = self._addresses.get(owner)
             if address is None:
@@ -379,7 +381,11 @@ class Client:
                 self._locations.forget_node(owner)
                 return owner, set()
 
-        jobs = list(by_owner.items())
+        jobs = []
+        for owner, idx in by_owner.items():
+            # Several streams only where each still moves a lot: small pulls pay per stream.
+            n = max(1, min(self.config.pull_streams, len(idx) * layout.block_nbytes // _STREAM_MIN_BYTES))
+            jobs += [(owner, part) for part in (idx[j::n] for j in range(n))]
         results = [pull(*jobs[0])] if len(jobs) == 1 else list(self._streams.map(lambda job: pull(*job), jobs))
         return {key: owner for owner, got in results for key in got}
 

@@ -83,6 +83,7 @@ class Config:
     auth_token_file: str = _setting("", "File holding the auth token (a mounted Secret); wins over auth_token.")
     lease_ttl_s: float = _setting(30.0, "How long a handoff lease keeps its blocks pinned if never consumed.", "float")
     cache_pulled_blocks: bool = _setting(True, "Keep a copy of every block a get pulls from another node in this node's host tier (the next get is local); off, a pull costs one copy fewer.", "bool")
+    pull_streams: int = _setting(1, "Most Flight streams one get opens to one owner (a large pull is split; each stream moves at least 32 MiB). More than 1 was slower on a 2-core machine (docs/benchmarks.md); try it where cores are plenty.", "int")
     transfer_timeout_s: float = _setting(30.0, "Deadline of one data-plane transfer between nodes: a pull from a stalled peer ends as a miss, a put stream that stalls has its slots given back.", "float")
     fence_grace_s: float = _setting(10.0, "After a writer's hold expires, how long its slots stay unused: longer than any one copy the writer started before it saw the fence.", "float")
     verify_reads: str = _setting("sampled", "Which local shared-memory reads re-check the block's checksum (NVMe reads and transfers between nodes always do). sampled: verify_sample_fraction of them.", "str", ("off", "sampled", "always"))
@@ -107,6 +108,8 @@ class Config:
             raise ConfigError(f"http_port={self.http_port!r} is not a port")
         if self.lease_ttl_s <= 0:
             raise ConfigError(f"lease_ttl_s={self.lease_ttl_s!r} must be positive")
+        if self.pull_streams < 1:
+            raise ConfigError(f"pull_streams={self.pull_streams!r} must be at least 1")
         if self.transfer_timeout_s <= 0:
             raise ConfigError(f"transfer_timeout_s={self.transfer_timeout_s!r} must be positive")
         if self.fence_grace_s <= 0:

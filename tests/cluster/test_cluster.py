@@ -179,6 +179,27 @@ def test_pulls_from_several_owners_at_once_and_cache_their_locations(cluster):
                            .contains.remote(keys)))  # cache=False: nothing copied onto this node
 
 
+def test_a_large_pull_from_one_owner_splits_over_streams(cluster, monkeypatch):
+    import dataclasses
+
+    import kvstore.cluster.client as client_module
+    from kvstore.cluster.dataplane import DataPlaneClient
+
+    rc, client = cluster
+    keys = block_keys(tokens(19, 12), LAYOUT, "split-streams")
+    ray.get(on_node(rc, 1).put_keys.remote(keys))
+    wait_for(lambda: client.longest_prefix(keys) == 12, 10, "the index to learn the blocks")
+    streams = []
+    real_get = DataPlaneClient.get
+    monkeypatch.setattr(DataPlaneClient, "get", lambda self, layout, ks, *a, **kw: (
+        streams.append(len(ks)), real_get(self, layout, ks, *a, **kw))[1])
+    monkeypatch.setattr(client_module, "_STREAM_MIN_BYTES", 1)  # the test's blocks are tiny
+    monkeypatch.setattr(client, "config", dataclasses.replace(client.config, pull_streams=3))
+    result = pull(client, keys)
+    assert result.sources == [(rc.node_id(1), "remote")] * 12
+    assert sorted(streams) == [4, 4, 4]
+
+
 def test_a_stale_location_is_a_miss_or_a_fresh_lookup_never_wrong_bytes(cluster):
     rc, client = cluster
     keys = block_keys(tokens(12, 4), LAYOUT, "stale-location")
