@@ -49,11 +49,14 @@ def copy_with_checksum(dst: torch.Tensor, src) -> int:
     if dst.device.type != "cpu" or (isinstance(src, torch.Tensor) and src.device.type != "cpu"):
         dst.copy_(src if isinstance(src, torch.Tensor) else torch.from_numpy(_u8(src)))
         return checksum(dst)
-    d, s = dst.numpy(), _u8(src)
+    # Memoryview slices: the cheapest per-piece overhead Python has (this loop runs 8x per 2 MiB).
+    d, s = memoryview(dst.numpy()).cast("B"), memoryview(_u8(src)).cast("B")
+    if len(s) != len(d):
+        raise ValueError(f"copy of {len(s)} bytes into {len(d)}")
     h = xxhash.xxh3_64()
     for start in range(0, len(d), _CHUNK):
         piece = d[start:start + _CHUNK]
-        np.copyto(piece, s[start:start + _CHUNK])
+        piece[:] = s[start:start + _CHUNK]
         h.update(piece)
     return h.intdigest()
 
