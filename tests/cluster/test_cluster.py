@@ -57,6 +57,10 @@ class NodeClient:
     def where(self, keys: list[bytes]) -> list:
         return self.client.where(keys)
 
+    def pin(self, keys: list[bytes], ttl_s: float) -> int:
+        """Pins blocks for reading in place and never gives them back (the caller kills us)."""
+        return sum(v is not None for v in self.client.acquire(LAYOUT, keys, ttl_s=ttl_s).views)
+
     def put_keys(self, keys: list[bytes]) -> int:
         return self.client.put(LAYOUT, keys, payload(keys)).stored
 
@@ -279,6 +283,21 @@ def test_lease_pins_and_expires(cluster):
     consumed = client.lease(LAYOUT, keys, ttl_s=30)
     client.release_lease(consumed)
     assert ray.get(node.stats.remote())["holds"] == 0
+
+
+def test_pins_of_a_reader_that_died_are_reclaimed(cluster):
+    rc, client = cluster
+    keys = block_keys(tokens(20, 4), LAYOUT, "dead-reader")
+    client.put(LAYOUT, keys, payload(keys))
+    node = ray.get_actor(f"kvstore-node-{rc.node_id(0)}", namespace="kvstore")
+    reader = NodeClient.options(resources={rc.resources[0]: 0.01}).remote()
+    assert ray.get(reader.pin.remote(keys, 2.0)) == 4
+    ray.kill(reader)  # dies holding its pins
+    used = lambda: sum(t["used_slots"] for t in ray.get(node.stats.remote())["store"]["tiers"])  # noqa: E731
+    wait_for(lambda: ray.get(node.stats.remote())["holds"] == 0, 10, "the dead reader's hold to expire")
+    before = used()
+    assert ray.get(node.delete.remote(keys)) == 4
+    assert used() == before - 4  # unpinned: their slots are free at once, not left to a dead reader
 
 
 def _flight(client, i: int = 0):
