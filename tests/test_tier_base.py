@@ -30,9 +30,11 @@ def test_allocator():
             a.free(bad)
     assert a.alloc() == 1
     b = SlotAllocator(4)
-    b.claim(2)
-    with pytest.raises(BlockStateError, match="slot 2 is already in use"):
-        b.claim(2)
+    b.claim([2])
+    for again in ([2], [0, 2], [1, 1]):
+        with pytest.raises(BlockStateError, match="is already in use"):
+            b.claim(again)
+    assert (b.used_count, b.free_count) == (1, 3)  # a refused claim claims nothing
     assert sorted(b.alloc() for _ in range(3)) == [0, 1, 3]
     assert b.alloc() is None
 

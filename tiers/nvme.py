@@ -169,8 +169,7 @@ class NVMeTier(Tier):
                 newest[meta.key] = (generation, slot, meta)
         self._generation = itertools.count(max_generation + 1)
         found = sorted((slot, meta) for _, slot, meta in newest.values())
-        for slot, _ in found:
-            self.allocator.claim(slot)
+        self.allocator.claim(slot for slot, _ in found)
         if found or self.corrupt_dropped:
             log.info("NVMe tier %s: recovered %d blocks, dropped %d corrupt slots",
                      self.path, len(found), self.corrupt_dropped)
