@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 RPC_TIMEOUT_S = 60.0
 _STREAM_MIN_BYTES = 32 * 1024 * 1024  # a pull is split into streams of at least this much
+INLINE_COPY_BELOW = 1024 * 1024  # pulled blocks smaller than this are copied on the stream's thread
 
 
 @dataclasses.dataclass
@@ -312,9 +313,13 @@ class Client:
                 cached[key] = block_sum
 
         def sink(key: bytes, data: memoryview, block_sum: int) -> None:
-            # On another thread (NumPy and xxhash let go of the GIL), so the stream keeps being
-            # read and gRPC's flow control does not stall while a block is checked and copied.
-            copies.append(self._copier.submit(copy, key, data, block_sum))
+            # A large block on another thread (NumPy and xxhash let go of the GIL), so the stream
+            # keeps being read and gRPC's flow control does not stall while it is checked and
+            # copied; a small one right here, where a thread hop would cost more than the copy.
+            if nbytes < INLINE_COPY_BELOW:
+                copy(key, data, block_sum)
+            else:
+                copies.append(self._copier.submit(copy, key, data, block_sum))
 
         delivered: dict[bytes, str] = {}  # key -> the node it came from
         try:
