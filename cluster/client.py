@@ -121,6 +121,10 @@ class Client:
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="kvstore-copy")
         self._verifier = ReadVerifier(config.verify_reads, config.verify_sample_fraction)
         self.corrupt_received = 0  # pulled blocks that arrived failing their checksums
+        # Reads served by the arena's directory never reach the node: counted here, reported to
+        # it at most once a second (a call per get would cost more than the get).
+        self._directory_reads = [0, 0]  # hits, misses
+        self._reported_at = time.monotonic()
         self._background: list = []  # commits of blocks cached by earlier gets (see flush)
 
     def _local_node_info(self) -> dict:
@@ -227,8 +231,9 @@ class Client:
         sources: list[tuple[str, str] | None] = [None] * len(keys)
         corrupt = self._read_directory(keys, rows, sources)
         rest = [i for i, source in enumerate(sources) if source is None and i not in corrupt]
+        self._count_directory_reads(len(keys) - len(rest) - len(corrupt), 0 if self._node_has_durable_tier else len(rest))
         if rest and self._node_has_durable_tier:
-            self._read_through_node(layout, keys, rows, rest, sources)
+            self._read_through_node(layout, keys, rows, rest, sources)  # the node counts these itself
         missing = [i for i, source in enumerate(sources) if source is None]
         if owner is not None and owner != self.node_id:
             for i in missing:
@@ -255,6 +260,19 @@ class Client:
                         len(corrupt))
             self._node.drop_corrupt.remote([keys[i] for i in corrupt])
         return corrupt
+
+    def _count_directory_reads(self, hits: int, misses: int) -> None:
+        self._directory_reads[0] += hits
+        self._directory_reads[1] += misses
+        if time.monotonic() - self._reported_at > 1.0:
+            self._report_directory_reads()
+
+    def _report_directory_reads(self) -> None:
+        """Hands the node the directory's hits and misses since the last report (for its stats)."""
+        (hits, misses), self._directory_reads = self._directory_reads, [0, 0]
+        self._reported_at = time.monotonic()
+        if hits or misses:
+            self._node.count_directory_reads.remote(hits, misses)
 
     def _read_through_node(self, layout: Layout, keys: list[bytes], rows, idx: list[int], sources) -> None:
         """keys[idx], which the directory did not have, from the node itself: a block on its NVMe
@@ -448,6 +466,7 @@ class Client:
 
     def close(self, shutdown_cluster: bool | None = None) -> None:
         """Unmaps the arena; an embedded cluster (or shutdown_cluster=True) is stopped too."""
+        self._report_directory_reads()
         self.flush()
         for peer in self._peers.values():
             peer.close()

@@ -153,6 +153,11 @@ class NodeService:
         """A reader that is done (or the controller ending a lease): the hold's pins go."""
         self.store.release(self._take(hold_id, writing=False).handles)
 
+    def count_directory_reads(self, hits: int, misses: int) -> None:
+        """A client on this node reports the gets its arena's directory served (or missed): they
+        never reached the store, and its counters (so /metrics) would not know them."""
+        self.store.count_reads(hits, misses)
+
     def drop_corrupt(self, keys: list[bytes]) -> int:
         """A reader on this node found these blocks failing their checksums: they are dropped
         (and counted as corrupt) so no one is served them again."""

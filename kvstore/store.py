@@ -290,6 +290,16 @@ class TieredStore:
             self._counters["deletes"] += deleted
         return deleted
 
+    def count_reads(self, hits: int, misses: int) -> None:
+        """Adds reads served outside the store (the host arena's directory) to its counters."""
+        host = next((t for t, tier in enumerate(self.tiers) if tier.name == "host"), None)
+        with self._lock:
+            self._counters["gets"] += hits + misses
+            self._counters["hits"] += hits
+            self._counters["misses"] += misses
+            if host is not None:
+                self._tier_counters[host].hits += hits
+
     def drop_corrupt(self, keys: Sequence[bytes]) -> int:
         """Removes blocks a reader outside the store found failing their checksums."""
         keys = check_keys(keys)

@@ -150,12 +150,19 @@ def test_a_same_node_get_calls_no_actor(cluster):
     _, client = cluster
     keys = block_keys(tokens(14, 8), LAYOUT, "no-call")
     client.put(LAYOUT, keys, payload(keys))
+    client._report_directory_reads()
+    before = ray.get(client._node.stats.remote())["store"]["hits"]
     counting = client._node = Counting(client._node, "acquire")
     try:
         out = torch.zeros((8, LAYOUT.block_nbytes), dtype=torch.uint8)
         result = client.get(LAYOUT, keys, out)
         assert result.sources == [(client.node_id, "local")] * 8 and torch.equal(out, payload(keys))
         assert counting.calls == 0  # straight from the arena's directory
+        # ... and still counted by the node, in the report the client sends at most once a second.
+        node = counting.handle
+        client._report_directory_reads()
+        wait_for(lambda: ray.get(node.stats.remote())["store"]["hits"] >= before + 8, 10,
+                 "the node to count the directory's hits")
         client.get(LAYOUT, block_keys(tokens(15, 1), LAYOUT, "no-call"), out[:1])
         assert counting.calls == 1  # a block not in the arena may be on this node's NVMe: ask it
     finally:
