@@ -256,10 +256,14 @@ class Client:
             elif status == "corrupt":
                 corrupt.add(i)
         if corrupt:
-            log.warning("%d blocks in this node's arena fail their checksums; they are misses and are dropped",
-                        len(corrupt))
-            self._node.drop_corrupt.remote([keys[i] for i in corrupt])
+            self._drop_corrupt([keys[i] for i in corrupt])
         return corrupt
+
+    def _drop_corrupt(self, keys: list[bytes]) -> None:
+        """Blocks of this node's arena that failed their checksums: misses here, dropped by the node."""
+        log.warning("%d blocks in this node's arena fail their checksums (%s...); they are misses and are dropped",
+                    len(keys), keys[0].hex())
+        self._node.drop_corrupt.remote(keys)
 
     def _count_directory_reads(self, hits: int, misses: int) -> None:
         self._directory_reads[0] += hits
@@ -286,9 +290,7 @@ class Client:
                 if not self._verifier.wanted():
                     rows[i].copy_(view)
                 elif copy_with_checksum(rows[i], view) != block_sum:
-                    log.warning("block %s in this node's arena fails its checksum; it is a miss and is dropped",
-                                keys[i].hex())
-                    self._node.drop_corrupt.remote([keys[i]])
+                    self._drop_corrupt([keys[i]])
                     continue
                 sources[i] = (self.node_id, "local")
         finally:

@@ -56,21 +56,28 @@ def connector(role: str, **extra) -> dict:
     return {"kv_role": role, "kv_load_failure_policy": "recompute", "extra": extra}
 
 
+def cold_tokens(model: str, prompts: list) -> list:
+    """Tokens of an engine without any KV connector."""
+    (rnd,) = run_engine({"model": model, "max_tokens": MAX_TOKENS, "rounds": [{"prompts": prompts}]})["rounds"]
+    return rnd["tokens"]
+
+
+def produce(model: str, rc, prompts: list) -> dict:
+    """A producer engine on node A computes the prompts and saves them; returns its round."""
+    (rnd,) = run_engine({"model": model, "max_tokens": MAX_TOKENS, "connector": connector("kv_producer"),
+                         "ray": {"address": rc.gcs_address, "node_ip": rc.ips[0]},
+                         "rounds": [{"prompts": prompts}]})["rounds"]
+    return rnd
+
+
 @pytest.fixture(scope="module")
 def baseline(tiny_model):
-    """Tokens of an engine without any KV connector."""
-    (rnd,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "rounds": [{"prompts": [P1, P2, P3, P4]}]})["rounds"]
-    return rnd["tokens"]
+    return cold_tokens(tiny_model, [P1, P2, P3, P4])
 
 
 @pytest.fixture(scope="module")
 def produced(tiny_model, kv_cluster):
-    """A producer on node A computes the prompts and saves them; returns its round."""
-    rc, _ = kv_cluster
-    (rnd,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "connector": connector("kv_producer"),
-                         "ray": {"address": rc.gcs_address, "node_ip": rc.ips[0]},
-                         "rounds": [{"prompts": [P1, P2, P3]}]})["rounds"]
-    return rnd
+    return produce(tiny_model, kv_cluster[0], [P1, P2, P3])
 
 
 def test_producer_saves_and_hands_off(produced, baseline, kv_cluster):

@@ -13,21 +13,13 @@ from __future__ import annotations
 import json
 import re
 
-import numpy as np
 import pytest
 import torch
 
-from test_engine import connector, engine_process, run_engine
+from test_engine import MAX_TOKENS, cold_tokens, connector, engine_process, produce, prompt, run_engine
 from vllm_support import needs_vllm
 
 pytestmark = [pytest.mark.vllm, needs_vllm]
-
-MAX_TOKENS = 8
-
-
-def prompt(seed: int, n: int) -> list[int]:
-    return np.random.default_rng(seed).integers(3, 500, n).tolist()
-
 
 # Two full blocks and a tail each; their own prompts, so the other engine tests' blocks are not touched.
 RIGHT, WRONG, OTHER = prompt(21, 300), prompt(22, 300), prompt(23, 300)
@@ -37,9 +29,7 @@ VERIFY_OFF = {"kvstore_verify_fraction": 0.0, "kvstore_verify_first_n": 0}
 
 @pytest.fixture(scope="module")
 def cold(tiny_model):
-    (rnd,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS,
-                         "rounds": [{"prompts": [RIGHT, WRONG, OTHER]}]})["rounds"]
-    return rnd["tokens"]
+    return cold_tokens(tiny_model, [RIGHT, WRONG, OTHER])
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +38,7 @@ def stored(tiny_model, kv_cluster):
     from kvstore.connectors.vllm import _BAD_ID_CHARS
     from kvstore.layout import Layout
 
-    rc, _ = kv_cluster
-    (rnd,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "connector": connector("kv_producer"),
-                         "ray": {"address": rc.gcs_address, "node_ip": rc.ips[0]},
-                         "rounds": [{"prompts": [RIGHT, WRONG, OTHER]}]})["rounds"]
+    rnd = produce(tiny_model, kv_cluster[0], [RIGHT, WRONG, OTHER])
     handles = rnd["kv_transfer_params"]
     layout = Layout(model_id=_BAD_ID_CHARS.sub("_", tiny_model)[-256:], num_layers=2, num_kv_heads=2, head_dim=32,
                     dtype="float32", block_tokens=128)
