@@ -771,15 +771,25 @@ class TieredStore:
 
     def _link(self, entry: BlockEntry) -> None:
         if entry.parent is not None:
-            self._children[entry.parent] = self._children.get(entry.parent, 0) + 1
+            count = self._children.get(entry.parent, 0) + 1
+            self._children[entry.parent] = count
+            if count == 1:
+                self._children_changed(entry.parent, True)
 
     def _unlink(self, entry: BlockEntry) -> None:
         if entry.parent is not None:
             left = self._children.get(entry.parent, 0) - 1
             if left > 0:
                 self._children[entry.parent] = left
-            else:
-                self._children.pop(entry.parent, None)
+            elif self._children.pop(entry.parent, None) is not None:
+                self._children_changed(entry.parent, False)
+
+    def _children_changed(self, parent: bytes, has_children: bool) -> None:
+        """Tells the policy of the parent's tier, if the parent is stored: its eviction order
+        depends on it. A parent in no policy now (being written or moved) is asked on insert."""
+        entry = self._index.get(parent)
+        if entry is not None:
+            self._policies[entry.tier].set_has_children(parent, has_children)
 
     def _release_slot(self, t: int, slot: int, erase: bool = False) -> None:
         if slot < 0:

@@ -323,6 +323,23 @@ def test_scan_resistant_policy_through_the_store(make_store):
     assert_consistent(store)
 
 
+@pytest.mark.parametrize("tiers", [("host",), ("host", "nvme")])
+def test_prefix_aware_s3fifo_keeps_hot_chains_through_a_chained_scan(make_store, tiers):
+    """A long prompt seen once is a chain (every block but its tail has a child). In the host
+    tier of a host+NVMe store its tail moves down first, leaving only parents up there: the
+    scan's own blocks must still go before the reused prefixes."""
+    store = make_store(tiers, host_slots=20, nvme_slots=200, policy="s3fifo", prefix_aware=True)
+    hot = block_keys(list(range(3 * LAYOUT.block_tokens)), LAYOUT, "hot")
+    store.put(LAYOUT, hot, batch(hot), parents=chain_parents(hot))
+    read(store, hot)
+    read(store, hot)
+    scan = block_keys(list(range(100 * LAYOUT.block_tokens)), LAYOUT, "scan")
+    store.put(LAYOUT, scan, batch(scan), parents=chain_parents(scan))
+    assert store.where(hot) == ["host"] * 3
+    assert store.longest_prefix(hot) == 3
+    assert_consistent(store)
+
+
 # -- pins, deletes under readers, movers and writers -----------------------------------------
 
 def test_delete_of_an_acquired_block_releases_at_last_release(make_store):
