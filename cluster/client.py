@@ -33,7 +33,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kvstore.cluster.controller import CONTROLLER_NAME, ControllerActor
-from kvstore.cluster.dataplane import DataPlaneClient
+from kvstore.cluster.dataplane import SESSION_IDLE_S, DataPlaneClient
 from kvstore.cluster.locations import LocationCache
 from kvstore.cluster.node import node_actor_name
 from kvstore.config import Config, load_config
@@ -85,11 +85,19 @@ class ReadHold:
 
 @dataclasses.dataclass(frozen=True)
 class Lease:
-    lease_id: str
+    lease_id: str  # "<hold id>@<node id>": the hold on the owner that pins the blocks
     node_id: str
-    address: str
-    keys: list[bytes]
+    keys: list[bytes]  # the ones pinned
     expires_in_s: float
+
+
+def _lease_parts(lease: "Lease | str") -> tuple[str, str]:
+    """(hold id, node id) of a lease or lease id; LeaseError if it is not one."""
+    lease_id = lease.lease_id if isinstance(lease, Lease) else lease
+    hold_id, _, node_id = lease_id.partition("@") if isinstance(lease_id, str) else ("", "", "")
+    if not hold_id or not node_id:
+        raise LeaseError(f"lease id {lease_id!r} is not '<hold id>@<node id>'")
+    return hold_id, node_id
 
 
 class Client:
@@ -108,6 +116,7 @@ class Client:
         self.node_id = ray.get_runtime_context().get_node_id()
         info = self._local_node_info()
         self._node = ray.get_actor(node_actor_name(self.node_id), namespace=config.ray_namespace)
+        self._node_actors = {self.node_id: self._node}  # by node id: where leases are taken
         self._arena = HostArena.open(info["shm_name"])
         # Without a durable tier, the arena's directory knows every block of this node: a block
         # it does not have is not here, and no call to the node is needed to say so.
@@ -126,6 +135,10 @@ class Client:
         self._directory_reads = [0, 0]  # hits, misses
         self._reported_at = time.monotonic()
         self._background: list = []  # commits of blocks cached by earlier gets (see flush)
+        # Sessions to peers that go unused are closed, so a peer shutting down need not wait for them.
+        self._closing = threading.Event()
+        self._reaper = threading.Thread(target=self._close_idle_sessions, name="kvstore-sessions", daemon=True)
+        self._reaper.start()
 
     def _local_node_info(self) -> dict:
         """Waits until the controller has a node actor running on this Ray node."""
@@ -177,6 +190,15 @@ class Client:
         many. Raises LeaseError if the hold expired first (nothing of it becomes visible)."""
         return ray.get(self._node.commit.remote(hold.hold_id, None, None, wait_index), timeout=RPC_TIMEOUT_S)
 
+    def commit_leased(self, layout: Layout, hold: "WriteHold", ttl_s: float | None = None) -> tuple[int, Lease]:
+        """A handoff's end, in one call to this node: commits the hold (waiting for the index,
+        as the reader on another node looks the blocks up at once) and leases the committed
+        blocks for ttl_s (default lease_ttl_s). Returns (committed, lease)."""
+        ttl = self.config.lease_ttl_s if ttl_s is None else ttl_s
+        committed, hold_id, pinned = ray.get(self._node.commit_leased.remote(hold.hold_id, layout.to_dict(), ttl),
+                                             timeout=RPC_TIMEOUT_S)
+        return committed, Lease(f"{hold_id}@{self.node_id}", self.node_id, pinned, ttl)
+
     def sync(self) -> None:
         """Returns once the cluster's index has everything this node stored so far."""
         ray.get(self._node.sync.remote(), timeout=RPC_TIMEOUT_S)
@@ -217,14 +239,15 @@ class Client:
         return PutResult(stored=stored, present=sum(hold.present), rejected=rejected)
 
     def get(self, layout: Layout, keys: Sequence[bytes], out: Blocks, cache: bool | None = None,
-            owner: str | None = None) -> ClusterGetResult:
+            owner: str | None = None, lease: "Lease | str | None" = None) -> ClusterGetResult:
         """Fills `out` with every block found anywhere in the cluster.
 
         Blocks on this node are copied straight from the arena. Others are pulled from their
         owners over Arrow Flight by this process, one stream per owner, straight into `out`;
         with `cache` (default: the `cache_pulled_blocks` setting) each is also copied into this
         node's arena, so the next get is local. `owner`: a node known to hold the blocks (a
-        handoff handle's), tried without asking the controller.
+        handoff handle's), tried without asking the controller. `lease`: one this get ends (a
+        handoff's): released by the owner as part of the pull, or else right after it.
         """
         keys = check_keys(keys)
         rows = block_rows(layout, out, len(keys), "out")
@@ -238,9 +261,16 @@ class Client:
         if owner is not None and owner != self.node_id:
             for i in missing:
                 self._locations.learn(keys[i], owner)
+        release = _lease_parts(lease) if lease is not None else None
         if missing:
-            self._pull(layout, keys, rows, missing, sources,
-                       self.config.cache_pulled_blocks if cache is None else cache)
+            if self._pull(layout, keys, rows, missing, sources,
+                          self.config.cache_pulled_blocks if cache is None else cache, release):
+                release = None
+        if release is not None:
+            try:
+                self.release_lease(lease)
+            except (LeaseError, ray.exceptions.RayError) as e:  # expired already, or its node is gone
+                log.info("lease %s: %s", lease, e)
         return ClusterGetResult(sources)
 
     def _read_directory(self, keys: list[bytes], rows, sources) -> set[int]:
@@ -296,9 +326,11 @@ class Client:
         finally:
             self.release(hold)
 
-    def _pull(self, layout: Layout, keys: list[bytes], rows, missing: list[int], sources, cache: bool) -> None:
+    def _pull(self, layout: Layout, keys: list[bytes], rows, missing: list[int], sources, cache: bool,
+              release: tuple[str, str] | None = None) -> bool:
         """Pulls keys[missing] from the nodes holding them into `rows`: one Flight stream per
-        owner, the owners in parallel.
+        owner, the owners in parallel. Returns whether the lease `release` (hold id, node id)
+        was given back by its node as part of the pull.
 
         Owners come from the location cache; the controller is asked once, for the keys it does
         not know, and once more for blocks whose cached owner no longer had them. Each block is
@@ -342,11 +374,14 @@ class Client:
                 copies.append(self._copier.submit(copy, key, data, block_sum))
 
         delivered: dict[bytes, str] = {}  # key -> the node it came from
+        released = False
         try:
             todo = list(missing)
             for refresh in (False, True):
                 by_owner, looked_up = self._owners(keys, todo, refresh)
-                delivered.update(self._stream(layout, keys, by_owner, sink))
+                got, done = self._stream(layout, keys, by_owner, sink, None if released else release)
+                delivered.update(got)
+                released |= done
                 # A cached owner that no longer had a block: forget it and ask once more.
                 todo = [i for i in todo if keys[i] not in delivered and i not in looked_up]
                 self._locations.forget(keys[i] for i in todo)
@@ -363,6 +398,7 @@ class Client:
         for key, owner in delivered.items():
             if key not in damaged:
                 sources[position[key]] = (owner, "remote")
+        return released
 
     def _owners(self, keys: list[bytes], idx: list[int], refresh: bool) -> tuple[dict[str, list[int]], set[int]]:
         """keys[idx] grouped by the node to pull each from (self excluded), and which of them the
@@ -388,31 +424,42 @@ class Client:
                     by_owner.setdefault(owner, []).append(i)
         return by_owner, set(unknown)
 
-    def _stream(self, layout: Layout, keys: list[bytes], by_owner: dict[str, list[int]], sink) -> dict[bytes, str]:
+    def _stream(self, layout: Layout, keys: list[bytes], by_owner: dict[str, list[int]], sink,
+                release: tuple[str, str] | None) -> tuple[dict[bytes, str], bool]:
         """Flight streams to every owner at once (a large pull from one owner split over up to
-        `pull_streams` of them); returns key -> owner of the blocks received. An owner that fails
-        or times out (transfer_timeout_s) contributes misses, and is forgotten until the
-        controller names it again."""
-        def pull(owner: str, idx: list[int]) -> tuple[str, set[bytes]]:
+        `pull_streams` of them); returns key -> owner of the blocks received, and whether the
+        lease `release` was given back (it rides on the pull from its node, if that is one
+        stream). An owner that fails or times out (transfer_timeout_s) contributes misses, and
+        is forgotten until the controller names it again."""
+        def pull(owner: str, idx: list[int], hold_id: str | None) -> tuple[str, set[bytes], bool]:
             address = self._addresses.get(owner)
             if address is None:
-                return owner, set()
+                return owner, set(), False
             try:
-                return owner, self._peer(address).get(layout, [keys[i] for i in idx], sink, verify=False)
+                return owner, self._peer(address).get(layout, [keys[i] for i in idx], sink, verify=False,
+                                                       release=hold_id), hold_id is not None
             except TransferError as e:  # the owner died or refused: those blocks are misses
                 log.warning("%s", e)
                 self._peers.pop(address, None)
                 self._addresses.pop(owner, None)
                 self._locations.forget_node(owner)
-                return owner, set()
+                return owner, set(), False
 
         jobs = []
         for owner, idx in by_owner.items():
             # Several streams only where each still moves a lot: small pulls pay per stream.
             n = max(1, min(self.config.pull_streams, len(idx) * layout.block_nbytes // _STREAM_MIN_BYTES))
-            jobs += [(owner, part) for part in (idx[j::n] for j in range(n))]
+            hold_id = release[0] if release is not None and release[1] == owner and n == 1 else None
+            jobs += [(owner, part, hold_id) for part in (idx[j::n] for j in range(n))]
         results = [pull(*jobs[0])] if len(jobs) == 1 else list(self._streams.map(lambda job: pull(*job), jobs))
-        return {key: owner for owner, got in results for key in got}
+        return {key: owner for owner, got, _ in results for key in got}, any(done for _, _, done in results)
+
+    def _close_idle_sessions(self) -> None:
+        while not self._closing.wait(SESSION_IDLE_S / 2):
+            with self._peers_lock:
+                peers = list(self._peers.values())
+            for peer in peers:
+                peer.close_idle()
 
     def flush(self) -> None:
         """Waits until blocks pulled by earlier gets are visible in this node's cache."""
@@ -444,17 +491,31 @@ class Client:
 
     def lease(self, layout: Layout, keys: Sequence[bytes], ttl_s: float | None = None,
               node_id: str | None = None) -> Lease:
-        """Pins keys on their node (this one by default) until `release_lease` or the TTL."""
+        """Pins keys on their node (this one by default) until `release_lease`, a get that ends
+        the lease, or the TTL: one call to that node's actor."""
         ttl = self.config.lease_ttl_s if ttl_s is None else ttl_s
         if ttl <= 0:
             raise LeaseError(f"ttl_s={ttl!r} must be positive")
-        info = ray.get(self._controller.create_lease.remote(node_id or self.node_id, layout.to_dict(),
-                                                            check_keys(keys), ttl), timeout=RPC_TIMEOUT_S)
-        return Lease(info["lease_id"], info["node_id"], info["address"], info["keys"], info["expires_in_s"])
+        node_id = node_id or self.node_id
+        keys = check_keys(keys)
+        hold_id, slots, _ = ray.get(self._node_actor(node_id).acquire.remote(layout.to_dict(), keys, ttl),
+                                    timeout=RPC_TIMEOUT_S)
+        return Lease(f"{hold_id}@{node_id}", node_id, [k for k, s in zip(keys, slots) if s is not None], ttl)
 
     def release_lease(self, lease: Lease | str) -> None:
-        lease_id = lease.lease_id if isinstance(lease, Lease) else lease
-        ray.get(self._controller.release_lease.remote(lease_id), timeout=RPC_TIMEOUT_S)
+        """Unpins a lease's blocks; LeaseError if it expired or was released already."""
+        hold_id, node_id = _lease_parts(lease)
+        ray.get(self._node_actor(node_id).release.remote(hold_id), timeout=RPC_TIMEOUT_S)
+
+    def _node_actor(self, node_id: str):
+        actor = self._node_actors.get(node_id)
+        if actor is None:
+            try:
+                actor = ray.get_actor(node_actor_name(node_id), namespace=self.config.ray_namespace)
+            except ValueError:
+                raise LeaseError(f"node {node_id!r} is not a live kvstore node") from None
+            self._node_actors[node_id] = actor
+        return actor
 
     def wait_ready(self, min_nodes: int = 1, timeout_s: float = RPC_TIMEOUT_S) -> list[dict]:
         """Waits until at least min_nodes nodes are registered with their content indexed."""
@@ -470,6 +531,8 @@ class Client:
         """Unmaps the arena; an embedded cluster (or shutdown_cluster=True) is stopped too."""
         self._report_directory_reads()
         self.flush()
+        self._closing.set()
+        self._reaper.join(timeout=5)
         for peer in self._peers.values():
             peer.close()
         self._copier.shutdown()

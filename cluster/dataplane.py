@@ -1,21 +1,29 @@
 """The data plane: an Arrow Flight server per node, and the client that pulls from and pushes to it.
 
-do_get streams blocks straight out of the host arena: each record batch wraps a pinned slot
+A client pulls over a *session*: one do_exchange stream per peer, kept open and reused, on which
+each get is a request message answered by the blocks' record batches and an end message. That
+is one round trip per get, without a new gRPC call's setup (half the cost of a small get here).
+do_get answers the same request as a one-shot ticket, for plain Flight clients.
+
+Gets stream blocks straight out of the host arena: each record batch wraps a pinned slot
 without copying, and the pin lives exactly as long as Arrow (and gRPC, which serializes
 zero-copy) hold that memory, so a slot is never reused while its bytes are still on the way
-out. do_put writes incoming blocks into slots reserved in the store and commits them at the end
-of the stream; a stream that does not end within `put_deadline_s` has its slots fenced and is
-refused. Every block travels with its checksum, and the receiving side (the client for a get,
-the server for a put) checks it: a block that arrives damaged is not delivered, never data.
+out. A get may name a hold (a handoff's lease) to give back once its blocks are out. do_put
+writes incoming blocks into slots reserved in the store and commits them at the end of the
+stream; a stream that does not end within `put_deadline_s` has its slots fenced and is refused.
+Every block travels with its checksum, and the receiving side (the client for a get, the server
+for a put) checks it: a block that arrives damaged is not delivered, never data.
 Every call must carry `authorization: Bearer <token>` (checked in a middleware, in constant
 time); a malformed, oversize or unauthorised request gets a Flight error that says why, and the
-server goes on serving.
+server goes on serving. Sessions are bounded in number (MAX_SESSIONS) and in age (the client's
+transfer deadline), so a stalled peer ends a get within that deadline.
 """
 from __future__ import annotations
 
 import hmac
 import logging
 import threading
+import time
 import weakref
 from typing import Callable, Sequence
 
@@ -25,7 +33,8 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import torch
 
-from kvstore.cluster.protocol import BLOCK_SCHEMA, ProtocolError, decode_request, encode_request
+from kvstore.cluster.protocol import (BLOCK_SCHEMA, SESSION_COMMAND, ProtocolError, decode_reply, decode_request,
+                                     encode_reply, encode_request)
 from kvstore.errors import AuthError, KVStoreError, TransferError
 from kvstore.integrity import checksum, copy_with_checksum
 from kvstore.layout import Layout
@@ -36,6 +45,8 @@ log = logging.getLogger(__name__)
 ACQUIRE_CHUNK = 16  # blocks pinned at a time per do_get stream
 PACK_BELOW = 1024 * 1024  # blocks smaller than this travel several per record batch
 PACK_BYTES = 4 * 1024 * 1024  # of one such batch
+MAX_SESSIONS = 256  # open sessions per server: each holds one of gRPC's threads while it is open
+SESSION_IDLE_S = 2.0  # a client closes a session unused this long (a server's shutdown waits for open ones)
 # A large initial HTTP/2 window, without BDP probing: gRPC would otherwise start each channel at
 # 64 KiB and grow it over the first few hundred MiB, halving the first pulls' throughput.
 _CHANNEL_OPTIONS = [("grpc.http2.lookahead_bytes", 32 * 1024 * 1024), ("grpc.http2.bdp_probe", 0)]
@@ -58,16 +69,19 @@ class DataPlaneServer(flight.FlightServerBase):
     """Serves one store's blocks over Flight. Start with `start()`, stop with `shutdown()`."""
 
     def __init__(self, store: TieredStore, host: str, port: int, token: str, max_request_bytes: int,
-                 put_deadline_s: float = 30.0) -> None:
+                 put_deadline_s: float = 30.0, release_hold: Callable[[str], None] | None = None) -> None:
         super().__init__(f"grpc+tcp://{host}:{port}", middleware={"auth": _TokenAuth(token)})
         self.host = host
         self._store = store
         self._max_request_bytes = max_request_bytes
         self._put_deadline_s = put_deadline_s
+        self._release_hold = release_hold  # gives back a hold named by a get (the node's holds)
         self._pack_pool = _BufferPool(PACK_BYTES)
+        self._sessions = threading.BoundedSemaphore(MAX_SESSIONS)
         self._counters_lock = threading.Lock()
-        self.counters = dict.fromkeys(("requests", "errors", "blocks_sent", "bytes_sent", "blocks_received",
-                                       "bytes_received", "corrupt_received", "puts_expired"), 0)
+        self.counters = dict.fromkeys(("requests", "errors", "sessions_opened", "sessions_refused", "blocks_sent",
+                                       "bytes_sent", "blocks_received", "bytes_received", "corrupt_received",
+                                       "puts_expired"), 0)
         self._thread: threading.Thread | None = None
 
     @property
@@ -92,16 +106,81 @@ class DataPlaneServer(flight.FlightServerBase):
             self._count(errors=1)
             raise flight.FlightServerError(f"bad {op} request: {e}") from None
 
-    def do_get(self, context, ticket):
-        req = self._request(ticket.ticket, "get")
+    def _get_request(self, data: bytes):
+        """A checked get request; ProtocolError naming what is wrong."""
+        self._count(requests=1)
         try:
+            req = decode_request(data, "get", self._max_request_bytes)
             self._store.check_layout(req.layout)
+            return req
         except KVStoreError as e:
             self._count(errors=1)
-            raise flight.FlightServerError(f"bad get request: {e}") from None
-        return flight.GeneratorStream(BLOCK_SCHEMA, self._stream(req.layout, req.keys))
+            raise ProtocolError(f"bad get request: {e}") from None
 
-    def _stream(self, layout: Layout, keys: list[bytes]):
+    def do_get(self, context, ticket):
+        try:
+            req = self._get_request(ticket.ticket)
+        except ProtocolError as e:
+            raise flight.FlightServerError(str(e)) from None
+        return flight.GeneratorStream(BLOCK_SCHEMA, self._stream(req.layout, req.keys, req.release))
+
+    def do_exchange(self, context, descriptor, reader, writer):
+        """A session: gets one after another, each a metadata-only request answered by its
+        blocks' batches and an end message (cluster/protocol.py). A bad request is answered with
+        an error message and the session goes on; the client ends it by closing its side."""
+        if descriptor.command != SESSION_COMMAND:
+            self._count(errors=1)
+            raise flight.FlightServerError(f"bad session: command {descriptor.command[:64]!r} is not "
+                                           f"{SESSION_COMMAND!r}")
+        if not self._sessions.acquire(blocking=False):
+            self._count(sessions_refused=1)
+            raise flight.FlightServerError(f"more than {MAX_SESSIONS} sessions open; try again later")
+        self._count(sessions_opened=1)
+        try:
+            writer.begin(BLOCK_SCHEMA)
+            while not context.is_cancelled():
+                try:
+                    chunk = reader.read_chunk()
+                except StopIteration:
+                    return
+                try:
+                    if chunk.data is not None or chunk.app_metadata is None:
+                        self._count(errors=1)
+                        raise ProtocolError("a session carries metadata-only get requests, not record batches")
+                    req = self._get_request(chunk.app_metadata.to_pybytes())
+                except ProtocolError as e:
+                    writer.write_metadata(pa.py_buffer(encode_reply(error=str(e))))
+                    continue
+                self._write(writer, req)
+        finally:
+            self._sessions.release()
+
+    def _write(self, writer, req) -> None:
+        """Writes one get's batches to a session, the end message riding on the last one (one
+        message fewer per get). Its own frame, so no reference to the last batch, which owns a
+        pin, outlives the get."""
+        sent, previous = 0, None
+        for batch in self._stream(req.layout, req.keys, req.release):
+            if previous is not None:
+                writer.write_batch(previous)
+            sent += batch.num_rows
+            previous = batch
+        reply = pa.py_buffer(encode_reply(sent=sent))
+        if previous is None:
+            writer.write_metadata(reply)
+        else:
+            writer.write_with_metadata(previous, reply)
+
+    def _stream(self, layout: Layout, keys: list[bytes], release: str | None = None):
+        """The blocks of `keys` this node has, as record batches; then gives back the hold
+        `release` (a lease the get ends), whether or not its blocks were all sent."""
+        try:
+            yield from self._stream_blocks(layout, keys)
+        finally:
+            if release is not None and self._release_hold is not None:
+                self._release_hold(release)
+
+    def _stream_blocks(self, layout: Layout, keys: list[bytes]):
         if layout.block_nbytes < PACK_BELOW:
             yield from self._packed(layout, keys)
             return
@@ -257,29 +336,75 @@ def _rows(batch: pa.RecordBatch, block_nbytes: int):
         yield key_bytes[k0:k0 + 16].to_pybytes(), int(sums[i]), memoryview(data_buf)[start:end]
 
 
+class _Session:
+    """One open do_exchange stream to a peer, used by one get at a time. Its gRPC deadline is
+    `timeout_s` from opening, so a get on it never waits longer than that for a stalled peer;
+    the pool hands out only sessions with at least half of it left."""
+
+    def __init__(self, client: flight.FlightClient, options: flight.FlightCallOptions, timeout_s: float) -> None:
+        self.expires = time.monotonic() + timeout_s
+        self.last_used = time.monotonic()
+        self.writer, self.reader = client.do_exchange(flight.FlightDescriptor.for_command(SESSION_COMMAND), options)
+        self.writer.begin(BLOCK_SCHEMA)
+
+    def chunks(self, request: bytes):
+        """Sends one get request; yields its record batches up to the one carrying the end message."""
+        self.writer.write_metadata(pa.py_buffer(request))
+        while True:
+            chunk = self.reader.read_chunk()
+            if chunk.data is not None:
+                yield chunk.data
+            if chunk.app_metadata is not None:
+                decode_reply(chunk.app_metadata.to_pybytes())
+                return
+
+    def close(self) -> None:
+        """Ends the session cleanly (the server's handler returns)."""
+        try:
+            self.writer.done_writing()
+            self.writer.close()
+        except (flight.FlightError, pa.ArrowException, OSError):
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Drops a session in an unknown state (a get on it failed midway)."""
+        try:
+            self.reader.cancel()
+            self.writer.close()
+        except (flight.FlightError, pa.ArrowException, OSError):
+            pass
+
+
 class DataPlaneClient:
-    """Talks to one node's data-plane server. Thread-safe; reuse it across calls."""
+    """Talks to one node's data-plane server. Thread-safe; reuse it across calls: it keeps the
+    sessions its gets opened, one per concurrent get, and `close_idle` ends unused ones."""
 
     def __init__(self, address: str, token: str, timeout_s: float = 60.0) -> None:
         self.address = address
         self.corrupt_received = 0  # blocks that arrived with bytes not matching their checksum
+        self._timeout_s = timeout_s
         self._client = flight.FlightClient(f"grpc+tcp://{address}", generic_options=_CHANNEL_OPTIONS)
         self._options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())],
                                                  timeout=timeout_s)
+        self._idle: list[_Session] = []  # most recently used last
+        self._idle_lock = threading.Lock()
 
     def get(self, layout: Layout, keys: Sequence[bytes], sink: Callable[[bytes, memoryview, int], None],
-            verify: bool = True) -> set[bytes]:
+            verify: bool = True, release: str | None = None) -> set[bytes]:
         """Streams the blocks the peer has to `sink(key, bytes, checksum)`; returns the keys
         delivered. With `verify`, each block is checked against its checksum first (a damaged one
         is left out and counted); without, the sink must check it (the client does, fused with its
-        copy, off the thread that reads the stream)."""
+        copy, off the thread that reads the stream). `release`: a hold on the peer (a handoff's
+        lease) that it gives back once the blocks are out."""
         requested = set(keys)
         received: set[bytes] = set()
         delivered: set[bytes] = set()
+        request = encode_request("get", layout, list(keys), release=release)
+        session = None
         try:
-            reader = self._client.do_get(flight.Ticket(encode_request("get", layout, list(keys))), self._options)
-            for chunk in reader:
-                for key, block_sum, data in _rows(chunk.data, layout.block_nbytes):
+            session = self._take_session()
+            for batch in session.chunks(request):
+                for key, block_sum, data in _rows(batch, layout.block_nbytes):
                     if key not in requested or key in received:
                         raise ProtocolError(f"peer {self.address} sent block {key.hex()}, unasked or twice")
                     received.add(key)
@@ -290,9 +415,40 @@ class DataPlaneClient:
                         continue
                     sink(key, data, block_sum)
                     delivered.add(key)
-        except flight.FlightError as e:
+        except (flight.FlightError, ProtocolError) as e:
+            if session is not None:
+                session.cancel()
             raise TransferError(f"get of {len(keys)} blocks from {self.address} failed: {_first_line(e)}") from None
+        except BaseException:
+            if session is not None:
+                session.cancel()
+            raise
+        self._give_back(session)
         return delivered
+
+    def _take_session(self) -> _Session:
+        now = time.monotonic()
+        with self._idle_lock:
+            while self._idle:
+                session = self._idle.pop()
+                if session.expires - now > self._timeout_s / 2:
+                    return session
+                threading.Thread(target=session.close, daemon=True).start()  # too old to start a get on
+        return _Session(self._client, self._options, self._timeout_s)
+
+    def _give_back(self, session: _Session) -> None:
+        session.last_used = time.monotonic()
+        with self._idle_lock:
+            self._idle.append(session)
+
+    def close_idle(self, idle_s: float = SESSION_IDLE_S) -> None:
+        """Ends the sessions unused for idle_s: a server shutting down waits for open ones."""
+        cutoff = time.monotonic() - idle_s
+        with self._idle_lock:
+            stale = [s for s in self._idle if s.last_used < cutoff]
+            self._idle = [s for s in self._idle if s.last_used >= cutoff]
+        for session in stale:
+            session.close()
 
     def put(self, layout: Layout, keys: Sequence[bytes], rows: Sequence[torch.Tensor],
             parents: Sequence[bytes | None] | None = None) -> dict:
@@ -317,6 +473,7 @@ class DataPlaneClient:
         return msgpack.unpackb(reply.to_pybytes()) if reply is not None else {}
 
     def close(self) -> None:
+        self.close_idle(0)
         self._client.close()
 
 

@@ -66,12 +66,12 @@ class NodeService:
             if self._nvme_claim is not None:
                 self._nvme_claim.release()
             raise
-        host = config.flight_host or ray.util.get_node_ip_address()
-        self.server = DataPlaneServer(self.store, host, config.flight_port, token, config.max_request_bytes,
-                                      config.transfer_timeout_s).start()
         self._holds: dict[str, _Hold] = {}
         self._expired: dict[str, None] = {}  # ids of holds that expired, oldest first
         self._holds_lock = threading.Lock()
+        host = config.flight_host or ray.util.get_node_ip_address()
+        self.server = DataPlaneServer(self.store, host, config.flight_port, token, config.max_request_bytes,
+                                      config.transfer_timeout_s, release_hold=self._release_after_get).start()
         self._controller = None
         self._stopping = threading.Event()
         self._pump = threading.Thread(target=self._pump_events, name="kvstore-events", daemon=True)
@@ -141,6 +141,16 @@ class NodeService:
             self._send_events()
         return committed
 
+    def commit_leased(self, hold_id: str, layout: dict, ttl_s: float | None = None) -> tuple[int, str, list[bytes]]:
+        """A handoff's end, in one call: commits a write hold (waiting for the index, as its
+        reader on another node looks the blocks up at once) and pins the committed blocks for
+        ttl_s. Returns (committed, the lease's hold id, the keys it pins)."""
+        handles = [h for h in self._take(hold_id, writing=True).handles if h is not None]
+        committed = self.store.commit(handles)
+        self._send_events()
+        pinned = [h for h in self.store.acquire(Layout.from_dict(layout), [h.key for h in handles]) if h is not None]
+        return committed, self._hold(pinned, ttl_s, writing=False), [h.key for h in pinned]
+
     def sync(self) -> None:
         """Returns once the controller has applied every event of this node so far."""
         self._send_events()
@@ -152,6 +162,13 @@ class NodeService:
     def release(self, hold_id: str) -> None:
         """A reader that is done (or the controller ending a lease): the hold's pins go."""
         self.store.release(self._take(hold_id, writing=False).handles)
+
+    def _release_after_get(self, hold_id: str) -> None:
+        """A pull that ends a lease (a handoff's) names its hold: given back once streamed."""
+        try:
+            self.release(hold_id)
+        except LeaseError as e:  # it expired, or was released already: nothing is pinned
+            log.info("%s", e)
 
     def count_directory_reads(self, hits: int, misses: int) -> None:
         """A client on this node reports the gets its arena's directory served (or missed): they

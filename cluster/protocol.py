@@ -1,9 +1,16 @@
 """The data plane's request format: msgpack maps, bounded before and while they are parsed.
 
-A request (a Flight ticket for do_get, a descriptor command for do_put) is
+A request (a Flight ticket for do_get, a descriptor command for do_put, a metadata-only message
+on a session) is
 
     {"v": 1, "op": "get" | "put", "layout": {Layout fields}, "keys": [16-byte bin, ...],
-     "parents": [16-byte bin | nil, ...]}            # parents: put only, optional
+     "parents": [16-byte bin | nil, ...],           # put only, optional
+     "release": "hold id"}                           # get only, optional: unpin it when streamed
+
+A session (do_exchange, opened with the command `SESSION_COMMAND`) carries one get after
+another on one open stream: the client writes a request, the server answers with the blocks'
+record batches and then a metadata-only message `{"sent": n}` (or `{"error": "..."}`, after
+which the session goes on).
 
 Block payloads travel as Arrow record batches of `BLOCK_SCHEMA`, one block per row, each with
 the checksum it was committed with (kvstore.integrity): the receiver checks it. Nothing
@@ -24,6 +31,8 @@ from kvstore.layout import Layout
 VERSION = 1
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # of the encoded request itself, not the payload it asks for
 MAX_KEYS = 65536
+MAX_HOLD_ID_CHARS = 64
+SESSION_COMMAND = msgpack.packb({"v": VERSION, "op": "session"})
 BLOCK_SCHEMA = pa.schema([("key", pa.binary(KEY_BYTES)), ("checksum", pa.uint64()), ("data", pa.large_binary())])
 
 
@@ -37,13 +46,36 @@ class Request:
     layout: Layout
     keys: list[bytes]
     parents: list[bytes | None] | None = None
+    release: str | None = None
 
 
-def encode_request(op: str, layout: Layout, keys: list[bytes], parents: list[bytes | None] | None = None) -> bytes:
+def encode_request(op: str, layout: Layout, keys: list[bytes], parents: list[bytes | None] | None = None,
+                   release: str | None = None) -> bytes:
     body = {"v": VERSION, "op": op, "layout": layout.to_dict(), "keys": list(keys)}
     if parents is not None:
         body["parents"] = list(parents)
+    if release is not None:
+        body["release"] = release
     return msgpack.packb(body, use_bin_type=True)
+
+
+def encode_reply(sent: int | None = None, error: str | None = None) -> bytes:
+    """The end of one get on a session: how many blocks were sent, or why none were."""
+    return msgpack.packb({"sent": sent} if error is None else {"error": error[:1000]})
+
+
+def decode_reply(data: bytes) -> int:
+    """Blocks sent, from a session's end-of-get message; ProtocolError if it is malformed or an
+    error (whose text it carries)."""
+    try:
+        body = msgpack.unpackb(data, raw=False, max_str_len=1000, max_bin_len=0, max_array_len=0, max_map_len=1)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        raise ProtocolError(f"reply is not valid msgpack: {e}") from None
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        raise ProtocolError(body["error"])
+    if not isinstance(body, dict) or not isinstance(body.get("sent"), int):
+        raise ProtocolError(f"reply {body!r} is not {{'sent': n}}")
+    return body["sent"]
 
 
 def decode_request(data: bytes, op: str, max_payload_bytes: int) -> Request:
@@ -64,7 +96,7 @@ def decode_request(data: bytes, op: str, max_payload_bytes: int) -> Request:
         raise ProtocolError(f"request version {body.get('v')!r} is not {VERSION}")
     if body.get("op") != op:
         raise ProtocolError(f"request op {body.get('op')!r} is not {op!r}")
-    unknown = set(body) - {"v", "op", "layout", "keys", "parents"}
+    unknown = set(body) - {"v", "op", "layout", "keys", "parents", "release"}
     if unknown:
         raise ProtocolError(f"request has unknown fields {sorted(unknown)!r}")
     try:
@@ -78,6 +110,11 @@ def decode_request(data: bytes, op: str, max_payload_bytes: int) -> Request:
             if not isinstance(parents, list) or len(parents) != len(keys):
                 raise ProtocolError(f"parents must be a list of {len(keys)} entries")
             parents = [None if p is None else check_key(p, i) for i, p in enumerate(parents)]
+        release = body.get("release")
+        if release is not None and (op != "get" or not isinstance(release, str)
+                                    or not 0 < len(release) <= MAX_HOLD_ID_CHARS):
+            raise ProtocolError(f"release={release!r} must be a hold id of at most {MAX_HOLD_ID_CHARS} "
+                                "characters, on a get")
     except ProtocolError:
         raise
     except KVStoreError as e:
@@ -85,4 +122,4 @@ def decode_request(data: bytes, op: str, max_payload_bytes: int) -> Request:
     if len(keys) * layout.block_nbytes > max_payload_bytes:
         raise ProtocolError(f"request for {len(keys)} blocks of {layout.block_nbytes} bytes exceeds "
                             f"max_request_bytes={max_payload_bytes}")
-    return Request(op, layout, keys, parents)
+    return Request(op, layout, keys, parents, release)

@@ -136,10 +136,14 @@ class SaveSession:
             self.abort()
             raise
         self._writer.shutdown()
-        self.client.commit(self.hold, wait_index=True)  # the decode side may look them up at once
-        lease = self.client.lease(self.layout, self.keys, lease_ttl_s) if self.keys else None
-        return Handle(self.namespace, self.layout, list(self.keys), self.num_tokens, self.client.node_id,
-                      None if lease is None else lease.lease_id)
+        # Visible in the index before this returns (the decode side may look them up at once),
+        # and leased for it, in one call to this node.
+        lease_id = None
+        if self.keys:
+            lease_id = self.client.commit_leased(self.layout, self.hold, lease_ttl_s)[1].lease_id
+        else:
+            self.client.abort(self.hold)
+        return Handle(self.namespace, self.layout, list(self.keys), self.num_tokens, self.client.node_id, lease_id)
 
     def abort(self) -> None:
         self._writer.shutdown(wait=True, cancel_futures=True)
@@ -196,15 +200,16 @@ def load(client, handle: Handle | None = None, *, token_ids: Sequence[int] | Non
     if max_tokens is not None:
         keys = keys[:max(0, max_tokens) // layout.block_tokens]
     out = torch.empty((len(keys), layout.block_nbytes), dtype=torch.uint8)
-    owner = handle.node_id if handle is not None else None  # pulled from there without a lookup
-    result = client.get(layout, keys, out, owner=owner) if keys else None
+    # A handle's blocks are pulled from its node without a lookup, and the pull ends its lease.
+    owner, lease = (handle.node_id, handle.lease_id) if handle is not None else (None, None)
+    result = client.get(layout, keys, out, owner=owner, lease=lease) if keys else None
+    if lease is not None and not keys:
+        try:
+            client.release_lease(lease)
+        except Exception as e:  # LeaseError (expired already), or its node is gone: nothing is pinned
+            log.info("lease %s: %s", lease, e)
     found = result.found if result else []
     usable = next((i for i, ok in enumerate(found) if not ok), len(found))
-    if handle is not None and handle.lease_id is not None:
-        try:
-            client.release_lease(handle.lease_id)
-        except Exception as e:  # LeaseError (expired already), or its node is gone: nothing is pinned
-            log.info("lease %s: %s", handle.lease_id, e)
     if usable < len(keys):
         log.info("loaded %d of %d blocks; %d tokens from block %d on are recomputed", usable, len(keys),
                  (len(keys) - usable) * layout.block_tokens, usable)

@@ -96,7 +96,8 @@ class Layout:
         return _layout_id(self)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        # Every field is a scalar: no deep copy (dataclasses.asdict costs ~35 us, per data-plane request).
+        return {f.name: getattr(self, f.name) for f in _FIELDS}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Layout":
@@ -110,6 +111,9 @@ class Layout:
             return cls(**data)
         except TypeError as e:
             raise InvalidLayoutError(f"layout {data!r} is incomplete: {e}") from None
+
+
+_FIELDS = dataclasses.fields(Layout)
 
 
 def _layout_id(layout: Layout) -> bytes:
