@@ -4,17 +4,21 @@ every block's own bytes with its committed checksum, and a damaged block is left
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from kvstore.cluster.dataplane import PACK_BELOW, DataPlaneClient, DataPlaneServer
+from kvstore.cluster.protocol import ProtocolError
+from kvstore.errors import TransferError
 from kvstore.layout import Layout
 from kvstore.store import TieredStore
 from kvstore.tiers.host import HostTier
 
-from kvtest_support import shm_name
+from kvtest_support import shm_name, wait_for
 
 SMALL = Layout("test/dp-small", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16", block_tokens=16)
 LARGE = Layout("test/dp-large", num_layers=8, num_kv_heads=8, head_dim=128, dtype="float16", block_tokens=32)
@@ -80,3 +84,94 @@ def test_pins_are_given_back_once_the_stream_is_done(served):
     gc.collect()
     assert all(store._index[k].pins == 0 for k in keys)
     assert store.delete(keys) == 12 and store.stats()["tiers"][0]["used_slots"] == 0
+
+
+def test_gets_share_one_session_and_a_bad_request_does_not_end_it(served):
+    layout, store, client = served
+    keys = [os.urandom(16) for _ in range(6)]
+    store.put(layout, keys, blocks(layout, keys))
+    for i in range(6):
+        assert pull(client, layout, keys[i:i + 1])[0] == {keys[i]}
+    assert len(client._idle) == 1  # one session, reused by every get
+    with pytest.raises(ProtocolError, match="not valid msgpack"):
+        list(client._idle[0].chunks(b"\xc1 not msgpack"))  # a malformed request on it
+    assert pull(client, layout, keys)[0] == set(keys)  # the same session goes on serving
+
+
+def test_open_sessions_are_bounded(served):
+    layout, store, _ = served
+    server = DataPlaneServer(store, "127.0.0.1", 0, TOKEN, 1 << 30)
+    server._sessions = threading.BoundedSemaphore(2)
+    server.start()
+    clients = [DataPlaneClient(server.address, TOKEN, timeout_s=20) for _ in range(3)]
+    keys = [os.urandom(16)]
+    store.put(layout, keys, blocks(layout, keys))
+    try:
+        for c in clients[:2]:
+            assert pull(c, layout, keys)[0] == set(keys)  # each keeps its session open
+        with pytest.raises(TransferError, match="more than .* sessions open"):
+            pull(clients[2], layout, keys)
+        clients[0].close_idle(0)
+        wait_for(lambda: server._sessions._value > 0, 10, "the closed session to end on the server")
+        assert pull(clients[2], layout, keys)[0] == set(keys)
+        assert server.counters["sessions_refused"] == 1
+    finally:
+        for c in clients:
+            c.close()
+        server.shutdown()
+
+
+def test_a_session_is_replaced_before_its_deadline(served):
+    layout, store, _ = served
+    keys = [os.urandom(16)]
+    store.put(layout, keys, blocks(layout, keys))
+    server = DataPlaneServer(store, "127.0.0.1", 0, TOKEN, 1 << 30).start()
+    client = DataPlaneClient(server.address, TOKEN, timeout_s=1.0)
+    try:
+        assert pull(client, layout, keys)[0] == set(keys)
+        first = client._idle[0]
+        first.expires = time.monotonic() + 0.4  # less than half the deadline left: not used again
+        assert pull(client, layout, keys)[0] == set(keys)
+        assert client._idle == [client._idle[0]] and client._idle[0] is not first
+        assert server.counters["sessions_opened"] == 2
+    finally:
+        client.close()
+        server.shutdown()
+
+
+def test_a_stalled_peer_ends_the_get_at_the_deadline(served, monkeypatch):
+    layout, store, _ = served
+    keys = [os.urandom(16)]
+    store.put(layout, keys, blocks(layout, keys))
+    server = DataPlaneServer(store, "127.0.0.1", 0, TOKEN, 1 << 30).start()
+    client = DataPlaneClient(server.address, TOKEN, timeout_s=1.0)
+    stall = threading.Event()
+    acquire = store.acquire
+    monkeypatch.setattr(store, "acquire", lambda *a: (stall.wait(30), acquire(*a))[1])
+    try:
+        start = time.monotonic()
+        with pytest.raises(TransferError):
+            pull(client, layout, keys)
+        assert time.monotonic() - start < 10  # the 1 s deadline, not the 30 s stall
+    finally:
+        stall.set()
+        client.close()
+        server.shutdown()
+
+
+def test_a_get_that_names_a_hold_has_it_given_back(served):
+    layout, store, _ = served
+    keys = [os.urandom(16) for _ in range(3)]
+    store.put(layout, keys, blocks(layout, keys))
+    released = []
+    server = DataPlaneServer(store, "127.0.0.1", 0, TOKEN, 1 << 30, release_hold=released.append).start()
+    client = DataPlaneClient(server.address, TOKEN, timeout_s=20)
+    try:
+        got = {}
+        assert client.get(layout, keys, lambda k, d, s: got.__setitem__(k, d), release="abc123") == set(keys)
+        assert released == ["abc123"]
+        assert client.get(layout, [os.urandom(16)], lambda k, d, s: None, release="def456") == set()
+        assert released == ["abc123", "def456"]  # given back even when nothing was there to send
+    finally:
+        client.close()
+        server.shutdown()

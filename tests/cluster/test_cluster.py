@@ -128,13 +128,13 @@ def test_put_on_a_get_on_c_bytes_equal(cluster):
 
 
 class Counting:
-    """An actor handle that counts the calls of one method made through it."""
+    """An actor handle that counts the calls of one method (None: of any) made through it."""
 
-    def __init__(self, handle, method: str) -> None:
+    def __init__(self, handle, method: str | None) -> None:
         self.handle, self.method, self.calls = handle, method, 0
 
     def __getattr__(self, name):
-        self.calls += name == self.method
+        self.calls += self.method is None or name == self.method
         return getattr(self.handle, name)
 
 
@@ -237,6 +237,28 @@ def test_a_known_owner_is_pulled_from_without_a_lookup(cluster):
         result = client.get(LAYOUT, keys, out, cache=False, owner=rc.node_id(1))  # as a handoff handle names it
         assert result.sources == [(rc.node_id(1), "remote")] * 3 and torch.equal(out, payload(keys))
         assert counting.calls == 0
+    finally:
+        client._controller = counting.handle
+
+
+def test_a_lease_is_taken_on_its_owner_and_ended_by_the_pull(cluster):
+    rc, client = cluster
+    keys = block_keys(tokens(15, 3), LAYOUT, "lease-on-owner")
+    ray.get(on_node(rc, 1).put_keys.remote(keys))
+    node_b = ray.get_actor(f"kvstore-node-{rc.node_id(1)}", namespace="kvstore")
+    holds = lambda: ray.get(node_b.stats.remote())["holds"]  # noqa: E731
+    before = holds()
+    counting = client._controller = Counting(client._controller, None)
+    try:
+        lease = client.lease(LAYOUT, keys, ttl_s=30, node_id=rc.node_id(1))
+        assert lease.keys == keys and lease.node_id == rc.node_id(1) and holds() == before + 1
+        out = torch.zeros((3, LAYOUT.block_nbytes), dtype=torch.uint8)
+        result = client.get(LAYOUT, keys, out, cache=False, owner=rc.node_id(1), lease=lease)
+        assert result.sources == [(rc.node_id(1), "remote")] * 3 and torch.equal(out, payload(keys))
+        wait_for(lambda: holds() == before, 10, "the owner to give the lease back after the pull")
+        with pytest.raises(kvstore.errors.LeaseError):
+            client.release_lease(lease)  # the pull ended it
+        assert counting.calls == 0  # taken, used and ended without the controller
     finally:
         client._controller = counting.handle
 
