@@ -30,8 +30,8 @@ import time
 
 from kvstore.config import Config
 from kvstore.errors import ConfigError, TierIOError
-from kvstore.tiers.base import PAGE, round_up, slots_for
-from kvstore.tiers.nvme import _SUPER, _SUPER_MAGIC, _VERSION, FILE_NAME  # the file's own format, not a copy
+from kvstore.tiers.base import round_up
+from kvstore.tiers.nvme import _SUPER, _SUPER_MAGIC, _VERSION, FILE_NAME, num_slots_for  # the file's own format
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +205,7 @@ def _migrate_legacy(nvme_path: str, directory: str, slot_bytes: int, capacity_by
     old = legacy[0]
     geometry = _nvme_superblock(old["path"])
     try:  # the geometry this configuration gives, computed as NVMeTier does
-        num_slots = slots_for(capacity_bytes - PAGE, slot_bytes, "nvme_tier_bytes", overhead=PAGE)
-        expected = (slot_bytes, round_up(slot_bytes), num_slots)
+        expected = (slot_bytes, round_up(slot_bytes), num_slots_for(capacity_bytes, slot_bytes))
     except ConfigError:
         expected = None
     if geometry is None or expected is None or geometry[0] != _VERSION or tuple(geometry[1:]) != expected:

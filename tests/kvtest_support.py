@@ -22,10 +22,10 @@ import torch
 from kvstore.integrity import ReadVerifier
 from kvstore.layout import Layout
 from kvstore.store import TieredStore
-from kvstore.tiers.base import PAGE, round_up
+from kvstore.tiers.base import round_up
 from kvstore.tiers.hbm import HBMTier
 from kvstore.tiers.host import SHM_DIR, HostTier
-from kvstore.tiers.nvme import NVMeTier
+from kvstore.tiers.nvme import NVMeTier, file_bytes as nvme_file_bytes
 
 LAYOUT = Layout("test/model@r1", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16", block_tokens=16)
 NBYTES = LAYOUT.block_nbytes  # 2048
@@ -54,7 +54,7 @@ def mem_capacity(slots: int, slot_nbytes: int = SLOT) -> int:
 
 
 def nvme_capacity(slots: int, slot_nbytes: int = SLOT) -> int:
-    return PAGE + slots * (PAGE + round_up(slot_nbytes))
+    return nvme_file_bytes(slots, slot_nbytes)
 
 
 def rand_key() -> bytes:

@@ -102,7 +102,7 @@ def test_nvme_corruption_found_while_promoting_counts_as_corrupt(make_store):
     nvme = store.tiers[1]
     slot = store._index[victim].slot
     with open(nvme.path, "r+b") as f:  # flip payload bytes on disk
-        f.seek(nvme._offset(slot) + 4096 + 10)
+        f.seek(nvme.payload_offset(slot) + 10)
         f.write(b"\xde\xad\xbe\xef")
     handles = store.acquire(LAYOUT, [victim])  # acquire promotes NVMe blocks into memory first
     assert handles == [None]

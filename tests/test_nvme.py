@@ -7,6 +7,7 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from kvstore import block_keys, chain_parents
 from kvstore.errors import ConfigError, TierIOError
 from kvstore.events import BlockRemoved, BlockStored
 from kvstore.tiers import nvme as nvme_mod
-from kvstore.tiers.base import PAGE, SlotMeta
+from kvstore.tiers.base import PAGE, SlotMeta, round_up
 from kvstore.tiers.nvme import FILE_NAME, NVMeTier
 
 from kvtest_support import (LAYOUT, NBYTES, EventLog, assert_consistent, batch, empty_out, make_store,
@@ -38,15 +39,18 @@ def supports_o_direct(directory) -> bool:
             os.unlink(path)
 
 
-def slot_offset(path, key: bytes) -> int:
-    """Where the slot holding `key` starts in the tier's file, found from the headers."""
+def slot_offsets(path, key: bytes) -> tuple[int, int]:
+    """(header offset, payload offset) of the slot holding `key` in the tier's file, found from
+    the headers as the format says: a superblock page, 128-byte headers, page-aligned payloads."""
     with open(path, "rb") as f:
         data = f.read()
-    _, _, _, stride, num_slots = struct.unpack_from("<8sIQQQ", data, 0)
+    _, version, _, stride, num_slots = struct.unpack_from("<8sIQQQ", data, 0)
+    assert version == 2
+    payloads = PAGE + round_up(num_slots * 128)
     for slot in range(num_slots):
-        off = PAGE + slot * (PAGE + stride)
-        if data[off:off + 8] == b"KVBLOCK1" and data[off + 8:off + 24] == key:
-            return off
+        off = PAGE + slot * 128
+        if data[off:off + 8] == b"KVBLOCK2" and data[off + 8:off + 24] == key:
+            return off, payloads + slot * stride
     raise AssertionError(f"no slot holds {key.hex()}")
 
 
@@ -147,7 +151,7 @@ def test_corrupt_payload_is_a_miss_and_is_dropped(make_store, tmp_path, caplog):
     store = make_store(("host", "nvme"), host_slots=2, nvme_slots=8, nvme_dir=d, listener=log)
     keys = fill(store, 6)
     victim, *others = on_nvme(store, keys)
-    flip(d / FILE_NAME, slot_offset(d / FILE_NAME, victim) + PAGE + 100)
+    flip(d / FILE_NAME, slot_offsets(d / FILE_NAME, victim)[1] + 100)
 
     out = empty_out(1)
     with caplog.at_level(logging.WARNING, logger="kvstore"):
@@ -179,7 +183,7 @@ def test_corrupt_payload_in_a_batch(make_store, tmp_path):
     store = make_store(("host", "nvme"), host_slots=2, nvme_slots=8, nvme_dir=d, promote_on_hit=False)
     keys = fill(store, 6)
     durable = on_nvme(store, keys)
-    flip(d / FILE_NAME, slot_offset(d / FILE_NAME, durable[1]) + PAGE + NBYTES - 4)  # the last bytes
+    flip(d / FILE_NAME, slot_offsets(d / FILE_NAME, durable[1])[1] + NBYTES - 4)  # the last bytes
     out = empty_out(4)
     got = store.get(LAYOUT, durable, out)
     assert got.found == [True, False, True, True]
@@ -189,14 +193,15 @@ def test_corrupt_payload_in_a_batch(make_store, tmp_path):
     assert_consistent(store)
 
 
-@pytest.mark.parametrize("where,what", [(8, "key"), (0, "magic"), (40, "layout id"), (80, "length")])
+@pytest.mark.parametrize("where,what", [(8, "key"), (0, "magic"), (24, "layout id"), (56, "length"),
+                                        (120, "checksum")])
 def test_corrupt_header_is_dropped_at_reopen(make_store, tmp_path, caplog, where, what):
     d = tmp_path / "nv"
     store = make_store(("host", "nvme"), host_slots=2, nvme_slots=8, nvme_dir=d)
     keys = fill(store, 6)
     victim, *others = on_nvme(store, keys)
     store.close()
-    flip(d / FILE_NAME, slot_offset(d / FILE_NAME, victim) + where)
+    flip(d / FILE_NAME, slot_offsets(d / FILE_NAME, victim)[0] + where)
     with caplog.at_level(logging.WARNING, logger="kvstore"):
         again = make_store(("host", "nvme"), host_slots=2, nvme_slots=8, nvme_dir=d)
     assert "header fails its checksum" in caplog.text
@@ -355,3 +360,109 @@ def test_truncated_file_is_refused_at_reopen(tmp_path):
     os.truncate(path, os.path.getsize(path) - PAGE)
     with pytest.raises(TierIOError, match="truncated"):
         NVMeTier(str(tmp_path), SLOT, nvme_capacity(4))
+
+
+# -- the header region and format versions -------------------------------------------------------
+
+def test_a_version_1_file_is_refused_with_its_version_named(tmp_path):
+    NVMeTier(str(tmp_path), NBYTES, nvme_capacity(4)).close()
+    path = tmp_path / FILE_NAME
+    with open(path, "r+b") as f:  # the superblock of a file written before the header region
+        f.write(struct.pack("<8sI", b"KVSTNVME", 1))
+    with pytest.raises(TierIOError) as info:
+        NVMeTier(str(tmp_path), NBYTES, nvme_capacity(4))
+    msg = str(info.value)
+    assert "format version 1" in msg and "version 2" in msg and "remove the file" in msg and str(path) in msg
+    assert path.exists()  # refused, never deleted
+
+
+def test_open_reads_the_header_region_and_nothing_else(tmp_path, monkeypatch):
+    slots = 300
+    tier = NVMeTier(str(tmp_path), NBYTES, nvme_capacity(slots), io_threads=2)
+    keys = [rand_key() for _ in range(slots)]
+    assert tier.write_many([(i, payload(k), SlotMeta(k, LAYOUT.id, NBYTES)) for i, k in enumerate(keys)]) \
+        == [None] * slots
+    tier.close()
+    read = []
+    real_preadv = os.preadv
+
+    def counting_preadv(fd, buffers, offset):
+        got = real_preadv(fd, buffers, offset)
+        read.append((offset, got))
+        return got
+
+    monkeypatch.setattr(nvme_mod.os, "preadv", counting_preadv)
+    again = NVMeTier(str(tmp_path), NBYTES, nvme_capacity(slots), io_threads=2)
+    try:
+        assert sum(got for _, got in read) == PAGE + nvme_mod.header_region_bytes(slots) == PAGE + 10 * PAGE
+        assert all(offset < again.payload_offset(0) for offset, _ in read)
+        assert sorted(meta.key for _, meta in again.recovered()) == sorted(keys)
+        assert again.allocator.free_count == 0
+    finally:
+        again.close()
+
+
+def test_open_in_chunks_keeps_the_newest_copy_and_drops_damaged_headers(tmp_path, monkeypatch):
+    """Headers written in bulk (as bench.scale_storage does) and read back over several chunks,
+    the next one read while the last is checked."""
+    monkeypatch.setattr(nvme_mod, "_SCAN_CHUNK", 2 * PAGE)  # 64 headers a chunk
+    slots = 500
+    NVMeTier(str(tmp_path), NBYTES, nvme_capacity(slots)).close()
+    keys = [rand_key() for _ in range(slots)]
+    keys[400] = keys[10]  # a second copy of a key, newer (see generations below)
+    parents = [None] + keys[:-1]
+    headers = nvme_mod.pack_headers(keys, [LAYOUT.id] * slots, parents, [NBYTES] * slots,
+                                    list(range(1, slots + 1)), list(range(slots)))
+    headers[[3, 130, 499]] = 0  # never written or erased
+    headers[200, 9] ^= 1  # a damaged payload checksum: the header's own checksum fails
+    with open(tmp_path / FILE_NAME, "r+b") as f:
+        f.seek(PAGE)
+        f.write(headers.tobytes())
+    tier = NVMeTier(str(tmp_path), NBYTES, nvme_capacity(slots))
+    try:
+        found = dict(tier.recovered())
+        assert sorted(found) == sorted(set(range(slots)) - {3, 130, 499, 200, 10})
+        assert found[400].key == keys[10] and found[400].checksum == 400
+        assert found[401].parent == keys[10] and found[0].parent is None
+        assert all(found[s].key == keys[s] and found[s].nbytes == NBYTES for s in found)
+        assert tier.stats()["corrupt_dropped"] == 1
+        assert tier.allocator.free_count == 5
+        # New blocks get a generation above every one found, so they win over older copies.
+        k = keys[20]
+        free = tier.allocator.alloc()
+        assert tier.write_many([(free, payload(k), SlotMeta(k, LAYOUT.id, NBYTES))]) == [None]
+    finally:
+        tier.close()
+    again = NVMeTier(str(tmp_path), NBYTES, nvme_capacity(slots))
+    try:
+        slots_of_k = [s for s, meta in again.recovered() if meta.key == keys[20]]
+        assert slots_of_k == [free]
+    finally:
+        again.close()
+
+
+def test_headers_sharing_a_page_written_at_once_all_land(tmp_path):
+    """32 headers share a page, and each write reads the page, patches it and writes it back:
+    writers of neighbouring slots on several threads (the store's concurrent puts and moves)
+    must not undo each other."""
+    slots, writers = 96, 6
+    tier = NVMeTier(str(tmp_path), NBYTES, nvme_capacity(slots), io_threads=2)
+    keys = [rand_key() for _ in range(slots)]
+
+    def write(first: int) -> None:
+        for slot in range(first, slots, writers):
+            assert tier.write_many([(slot, payload(keys[slot]), SlotMeta(keys[slot], LAYOUT.id, NBYTES))]) == [None]
+            if slot % 2 == 0:
+                tier.erase(slot)
+
+    threads = [threading.Thread(target=write, args=(first,)) for first in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    tier.close()
+    again = NVMeTier(str(tmp_path), NBYTES, nvme_capacity(slots))
+    try:
+        assert {s: m.key for s, m in again.recovered()} == {s: keys[s] for s in range(1, slots, 2)}
+    finally:
+        again.close()

@@ -50,18 +50,21 @@ class SlotAllocator:
         self._used[slot] = 1
         return slot
 
-    def claim(self, slots: Iterable[int]) -> None:
-        """Marks specific slots used (recovery of a durable tier), in one pass over the free list:
-        claiming slots one by one would cost O(slots) each, O(slots^2) for a whole tier."""
-        slots = list(slots)
-        seen = set()
-        for slot in slots:
-            if self._used[slot] or slot in seen:
-                raise BlockStateError(f"slot {slot} is already in use")
-            seen.add(slot)
-        for slot in slots:
-            self._used[slot] = 1
-        self._free = [slot for slot in self._free if not self._used[slot]]
+    def claim(self, slots: Iterable[int] | np.ndarray) -> None:
+        """Marks specific slots used (recovery of a durable tier) in a few array operations over
+        the whole tier: a tier of a million slots is claimed at open in milliseconds."""
+        claimed = np.asarray(slots if isinstance(slots, np.ndarray) else list(slots), dtype=np.int64)
+        used = np.frombuffer(self._used, dtype=np.uint8)
+        taken = claimed[used[claimed] != 0]
+        if taken.size:
+            raise BlockStateError(f"slot {int(taken[0])} is already in use")
+        before = int(np.count_nonzero(used))
+        used[claimed] = 1
+        if int(np.count_nonzero(used)) - before != claimed.size:  # a slot named twice
+            used[claimed] = 0
+            values, counts = np.unique(claimed, return_counts=True)
+            raise BlockStateError(f"slot {int(values[counts > 1][0])} is already in use")
+        self._free = np.flatnonzero(used == 0)[::-1].tolist()  # pop() hands out the lowest first
 
     def free(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots or not self._used[slot]:
@@ -142,7 +145,7 @@ class Tier(abc.ABC):
     def erase(self, slot: int) -> None:
         """Makes a freed slot's old content unrecoverable where the medium outlives the process."""
 
-    def recovered(self) -> list[tuple[int, SlotMeta]]:
+    def recovered(self) -> Iterable[tuple[int, SlotMeta]]:
         """Blocks found at open (a durable tier); their slots are already allocated."""
         return []
 
