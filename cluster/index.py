@@ -6,16 +6,17 @@ with linear probing over parallel NumPy columns, one row per key:
 
     key_hi, key_lo  uint64   the whole key (no fingerprint collisions: a lookup never names a
                              node for a key it does not hold)
-    holder          uint16   the first holder's node ordinal + 1; 0 empty, 0xFFFF deleted
-    medium          uint8    the first holder's medium code; the top bit says "more holders"
+    holder          uint32   0 empty, DELETED, 1 + the node's ordinal when one node holds the
+                             key, SETS + a holder set's id (cluster/holdersets.py) when several do
+    medium          uint8    the single holder's medium code
 
-19 bytes a row, at most 70% full before it grows (doubling): 27-54 bytes a block with one
-holder. Further holders of a key live in a dict beside the table (slot -> {ordinal: medium}):
-tens of bytes more per extra holder, paid only by blocks several nodes hold. Node ids are
-mapped to small ordinals here; an ordinal is reused once its node is dropped.
+21 bytes a row, at most 70% full before it doubles: 30-60 bytes a block. Keys held by several
+nodes share interned holder sets, so they cost the same per key. Node ids are mapped to small
+ordinals here; an ordinal is reused once its node is dropped.
 
-Every batch operation probes all its keys at once (one NumPy pass per probe step), so the cost
-of a lookup grows with the prompt, not with the prompt times its holders.
+Every batch operation probes all its keys at once (one NumPy pass per probe step) and changes
+rows per distinct holder state, not per key, so a lookup's cost grows with the prompt, not with
+the prompt times its holders.
 """
 from __future__ import annotations
 
@@ -23,16 +24,17 @@ import sys
 
 import numpy as np
 
+from kvstore.cluster.holdersets import HolderSets, Members
 from kvstore.errors import KVStoreError
 from kvstore.keys import KEY_BYTES
 
-EMPTY, DELETED = 0, 0xFFFF
-MORE = 0x80  # in `medium`: the key has holders beyond the first
-CODE = 0x7F  # in `medium`: the first holder's medium code
+EMPTY, DELETED = 0, 0xFFFFFFFF
+SETS = 1 << 24  # holder values from here on name a holder set
 MEDIA = ("GPU", "CPU", "DISK")  # codes 0, 1, 2 in the order a reader would rather pull from
+MAX_MEDIA = 256
 MAX_LOAD = 0.7
 TARGET_LOAD = 0.5
-MAX_NODES = DELETED - 1
+MAX_NODES = 1 << 16
 
 
 class IndexFullError(KVStoreError):
@@ -50,7 +52,7 @@ def keys_array(keys: bytes | bytearray | memoryview | list[bytes]) -> np.ndarray
 class CompactIndex:
     def __init__(self, capacity: int = 1024) -> None:
         self._allocate(1 << max(int(capacity) - 1, 1).bit_length())
-        self._extra: dict[int, dict[int, int]] = {}
+        self._sets = HolderSets()
         self._ordinal_of: dict[str, int] = {}
         self._names: list[str | None] = []
         self._media: list[str] = list(MEDIA)
@@ -58,7 +60,7 @@ class CompactIndex:
     def _allocate(self, capacity: int) -> None:
         self._hi = np.zeros(capacity, np.uint64)
         self._lo = np.zeros(capacity, np.uint64)
-        self._holder = np.zeros(capacity, np.uint16)
+        self._holder = np.zeros(capacity, np.uint32)
         self._medium = np.zeros(capacity, np.uint8)
         self._mask = np.uint64(capacity - 1)
         self._live = 0
@@ -69,9 +71,8 @@ class CompactIndex:
     def ordinal(self, node_id: str) -> int:
         o = self._ordinal_of.get(node_id)
         if o is None:
-            free = [i for i, name in enumerate(self._names) if name is None]
-            if free:
-                o = free[0]
+            if None in self._names:
+                o = self._names.index(None)
             elif len(self._names) < MAX_NODES:
                 o = len(self._names)
                 self._names.append(None)
@@ -83,8 +84,8 @@ class CompactIndex:
 
     def medium_code(self, medium: str) -> int:
         if medium not in self._media:
-            if len(self._media) >= MORE:
-                raise IndexFullError(f"medium {medium!r}: a shard numbers at most {MORE} media")
+            if len(self._media) >= MAX_MEDIA:
+                raise IndexFullError(f"medium {medium!r}: a shard numbers at most {MAX_MEDIA} media")
             self._media.append(medium)
         return self._media.index(medium)
 
@@ -98,12 +99,7 @@ class CompactIndex:
         keys = _unique(keys)
         slots = self._find(keys)
         found = slots >= 0
-        s = slots[found]
-        mine = self._holder[s] == o + 1
-        self._medium[s[mine]] = (self._medium[s[mine]] & MORE) | code
-        for slot in s[~mine].tolist():  # keys other nodes hold already: the rare, multi-holder case
-            self._extra.setdefault(slot, {})[o] = code
-            self._medium[slot] |= MORE
+        self._change(slots[found], lambda members: tuple(sorted([m for m in members if m[0] != o] + [(o, code)])))
         self._insert(keys[~found], o + 1, code)
 
     def remove(self, node_id: str, keys: np.ndarray, medium: str | None = None) -> None:
@@ -113,53 +109,54 @@ class CompactIndex:
             return
         code = None if medium is None else self.medium_code(medium)
         slots = self._find(keys)
-        s = np.unique(slots[slots >= 0])
-        first = self._holder[s] == o + 1
-        if code is not None:
-            first &= (self._medium[s] & CODE) == code
-        more = (self._medium[s] & MORE) != 0
-        self._delete_rows(s[first & ~more])
-        for slot in s[more].tolist():
-            self._remove_holder(slot, o, code)
+        self._change(np.unique(slots[slots >= 0]),
+                     lambda members: tuple(m for m in members if m[0] != o or (code is not None and m[1] != code)))
 
     def drop_node(self, node_id: str) -> int:
         """Forgets everything node_id holds and frees its ordinal; returns how many keys it held."""
         o = self._ordinal_of.pop(node_id, None)
         if o is None:
             return 0
-        first = np.nonzero(self._holder == o + 1)[0]
-        more = (self._medium[first] & MORE) != 0
-        self._delete_rows(first[~more])
-        held = len(first)
-        for slot in first[more].tolist():
-            self._remove_holder(slot, o, None)
-        for slot in [s for s, extra in self._extra.items() if o in extra]:
-            self._remove_holder(slot, o, None)
-            held += 1
+        held = self._holder == o + 1
+        sets = self._sets.with_node(o)
+        if sets:
+            held |= np.isin(self._holder, np.asarray(sets, np.uint32) + SETS)
+        slots = np.nonzero(held)[0]
+        self._change(slots, lambda members: tuple(m for m in members if m[0] != o))
         self._names[o] = None
-        return held
+        return len(slots)
 
-    def _remove_holder(self, slot: int, o: int, code: int | None) -> None:
-        """Removes ordinal o from a row that has several holders, promoting another to first."""
-        extra = self._extra[slot]
-        if self._holder[slot] == o + 1:
-            if code is not None and (self._medium[slot] & CODE) != code:
-                return
-            promoted, promoted_code = next(iter(extra.items()))
-            del extra[promoted]
-            self._holder[slot] = promoted + 1
-            self._medium[slot] = promoted_code
-        elif o in extra and (code is None or extra[o] == code):
-            del extra[o]
-        if extra:
-            self._medium[slot] |= MORE
-        else:
-            del self._extra[slot]
-            self._medium[slot] &= CODE
+    def _change(self, slots: np.ndarray, change) -> None:
+        """Rows get change(their holders): computed once per distinct holder state among them."""
+        if not len(slots):
+            return
+        states = (self._holder[slots].astype(np.uint64) << np.uint64(8)) | self._medium[slots]
+        distinct, inverse, counts = np.unique(states, return_inverse=True, return_counts=True)
+        new_holder = np.empty(len(distinct), np.uint32)
+        new_medium = np.zeros(len(distinct), np.uint8)
+        old_sets = []
+        for i, state in enumerate(distinct.tolist()):
+            holder, code = state >> 8, state & 0xFF
+            if holder >= SETS:
+                old_sets.append((holder - SETS, int(counts[i])))
+                members = self._sets.members(holder - SETS)
+            else:
+                members = ((holder - 1, code),)
+            new_holder[i], new_medium[i] = self._encode(change(members), int(counts[i]))
+        for set_id, count in old_sets:  # after the new ones are interned: a set kept is never freed between
+            self._sets.release(set_id, count)
+        self._holder[slots], self._medium[slots] = new_holder[inverse], new_medium[inverse]
+        self._live -= int(counts[new_holder == DELETED].sum())
 
-    def _delete_rows(self, slots: np.ndarray) -> None:
-        self._holder[slots] = DELETED
-        self._live -= len(slots)
+    def _encode(self, members: Members, count: int) -> tuple[int, int]:
+        if not members:
+            return DELETED, 0
+        if len(members) == 1:
+            return members[0][0] + 1, members[0][1]
+        return SETS + self._sets.intern(members, count), 0
+
+    def _members(self, holder: int, code: int) -> Members:
+        return self._sets.members(holder - SETS) if holder >= SETS else ((holder - 1, code),)
 
     # -- lookups -----------------------------------------------------------------------------
 
@@ -172,18 +169,17 @@ class CompactIndex:
         return int(missing[0]) if len(missing) else len(keys)
 
     def locate(self, keys: np.ndarray) -> list[list[tuple[str, str]]]:
-        """Per key, its (node id, medium) holders, the fastest medium first."""
+        """Per key, its (node id, medium) holders, the fastest medium first (then by node id)."""
         out = []
-        for slot in self._find(keys).tolist():
-            if slot < 0:
-                out.append([])
-                continue
-            code = int(self._medium[slot])
-            holders = [(int(self._holder[slot]) - 1, code & CODE)]
-            if code & MORE:
-                holders += self._extra[slot].items()
-            holders.sort(key=lambda oc: oc[1])
-            out.append([(self._names[o], self._media[c]) for o, c in holders])
+        slots = self._find(keys)
+        found = slots >= 0
+        holders = np.zeros(len(keys), np.uint32)
+        codes = np.zeros(len(keys), np.uint8)
+        holders[found], codes[found] = self._holder[slots[found]], self._medium[slots[found]]
+        for holder, code in zip(holders.tolist(), codes.tolist()):
+            members = self._members(holder, code) if holder else ()
+            out.append(sorted(((self._names[o], self._media[c]) for o, c in members),
+                              key=lambda nm: (self._media.index(nm[1]), nm[0])))
         return out
 
     def prefix_by_node(self, keys: np.ndarray) -> dict[str, int]:
@@ -195,13 +191,15 @@ class CompactIndex:
             return {}
         # One bit per node ordinal per key, ANDed down the prompt: a node's bit stays set exactly
         # as long as it holds every key so far, so its prefix is where its bit last changes.
-        first = self._holder[slots].astype(np.int64) - 1
+        holder = self._holder[slots]
         words = (max(len(self._names), 1) + 63) >> 6
         bits = np.zeros((len(slots), words), np.uint64)
-        bits[np.arange(len(slots)), first >> 6] = np.left_shift(np.uint64(1), (first & 63).astype(np.uint64))
-        for row in np.nonzero(self._medium[slots] & MORE)[0].tolist():
-            for o in self._extra[int(slots[row])]:
-                bits[row, o >> 6] |= np.uint64(1 << (o & 63))
+        single = np.nonzero(holder < SETS)[0]
+        first = holder[single].astype(np.int64) - 1
+        bits[single, first >> 6] = np.left_shift(np.uint64(1), (first & 63).astype(np.uint64))
+        several = np.nonzero(holder >= SETS)[0]
+        if len(several):
+            bits[several] = self._sets.bits(holder[several] - SETS, words)
         running = np.bitwise_and.accumulate(bits, axis=0)
         prefix: dict[str, int] = {}
         for w in range(words):
@@ -219,19 +217,18 @@ class CompactIndex:
 
     def node_keys(self) -> dict[str, int]:
         """Per node, how many keys it holds (a full scan: for stats, not for a hot path)."""
-        counts = np.bincount(self._holder[(self._holder != EMPTY) & (self._holder != DELETED)],
-                             minlength=len(self._names) + 1)
-        for extra in self._extra.values():
-            for o in extra:
-                counts[o + 1] += 1
+        single = self._holder[(self._holder != EMPTY) & (self._holder < SETS)]
+        counts = np.bincount(single, minlength=len(self._names) + 1)
+        for members, uses in self._sets.uses():
+            for o, _ in members:
+                counts[o + 1] += uses
         return {name: int(counts[o + 1]) for o, name in enumerate(self._names) if name is not None}
 
     def nbytes(self) -> int:
-        """Memory the index holds: its columns, its extra holders and its names."""
+        """Memory the index holds: its columns, its holder sets and its names."""
         columns = self._hi.nbytes + self._lo.nbytes + self._holder.nbytes + self._medium.nbytes
-        extras = sys.getsizeof(self._extra) + sum(sys.getsizeof(e) + 28 * len(e) for e in self._extra.values())
         names = sys.getsizeof(self._ordinal_of) + sum(sys.getsizeof(n) for n in self._ordinal_of)
-        return columns + extras + names
+        return columns + self._sets.nbytes() + names
 
     # -- the table ---------------------------------------------------------------------------
 
@@ -258,7 +255,7 @@ class CompactIndex:
             return
         if self._used + len(keys) > MAX_LOAD * len(self._holder):
             self._resize(self._live + len(keys))
-        holder = np.broadcast_to(np.asarray(holder, np.uint16), len(keys))
+        holder = np.broadcast_to(np.asarray(holder, np.uint32), len(keys))
         code = np.broadcast_to(np.asarray(code, np.uint8), len(keys))
         pending = np.arange(len(keys))
         pos = keys[:, 1] & self._mask
@@ -283,10 +280,8 @@ class CompactIndex:
         rows = np.nonzero((self._holder != EMPTY) & (self._holder != DELETED))[0]
         keys = np.stack([self._hi[rows], self._lo[rows]], axis=1)
         holders, media = self._holder[rows], self._medium[rows]
-        extra, several = self._extra, (media & MORE) != 0
         self._allocate(1 << max(int(live / TARGET_LOAD) - 1, 1023).bit_length())
         self._insert(keys, holders, media)
-        self._extra = dict(zip(self._find(keys[several]).tolist(), (extra[r] for r in rows[several].tolist())))
 
 
 def _unique(keys: np.ndarray) -> np.ndarray:
