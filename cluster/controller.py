@@ -1,16 +1,18 @@
 """The controller actor: one per cluster, named, restartable.
 
-It keeps the cluster index (key -> {node: medium}) from the nodes' block events, tracks
-membership from Ray (a dead node's entries go as soon as Ray declares it dead; a new node gets a
-node actor), answers cluster-wide lookups (where, longest prefix, the node holding most of a
-prompt for KV-aware routing), brokers leases that keep a handoff's blocks pinned on their owner,
-and aggregates stats. It holds no state that the nodes cannot give back: after a restart it asks
-every node to resend its content, and the index is whole again.
+It places the index shards (cluster/shards.py: the cluster index, key -> holders, split by key
+hash; they outlive a controller restart, as node actors do), tracks membership from Ray (a dead
+node's entries go as soon as Ray declares it dead; a new node gets a node actor), answers
+cluster-wide lookups (where, longest prefix, the node holding most of a prompt for KV-aware
+routing) by asking every shard at once and combining (cluster/shardmap.py), brokers leases that
+keep a handoff's blocks pinned on their owner, and aggregates stats. It holds no index itself:
+after a restart it finds the shards again, and a node is ready once every shard has its share.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import secrets
 import threading
 import time
@@ -18,14 +20,18 @@ import time
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from kvstore.cluster import shardmap
 from kvstore.cluster.node import CONTROLLER_NAME, NodeActor, node_actor_name
+from kvstore.cluster.shardfeed import split_by_shard
+from kvstore.cluster.shards import IndexShardActor
+from kvstore.config import load_config
 from kvstore.errors import LeaseError
-from kvstore.events import AllBlocksCleared, BlockRemoved, BlockStored, decode_batch
+from kvstore.events import decode_batch, encode_batch
 
 log = logging.getLogger(__name__)
 
 MEMBERSHIP_PERIOD_S = 0.5
-MEDIUM_RANK = {"GPU": 0, "CPU": 1, "DISK": 2}  # where a reader would rather pull from
+LOOKUP_TIMEOUT_S = 5.0  # a shard slower than this counts as knowing nothing (answers get shorter)
 
 
 @dataclasses.dataclass
@@ -42,10 +48,10 @@ class ControllerService:
         self._token = token
         self._node_overrides = node_overrides
         self._lock = threading.RLock()
-        self._index: dict[bytes, dict[str, str]] = {}
-        self._node_keys: dict[str, set[bytes]] = {}
+        self._shards = self._place_shards(load_config(os.environ.get("KVSTORE_CONFIG") or None,
+                                                      **node_overrides).index_shards)
         self._nodes: dict[str, dict] = {}  # node id -> info (address, shm_name, ...) of a registered node
-        self._synced: set[str] = set()  # registered nodes whose full content has reached the index
+        self._synced: set[str] = set()  # nodes whose full content every shard has (see _refresh_synced)
         self._actors: dict[str, object] = {}
         self._starting: dict[str, object] = {}  # node id -> ObjectRef of its info()
         self._leases: dict[str, _Lease] = {}
@@ -58,65 +64,77 @@ class ControllerService:
         self._membership = threading.Thread(target=self._watch_membership, name="kvstore-membership", daemon=True)
         self._membership.start()
 
-    # -- events from nodes ---------------------------------------------------------------------
+    # -- the index shards ---------------------------------------------------------------------
+
+    def _place_shards(self, configured: int) -> list:
+        """The shards of a previous controller, or `configured` new ones (0: by cluster size),
+        spread over the live nodes (soft affinity: Ray restarts one elsewhere if its node dies)."""
+        try:
+            first = ray.get_actor(shardmap.shard_actor_name(0), namespace=self._namespace)
+            count = int(ray.get(first.describe.remote(), timeout=60)["count"])
+        except ValueError:
+            count = configured or shardmap.default_shard_count(sum(n["Alive"] for n in ray.nodes()))
+        alive = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        shards = []
+        for shard in range(count):
+            shards.append(IndexShardActor.options(
+                name=shardmap.shard_actor_name(shard), namespace=self._namespace, get_if_exists=True,
+                lifetime="detached",
+                scheduling_strategy=NodeAffinitySchedulingStrategy(alive[shard % len(alive)], soft=True),
+            ).remote(shard, count, self._namespace))
+        log.info("index: %d shards", count)
+        return shards
+
+    def index_shards(self) -> int:
+        return len(self._shards)
+
+    def _ask(self, parts: list[shardmap.Part], method: str) -> list:
+        """Every shard's answer about its part of a prompt, asked at once; None for a shard that
+        failed or took longer than LOOKUP_TIMEOUT_S (restarting: it knows nothing yet)."""
+        refs = [getattr(self._shards[part.shard], method).remote(part.keys) for part in parts]
+        deadline = time.monotonic() + LOOKUP_TIMEOUT_S
+        answers = []
+        for part, ref in zip(parts, refs):
+            try:
+                answers.append(ray.get(ref, timeout=max(deadline - time.monotonic(), 0.001)))
+            except Exception as e:
+                log.info("index shard %d did not answer %s (%s)", part.shard, method, type(e).__name__)
+                answers.append(None)
+        return answers
 
     def report_events(self, node_id: str, payload: bytes) -> None:
-        """A node's event pump, in order, one batch at a time: applies the batch to the index.
-        Events of a node already declared dead are ignored (it is gone from the index)."""
+        """Applies a batch of a node's events outside the nodes' own streams to the shards
+        (nodes feed the shards directly: cluster/shardfeed.py). Events of a node already
+        declared dead are ignored."""
         _, events = decode_batch(payload)
         with self._lock:
             if node_id not in self._nodes and node_id not in self._starting and node_id not in self._actors:
                 return  # a node already declared dead
-            keys = self._node_keys.setdefault(node_id, set())
-            for event in events:
-                if isinstance(event, BlockStored):
-                    for key in event.block_hashes:
-                        self._index.setdefault(key, {})[node_id] = event.medium
-                        keys.add(key)
-                elif isinstance(event, BlockRemoved):
-                    for key in event.block_hashes:
-                        holders = self._index.get(key)
-                        if holders is not None and holders.get(node_id) == event.medium:
-                            self._forget(key, node_id, holders)
-                            keys.discard(key)
-                elif isinstance(event, AllBlocksCleared):  # a resync starts: what follows is everything
-                    self._drop_entries(node_id)
-                    keys = self._node_keys.setdefault(node_id, set())
-                    self._synced.add(node_id)
+        routed: dict[int, list] = {}
+        for shard, event in split_by_shard(events, len(self._shards)):
+            routed.setdefault(shard, []).append(event)
+        ray.get([self._shards[shard].apply_events.remote(node_id, encode_batch(shard_events))
+                 for shard, shard_events in routed.items()], timeout=30)
 
     # -- lookups -------------------------------------------------------------------------------
 
     def locate(self, keys: list[bytes]) -> list[list[tuple[str, str]]]:
         """Per key, the (node id, medium) pairs holding it, the fastest medium first."""
-        with self._lock:
-            out = []
-            for key in keys:
-                holders = self._index.get(key)
-                out.append(sorted(holders.items(), key=lambda nm: MEDIUM_RANK.get(nm[1], 9)) if holders else [])
-            return out
+        parts = shardmap.split(keys, len(self._shards))
+        return shardmap.locate(parts, self._ask(parts, "locate"), len(keys))
 
     def longest_prefix(self, keys: list[bytes]) -> int:
         """Leading keys present somewhere in the cluster."""
-        index = self._index
-        with self._lock:
-            for i, key in enumerate(keys):
-                if key not in index:
-                    return i
-        return len(keys)
+        parts = shardmap.split(keys, len(self._shards))
+        return shardmap.longest_prefix(parts, self._ask(parts, "first_missing"), len(keys))
 
     def prefix_by_node(self, keys: list[bytes]) -> dict[str, int]:
         """Per node, how many leading keys of the prompt it holds itself."""
+        parts = shardmap.split(keys, len(self._shards))
+        answers = self._ask(parts, "prefix_by_node")
         with self._lock:
-            result = {node_id: 0 for node_id in self._nodes}
-            open_nodes = set(result)
-            for key in keys:
-                holders = self._index.get(key, {})
-                open_nodes &= holders.keys()
-                if not open_nodes:
-                    break
-                for node_id in open_nodes:
-                    result[node_id] += 1
-            return result
+            nodes = list(self._nodes)
+        return shardmap.prefix_by_node(parts, answers, nodes, len(keys))
 
     def best_node(self, keys: list[bytes]) -> dict:
         """The node holding the longest prefix of the prompt (ties: the lowest node id)."""
@@ -127,21 +145,20 @@ class ControllerService:
         return {"node_id": best, "prefix_blocks": per_node[best], "per_node": per_node}
 
     def delete(self, keys: list[bytes]) -> int:
+        targets: dict[str, list[bytes]] = {}
+        for key, holders in zip(keys, self.locate(keys)):
+            for node_id, _ in holders:
+                targets.setdefault(node_id, []).append(key)
         with self._lock:
-            targets: dict[str, list[bytes]] = {}
-            for key in keys:
-                for node_id in self._index.get(key, {}):
-                    targets.setdefault(node_id, []).append(key)
             actors = {n: self._actors[n] for n in targets if n in self._actors}
         refs = [actors[n].delete.remote(targets[n]) for n in actors]
         deleted = sum(ray.get(refs, timeout=30)) if refs else 0
-        with self._lock:  # now, not when the nodes' BlockRemoved events arrive
-            for node_id, node_keys in targets.items():
-                for key in node_keys:
-                    holders = self._index.get(key)
-                    if holders is not None and node_id in holders:
-                        self._forget(key, node_id, holders)
-                        self._node_keys.get(node_id, set()).discard(key)
+        # Out of the index now, not when the nodes' BlockRemoved events arrive.
+        forgets = []
+        for node_id, node_keys in targets.items():
+            for part in shardmap.split(node_keys, len(self._shards)):
+                forgets.append(self._shards[part.shard].forget.remote(node_id, part.keys))
+        ray.get(forgets, timeout=30)
         return deleted
 
     # -- membership ----------------------------------------------------------------------------
@@ -151,10 +168,11 @@ class ControllerService:
             return [dict(info) for info in self._nodes.values()]
 
     def wait_ready(self, min_nodes: int = 1, timeout_s: float = 60.0) -> list[dict]:
-        """Blocks until at least min_nodes nodes are registered and their content is indexed
-        (after a controller restart, lookups are whole only from then on)."""
+        """Blocks until at least min_nodes nodes are registered and every shard has their
+        content (lookups are whole only from then on)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            self._refresh_synced()
             with self._lock:
                 ready = [dict(info) for node_id, info in self._nodes.items() if node_id in self._synced]
             if len(ready) >= min_nodes:
@@ -165,6 +183,18 @@ class ControllerService:
     def token(self) -> str:
         return self._token
 
+    def _refresh_synced(self) -> None:
+        """Nodes every shard has had a whole snapshot from (the shards keep this across a
+        controller restart)."""
+        try:
+            per_shard = ray.get([shard.synced_nodes.remote() for shard in self._shards], timeout=LOOKUP_TIMEOUT_S)
+        except Exception as e:  # a shard is restarting: its nodes are not synced there yet anyway
+            log.info("index shards' sync state unavailable (%s)", type(e).__name__)
+            return
+        synced = set.intersection(*(set(nodes) for nodes in per_shard)) if per_shard else set()
+        with self._lock:
+            self._synced = synced & self._nodes.keys()
+
     def _watch_membership(self) -> None:
         while not self._stopping.wait(MEMBERSHIP_PERIOD_S):
             try:
@@ -174,12 +204,11 @@ class ControllerService:
 
     def _sync_membership(self) -> None:
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        dead: list[str] = []
         with self._lock:
             for node_id in [n for n in {*self._nodes, *self._actors, *self._starting} if n not in alive]:
-                log.warning("node %s is dead; dropping its %d blocks from the index",
-                            node_id[:12], len(self._node_keys.get(node_id, ())))
-                self._drop_entries(node_id)
-                self._node_keys.pop(node_id, None)
+                log.warning("node %s is dead; dropping its blocks from the index", node_id[:12])
+                dead.append(node_id)
                 self._nodes.pop(node_id, None)
                 self._synced.discard(node_id)
                 self._actors.pop(node_id, None)
@@ -194,6 +223,9 @@ class ControllerService:
                 self._actors[node_id] = actor
                 self._starting[node_id] = actor.info.remote()
             starting = dict(self._starting)
+        if dead:  # every shard at once; one that is restarting rebuilds from the live nodes only
+            ray.wait([shard.drop_node.remote(node_id) for shard in self._shards for node_id in dead],
+                     num_returns=len(dead) * len(self._shards), timeout=10)
         if not starting:
             return
         ready, _ = ray.wait(list(starting.values()), num_returns=len(starting), timeout=0)
@@ -208,23 +240,9 @@ class ControllerService:
                     self._starting.pop(node_id, None)
                     self._actors.pop(node_id, None)  # tried again next round
                 continue
-            with self._lock:
+            with self._lock:  # its content reaches the shards on its own (its feed starts with a snapshot)
                 self._starting.pop(node_id, None)
                 self._nodes[node_id] = info
-                actor = self._actors[node_id]
-            actor.resync.remote()  # rebuilds this node's part of the index (after a restart too)
-
-    def _forget(self, key: bytes, node_id: str, holders: dict[str, str]) -> None:
-        del holders[node_id]
-        if not holders:
-            del self._index[key]
-
-    def _drop_entries(self, node_id: str) -> None:
-        for key in self._node_keys.get(node_id, ()):
-            holders = self._index.get(key)
-            if holders is not None and node_id in holders:
-                self._forget(key, node_id, holders)
-        self._node_keys[node_id] = set()
 
     # -- leases --------------------------------------------------------------------------------
 
@@ -306,10 +324,18 @@ class ControllerService:
     def stats(self, timeout_s: float = 10.0) -> dict:
         with self._lock:
             actors = dict(self._actors)
-            summary = {"index_keys": len(self._index), "nodes_registered": len(self._nodes),
-                       "nodes_dropped": self._dropped_nodes, "leases": len(self._leases),
-                       "verification": self._verification_stats()}
+            summary = {"nodes_registered": len(self._nodes), "nodes_dropped": self._dropped_nodes,
+                       "leases": len(self._leases), "verification": self._verification_stats()}
         refs = {node_id: actor.stats.remote() for node_id, actor in actors.items()}
+        shard_refs = [shard.stats.remote() for shard in self._shards]
+        shards = []
+        for shard, ref in enumerate(shard_refs):
+            try:
+                shards.append(ray.get(ref, timeout=timeout_s))
+            except Exception as e:
+                shards.append({"shard": shard, "error": f"{type(e).__name__}: {e}"[:300]})
+        summary["index_keys"] = sum(s.get("keys", 0) for s in shards)
+        summary["index"] = {"shards": shards, "bytes": sum(s.get("bytes", 0) for s in shards)}
         nodes = {}
         for node_id, ref in refs.items():
             try:
@@ -319,10 +345,13 @@ class ControllerService:
         return {**summary, "nodes": nodes}
 
     def shutdown_nodes(self) -> None:
-        """Stops every node actor (they are detached: they outlive a controller restart)."""
+        """Stops every node actor and index shard (they are detached: they outlive a controller
+        restart)."""
         self._stopping.set()
         with self._lock:
             actors = list(self._actors.values())
+        for shard in self._shards:
+            ray.kill(shard, no_restart=True)
         # All at once, so one dead node costs one timeout, not one each.
         ray.wait([actor.shutdown.remote() for actor in actors], num_returns=len(actors), timeout=15)
         for actor in actors:

@@ -2,10 +2,9 @@
 
 It owns the node's host (shared memory) and NVMe tiers, serves them over Arrow Flight, lets
 processes on the same node read and write the host arena in place (holds with a TTL, so a
-client that dies cannot pin blocks forever), and sends the
-store's block events to the controller in batches, in order. When a batch cannot be delivered
-(the controller is restarting) it resolves the controller again and resends its whole content,
-so the cluster index heals by itself.
+client that dies cannot pin blocks forever), and feeds the store's block events to the index
+shards in bounded, numbered chunks (cluster/shardfeed.py): a chunk that fails is sent again, and
+only a shard that lost this node's stream (it restarted) gets a snapshot, of its share only.
 """
 from __future__ import annotations
 
@@ -20,9 +19,10 @@ import ray
 
 from kvstore.cluster.dataplane import DataPlaneServer
 from kvstore.cluster.identity import claim_nvme_dir
+from kvstore.cluster.shardfeed import RayShards, ShardFeed
 from kvstore.config import load_config
 from kvstore.errors import LeaseError
-from kvstore.events import Event, encode_batch
+from kvstore.events import Event
 from kvstore.layout import Layout
 from kvstore.store import BlockHandle, TieredStore
 from kvstore.tiers.host import remove_stale_arenas
@@ -56,9 +56,8 @@ class NodeService:
         self.node_id = node_id
         self._namespace = namespace
         remove_stale_arenas(f"{config.shm_prefix}-*-*")  # any node's: node ids change when nodes restart
-        self._outbox: list[Event] = []
-        self._outbox_lock = threading.Lock()
-        self._send_lock = threading.Lock()
+        # Before the store: its listener feeds this from the start (NVMe blocks found at open).
+        self._feed = ShardFeed(node_id, RayShards(namespace), snapshot=lambda: self.store.resync())
         try:
             self.store = TieredStore.from_config(config, shm_name=f"{config.shm_prefix}-{short}-{os.getpid()}",
                                                  listener=self._on_events)
@@ -72,7 +71,7 @@ class NodeService:
         host = config.flight_host or ray.util.get_node_ip_address()
         self.server = DataPlaneServer(self.store, host, config.flight_port, token, config.max_request_bytes,
                                       config.transfer_timeout_s, release_hold=self._release_after_get).start()
-        self._controller = None
+        self._feed.resync()  # this node's content, to every shard, as new streams
         self._stopping = threading.Event()
         self._pump = threading.Thread(target=self._pump_events, name="kvstore-events", daemon=True)
         self._pump.start()
@@ -193,15 +192,20 @@ class NodeService:
         self.store.clear()
 
     def resync(self) -> None:
-        """Queues the whole content for the controller (it is rebuilding its index)."""
-        self.store.resync()
+        """Sends every index shard a snapshot of its share of this node's content."""
+        self._feed.resync()
+
+    def resync_shard(self, shard: int) -> None:
+        """An index shard that restarted asks for its share again."""
+        self._feed.resync({shard})
 
     def stats(self) -> dict:
         """The controller's stats call: info, the store's counters, the data plane's, open holds."""
         with self._holds_lock:
             holds = len(self._holds)
         return {**self.info(), "store": self.store.stats(), "dataplane": dict(self.server.counters), "holds": holds,
-                "nvme": self._nvme_claim.stats() if self._nvme_claim is not None else None}
+                "nvme": self._nvme_claim.stats() if self._nvme_claim is not None else None,
+                "index_feed": self._feed.stats()}
 
     def shutdown(self) -> None:
         """The controller stopping the cluster: stops the pump and the server, unlinks the arena."""
@@ -248,35 +252,22 @@ class NodeService:
             (self.store.fence if hold.writing else self.store.release)(hold.handles)
 
     def _on_events(self, events: list[Event]) -> None:
-        with self._outbox_lock:
-            self._outbox.extend(events)
+        self._feed.enqueue(events)
 
     def _pump_events(self) -> None:
         period = max(self.config.event_batch_ms, 1) / 1000
         while not self._stopping.wait(period):
             self._expire_holds()
-            self._send_events()
+            try:
+                self._feed.flush()
+            except Exception:  # the feed keeps its backlog: the next round tries again
+                log.exception("feeding the index shards failed")
 
     def _send_events(self) -> None:
-        """Delivers the queued events and waits until the controller has applied them. One
-        sender at a time, so batches arrive in the order the store produced them."""
-        with self._send_lock:
-            with self._outbox_lock:
-                events, self._outbox = self._outbox, []
-            if not events:
-                return
-            try:
-                ray.get(self._controller_handle().report_events.remote(self.node_id, encode_batch(events)),
-                        timeout=30)
-            except Exception as e:  # the controller is restarting or gone: resend everything once it is back
-                log.info("controller unreachable (%s); will resend this node's whole content", type(e).__name__)
-                self._controller = None
-                self.store.resync()
-
-    def _controller_handle(self):
-        if self._controller is None:
-            self._controller = ray.get_actor(CONTROLLER_NAME, namespace=self._namespace)
-        return self._controller
+        """Returns once the index shards have applied every event queued so far (or after the
+        feed's timeout, with the rest still queued and retried by the pump)."""
+        if not self._feed.drain():
+            log.warning("index shards did not take this node's events in time; the pump keeps trying")
 
 
 NodeActor = ray.remote(num_cpus=0, max_concurrency=16)(NodeService)

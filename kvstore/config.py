@@ -29,6 +29,7 @@ _SIZE_UNITS = {
     "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3,
     "ti": 1024**4, "tib": 1024**4,
 }
+MAX_INDEX_SHARDS = 4096
 _NODE_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
@@ -88,7 +89,8 @@ class Config:
     fence_grace_s: float = _setting(10.0, "After a writer's hold expires, how long its slots stay unused: longer than any one copy the writer started before it saw the fence.", "float")
     verify_reads: str = _setting("sampled", "Which local shared-memory reads re-check the block's checksum (NVMe reads and transfers between nodes always do). sampled: verify_sample_fraction of them.", "str", ("off", "sampled", "always"))
     verify_sample_fraction: float = _setting(0.0625, "Fraction of local reads checked when verify_reads is sampled.", "float")
-    event_batch_ms: int = _setting(20, "How long a node gathers block events before sending them to the controller.", "int")
+    event_batch_ms: int = _setting(20, "How long a node gathers block events before sending them to the index shards.", "int")
+    index_shards: int = _setting(0, "Index shards: Ray actors the cluster index is split over by key hash, asked in parallel by every lookup. 0 picks max(2, nodes // 8) from the nodes alive when the cluster first starts. Fixed for the cluster's life (a restarted controller keeps the shards it finds).", "int")
     max_request_bytes: int = _setting(1024**3, "Largest payload one data-plane request may move.", "size")
     log_level: str = _setting("INFO", "Logging level.", "str", ("DEBUG", "INFO", "WARNING", "ERROR"))
 
@@ -118,6 +120,8 @@ class Config:
             raise ConfigError(f"verify_sample_fraction={self.verify_sample_fraction!r} must be within [0, 1]")
         if self.event_batch_ms < 0:
             raise ConfigError(f"event_batch_ms={self.event_batch_ms!r} must not be negative")
+        if not 0 <= self.index_shards <= MAX_INDEX_SHARDS:
+            raise ConfigError(f"index_shards={self.index_shards!r} must be within [0, {MAX_INDEX_SHARDS}] (0: by cluster size)")
 
     def token(self) -> str:
         """The auth token: from auth_token_file when set, else auth_token (may be empty)."""

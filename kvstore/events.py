@@ -69,6 +69,34 @@ def stored_events(keys: Sequence[bytes], parents: Sequence[bytes | None], medium
     return events
 
 
+def coalesce(events: Sequence[Event]) -> list[Event]:
+    """The same events in fewer: consecutive BlockRemoved of one medium become one (the store
+    announces each evicted block on its own; a round of evictions travels as one event), and a
+    BlockStored that continues the chain of the one before (its parent is that one's last block,
+    same medium, no token ids) joins it. Order, and so meaning, is kept."""
+    out: list[Event] = []
+    owned = False  # out[-1]'s list of hashes is a copy made here, so it may grow in place
+    for event in events:
+        last = out[-1] if out else None
+        if _continues(last, event):
+            if not owned:
+                out[-1] = last = dataclasses.replace(last, block_hashes=list(last.block_hashes))
+                owned = True
+            last.block_hashes.extend(event.block_hashes)
+        else:
+            out.append(event)
+            owned = False
+    return out
+
+
+def _continues(last: Event | None, event: Event) -> bool:
+    if isinstance(event, BlockRemoved):
+        return isinstance(last, BlockRemoved) and last.medium == event.medium
+    return (isinstance(event, BlockStored) and isinstance(last, BlockStored) and last.medium == event.medium
+            and bool(last.block_hashes) and event.parent_block_hash == last.block_hashes[-1]
+            and not last.token_ids and not event.token_ids and last.lora_id == event.lora_id)
+
+
 def encode_batch(events: Sequence[Event], ts: float | None = None) -> bytes:
     """msgpack of `[ts, [event, ...]]`, vLLM's EventBatch shape."""
     return msgpack.packb([time.time() if ts is None else ts, [e.to_wire() for e in events]], use_bin_type=True)

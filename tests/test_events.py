@@ -7,7 +7,7 @@ import msgpack
 import pytest
 
 from kvstore import events as ev
-from kvstore.events import (AllBlocksCleared, BlockRemoved, BlockStored, EventDecodeError, decode_batch,
+from kvstore.events import (AllBlocksCleared, BlockRemoved, BlockStored, EventDecodeError, coalesce, decode_batch,
                             encode_batch, stored_events)
 
 A, B, C, D = (os.urandom(16) for _ in range(4))
@@ -111,3 +111,17 @@ def test_all_blocks_cleared_with_extra_fields_is_refused():
 
     with pytest.raises(EventDecodeError, match="unexpected fields"):
         decode_batch(msgpack.packb([1.0, [["AllBlocksCleared", "extra"]]]))
+
+
+def test_coalesce_merges_removal_rounds_and_chain_runs_only():
+    a, b, c, d = (bytes([i]) * 16 for i in range(4))
+    events = [BlockRemoved([a], "CPU"), BlockRemoved([b], "CPU"), BlockRemoved([c], "DISK"),
+              BlockStored([a], None, "CPU"), BlockStored([b], a, "CPU"),  # one chain: merged
+              BlockStored([d], None, "CPU"),  # a new chain: kept apart (its parent says so)
+              AllBlocksCleared(), BlockRemoved([d], "CPU")]
+    merged = coalesce(events)
+    assert [e.to_wire() for e in merged] == [
+        ["BlockRemoved", [a, b], "CPU"], ["BlockRemoved", [c], "DISK"],
+        ["BlockStored", [a, b], None, [], 0, None, "CPU"], ["BlockStored", [d], None, [], 0, None, "CPU"],
+        ["AllBlocksCleared"], ["BlockRemoved", [d], "CPU"]]
+    assert events[0].block_hashes == [a], "the caller's events are not changed"

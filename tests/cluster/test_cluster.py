@@ -20,6 +20,7 @@ import torch
 import kvstore
 from kvstore import Layout, block_keys, chain_parents
 from kvstore.cluster.localcluster import RayTestCluster
+from kvstore.cluster.shardmap import shard_actor_name
 from kvtest_support import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -513,6 +514,34 @@ def test_http_bad_lookups_get_400_with_a_message(http, body, message):
     code, text = _http(http + "/v1/lookup", body, TOKEN)
     assert code == 400 and message in text, text
     assert _http(http + "/healthz")[0] == 200
+
+
+def test_the_index_has_at_least_two_shards_and_one_restarted_rebuilds_from_the_nodes(cluster):
+    rc, client = cluster
+    keys = block_keys(tokens(9, 60), LAYOUT, "shard-restart")
+    ray.get(on_node(rc, 1).put_keys.remote(keys))
+    wait_for(lambda: client.longest_prefix(keys) == 60, 10, "the blocks to be indexed")
+    b_id = rc.node_id(1)
+    shards = client.stats()["index"]["shards"]
+    assert len(shards) >= 2 and sum(s["keys"] for s in shards) >= 60
+    streams_elsewhere = [s["streams"] for s in shards[1:]]
+
+    ray.kill(ray.get_actor(shard_actor_name(0), namespace="kvstore"), no_restart=False)
+    seen_partial = False
+
+    def whole_again() -> bool:
+        nonlocal seen_partial
+        prefix, holders = client.longest_prefix(keys), client.where(keys)
+        # While shard 0 rebuilds: shorter answers, never a node that does not hold the block.
+        assert all(h in ([], [(b_id, "CPU")]) for h in holders), holders
+        seen_partial |= prefix < 60
+        return prefix == 60 and all(holders)
+
+    wait_for(whole_again, 60, "shard 0 to rebuild from the nodes")
+    shards = client.stats()["index"]["shards"]
+    assert shards[0]["streams"] >= 1
+    assert [s["streams"] for s in shards[1:]] == streams_elsewhere, "the other shards were not resent anything"
+    print(f"shard 0 rebuilt; a partial answer was seen during the rebuild: {seen_partial}")
 
 
 def test_controller_restart_rebuilds_the_index(cluster):
