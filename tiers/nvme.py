@@ -142,36 +142,6 @@ def _u8(t: torch.Tensor) -> memoryview:
     return memoryview(t.numpy()).cast("B")
 
 
-def _newest_copies(found: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The (slots, header rows) found, less the older copies of a key (of headers naming the same
-    key, the one of the highest generation stays).
-
-    Copies are rare (a crash between writing a block anew and erasing its old slot): a sort of
-    every key's first word tells whether there are any; only then are rows compared in full.
-    """
-    if not found:
-        return found
-    first_words = np.sort(np.concatenate([words[:, 1] for _, words in found]))
-    if not (first_words[1:] == first_words[:-1]).any():
-        return found
-    slots = np.concatenate([s for s, _ in found])
-    words = np.concatenate([w for _, w in found])
-    keep = np.ones(len(words), dtype=bool)
-    order = np.argsort(words[:, 1], kind="stable")
-    shared = np.flatnonzero(words[order[1:], 1] == words[order[:-1], 1])
-    newest: dict[bytes, int] = {}
-    for row in np.unique(np.concatenate([order[shared], order[shared + 1]])).tolist():
-        key = words[row, _KEY].tobytes()
-        other = newest.get(key)
-        if other is None:
-            newest[key] = row
-            continue
-        older, newer = sorted((other, row), key=lambda r: int(words[r, _GENERATION]))
-        keep[older] = False
-        newest[key] = newer
-    return [(slots[keep], words[keep])]
-
-
 class NVMeTier(Tier):
     name = "nvme"
     medium = "DISK"
@@ -187,7 +157,7 @@ class NVMeTier(Tier):
         self._generation = itertools.count(1)
         # Direct I/O writes a header's whole page: two slots sharing a page must not interleave.
         self._page_locks = [threading.Lock() for _ in range(_PAGE_LOCKS)]
-        self._recovered: list[tuple[np.ndarray, np.ndarray]] = []
+        self._found: np.ndarray | None = None  # per slot, at open: holds a block
         try:
             os.makedirs(directory, exist_ok=True)
         except OSError as e:
@@ -198,7 +168,7 @@ class NVMeTier(Tier):
         try:
             if existed:
                 self._check_superblock()
-                self._recovered = self._scan()
+                self._found = self._scan()
             else:
                 self._format()
         except BaseException:
@@ -257,10 +227,10 @@ class NVMeTier(Tier):
                 f"{self.num_slots} slots of {self.slot_nbytes} bytes; restore slot_bytes/nvme_tier_bytes "
                 "or remove the file (its blocks are lost)")
 
-    def _scan(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The slots holding blocks and their header rows, a pair per chunk of the header region
-        (the pool reads the next chunks while this thread checks one); keeps the newest
-        copy of a key and claims the slots."""
+    def _header_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first slot, header rows) of the whole header region, a chunk at a time, read ahead on
+        the pool while the caller works on a chunk. The rows are a view of a buffer that is read
+        into again: valid until the next chunk."""
         region = header_region_bytes(self.num_slots)
         chunk = min(_SCAN_CHUNK, region)
         offsets = range(0, region, chunk)
@@ -273,8 +243,6 @@ class NVMeTier(Tier):
                 raise TierIOError(f"{self.path}: short read of the slot headers at byte {PAGE + offset}: "
                                   f"{got} of {want} bytes")
 
-        found: list[tuple[np.ndarray, np.ndarray]] = []
-        damaged: list[np.ndarray] = []
         reads = deque(self._pool.submit(read, offsets[i], buffers[i]) for i in range(len(buffers) - 1))
         for i, offset in enumerate(offsets):
             ahead = i + len(buffers) - 1
@@ -283,32 +251,66 @@ class NVMeTier(Tier):
             reads.popleft().result()
             first = offset // HEADER_BYTES
             count = min(chunk // HEADER_BYTES, self.num_slots - first)
-            words = np.frombuffer(buffers[i % len(buffers)], dtype="<u8", count=count * _WORDS).reshape(count, _WORDS)
+            yield first, np.frombuffer(buffers[i % len(buffers)], dtype="<u8", count=count * _WORDS).reshape(
+                count, _WORDS)
+
+    def _scan(self) -> np.ndarray:
+        """Which slots hold a block, from one pass over the header region; keeps the newest copy
+        of a key and claims the slots. Only a few bytes a slot are kept: `recovered` reads the
+        headers again as the store indexes them, so a tier of many millions of slots never holds
+        all its headers in memory."""
+        found = np.zeros(self.num_slots, dtype=bool)
+        first_words = np.zeros(self.num_slots, dtype=np.uint64)  # of each key: to find copies
+        max_generation = 0
+        damaged: list[np.ndarray] = []
+        for first, words in self._header_chunks():
             sound = self._sound(words)
-            if sound.all():
-                found.append((np.arange(first, first + count), words.copy()))  # the buffer is read into again
-                continue
-            rows = np.flatnonzero(sound)
-            if rows.size:
-                found.append((rows + first, words[rows]))
-            bad = np.flatnonzero(~sound & (words[:, _MAGIC] != 0))  # all zeros: never written, or erased
-            if bad.size:
-                damaged.append(bad + first)
+            found[first:first + len(words)] = sound
+            first_words[first:first + len(words)] = words[:, 1]
+            max_generation = max(max_generation, int(np.where(sound, words[:, _GENERATION], 0).max()))
+            if not sound.all():
+                bad = np.flatnonzero(~sound & (words[:, _MAGIC] != 0))  # all zeros: never written, or erased
+                if bad.size:
+                    damaged.append(bad + first)
         if damaged:
             bad = np.concatenate(damaged)
             self.corrupt_dropped += int(bad.size)
             log.warning("NVMe tier %s: dropping %d damaged slots at open (the header fails its checksum): "
                         "slots %s%s", self.path, bad.size, ", ".join(map(str, bad[:10].tolist())),
                         ", ..." if bad.size > 10 else "")
-        found = _newest_copies(found)
-        self._generation = itertools.count(max((int(w[:, _GENERATION].max()) for _, w in found), default=0) + 1)
-        blocks = sum(len(s) for s, _ in found)
-        if found:
-            self.allocator.claim(np.concatenate([s for s, _ in found]))
-        if blocks or damaged:
-            log.info("NVMe tier %s: recovered %d blocks, dropped %d corrupt slots", self.path, blocks,
+        self._drop_older_copies(found, first_words)
+        self._generation = itertools.count(max_generation + 1)
+        slots = np.flatnonzero(found)
+        self.allocator.claim(slots)
+        if slots.size or damaged:
+            log.info("NVMe tier %s: recovered %d blocks, dropped %d corrupt slots", self.path, slots.size,
                      self.corrupt_dropped)
         return found
+
+    def _drop_older_copies(self, found: np.ndarray, first_words: np.ndarray) -> None:
+        """Of slots whose headers name the same key, keeps the one of the highest generation.
+
+        Copies are rare (a crash between writing a block anew and erasing its old slot): a sort of
+        every key's first word tells whether there are any; only slots sharing one are read again
+        and compared in full.
+        """
+        ordered = np.sort(first_words[found])
+        if not (ordered[1:] == ordered[:-1]).any():
+            return
+        slots = np.flatnonzero(found)
+        order = np.argsort(first_words[slots])
+        ordered = first_words[slots[order]]
+        shared = np.flatnonzero(ordered[1:] == ordered[:-1])
+        newest: dict[bytes, tuple[int, int]] = {}  # key -> (generation, slot)
+        for slot in np.unique(slots[order[np.concatenate([shared, shared + 1])]]).tolist():
+            meta, generation = self._read_header(slot)  # sound at the scan, just now
+            held = newest.get(meta.key)
+            if held is None:
+                newest[meta.key] = (generation, slot)
+                continue
+            older, newer = sorted([held, (generation, slot)])
+            found[older[1]] = False
+            newest[meta.key] = newer
 
     def _sound(self, headers: np.ndarray) -> np.ndarray:
         """Per header row: well-formed, its checksum holds, and its length fits a slot."""
@@ -316,8 +318,15 @@ class NVMeTier(Tier):
                 & (headers[:, _NBYTES] <= self.slot_nbytes))
 
     def recovered(self) -> Iterator[tuple[int, SlotMeta]]:
-        found, self._recovered = self._recovered, []
-        return itertools.chain.from_iterable(_metas(slots, words) for slots, words in found)
+        """The blocks found at open, their headers read again a chunk at a time; to be taken
+        once, before the tier is written."""
+        found, self._found = self._found, None
+        if found is None:
+            return
+        for first, words in self._header_chunks():
+            rows = np.flatnonzero(found[first:first + len(words)])
+            if rows.size:
+                yield from _metas(rows + first, words[rows])
 
     # -- slots ---------------------------------------------------------------------------
 
@@ -367,8 +376,9 @@ class NVMeTier(Tier):
         errors = [put_page(*pages[0])] if len(pages) == 1 else list(self._pool.map(lambda p: put_page(*p), pages))
         return {slot: err for (_, patches), err in zip(pages, errors) if err is not None for slot, _, _ in patches}
 
-    def _read_header(self, slot: int) -> SlotMeta | None:
-        """The block the slot's header names, None for a slot never written or erased."""
+    def _read_header(self, slot: int) -> tuple[SlotMeta, int] | None:
+        """(the block the slot's header names, its generation); None for a slot never written or
+        erased."""
         page_offset, at = self._header_page(slot)
         page = self._buffer("header", PAGE)
         if os.preadv(self._fd, [page], page_offset) != PAGE:
@@ -379,7 +389,7 @@ class NVMeTier(Tier):
         if not self._sound(words)[0]:
             raise CorruptBlockError(f"slot {slot} of {self.path}: the header fails its checksum")
         _, meta = next(_metas(np.array([slot]), words.copy()))
-        return meta
+        return meta, int(words[0, _GENERATION])
 
     def _payload_target(self, t: torch.Tensor, length: int) -> memoryview | None:
         """`t` itself when direct I/O can use it (CPU, aligned, long enough); else None."""
@@ -421,9 +431,10 @@ class NVMeTier(Tier):
 
     def _stored_block(self, slot: int, meta: SlotMeta) -> SlotMeta:
         """The slot's header, which must name the block `meta` describes."""
-        stored = self._read_header(slot)
-        if stored is None:
+        header = self._read_header(slot)
+        if header is None:
             raise CorruptBlockError(f"slot {slot} of {self.path}: block {meta.key.hex()} was erased")
+        stored, _ = header
         if stored.key != meta.key or stored.nbytes != meta.nbytes:
             raise CorruptBlockError(f"slot {slot} of {self.path} holds block {stored.key.hex()}, "
                                     f"not {meta.key.hex()}")
