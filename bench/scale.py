@@ -14,6 +14,8 @@ the way nodes feed them (cluster/shardfeed.py), from simulated nodes.
   by default and combined, in-process; `_ray`: the same fanned out to shard actors from this
   process, as the controller does. The prompt's first 1k blocks are on all 64 nodes, the next
   7k on 8, the rest on one; 10% of the other blocks have a second holder.
+  lookups_per_s_512_ray: how many such lookups of a 512-block prompt eight threads of one
+  process (the controller's place) get through the shard actors per second.
 - shard_rebuild_s_1m: a restarted shard actor taking the snapshots of 10^6 blocks from 64
   simulated nodes in bounded chunks, first chunk sent to last applied (< 2 s); with
   --rebuild-10m also shard_rebuild_s_10m_in_process (decode and apply of 10^7 blocks).
@@ -171,6 +173,30 @@ def time_lookups(prompt, count: int, ask, repeats: dict[str, int], nodes: list[s
     return times
 
 
+def lookups_per_s(prompt, count: int, ask, nodes: list[str], threads: int = 8, seconds: float = 3.0) -> float:
+    """best_node lookups of a 512-block prompt (8k tokens of 16-token blocks) per second, from
+    `threads` threads of one process at once (as the controller's do)."""
+    import threading
+
+    keys, done, stop = prompt[:512], [], time.perf_counter() + seconds
+
+    def loop():
+        n = 0
+        while time.perf_counter() < stop:
+            parts = shardmap.split(keys, count)
+            shardmap.prefix_by_node(parts, ask(parts), nodes, len(keys))
+            n += 1
+        done.append(n)
+
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(done) / (time.perf_counter() - start)
+
+
 def lookup_figures(times: dict[str, list[float]], suffix: str = "") -> dict[str, float]:
     out = {}
     for name, ts in times.items():
@@ -263,6 +289,7 @@ def main(argv=None) -> int:
                 return ray.get([actors[part.shard].prefix_by_node.remote(part.keys) for part in parts])
 
             figures.update(lookup_figures(time_lookups(prompt, count, ask_ray, repeats, nodes), "_ray"))
+            figures["lookups_per_s_512_ray"] = lookups_per_s(prompt, count, ask_ray, nodes)
             for actor in actors:
                 ray.kill(actor)
         finally:
