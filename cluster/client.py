@@ -28,13 +28,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kvstore.cluster.controller import CONTROLLER_NAME, ControllerActor
 from kvstore.cluster.dataplane import SESSION_IDLE_S, DataPlaneClient
 from kvstore.cluster.locations import LocationCache
+from kvstore.cluster.pulled import PulledBlocks
 from kvstore.cluster.node import node_actor_name
 from kvstore.config import Config, load_config
 from kvstore.errors import KVStoreError, LeaseError, TransferError
@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 
 RPC_TIMEOUT_S = 60.0
 _STREAM_MIN_BYTES = 32 * 1024 * 1024  # a pull is split into streams of at least this much
-INLINE_COPY_BELOW = 1024 * 1024  # pulled blocks smaller than this are copied on the stream's thread
 
 
 @dataclasses.dataclass
@@ -334,10 +333,10 @@ class Client:
 
         Owners come from the location cache; the controller is asked once, for the keys it does
         not know, and once more for blocks whose cached owner no longer had them. Each block is
-        checked and copied into `rows` on a worker thread while the stream goes on, and its
-        receive buffer is let go at once (fresh pages cost ~10x a copy here). With `cache`, it is
-        also copied into a slot reserved in this node's arena, so the next get is local; the
-        commit that makes those copies visible is not waited for (`flush` waits).
+        checked and copied into `rows` as it arrives (cluster/pulled.py), and its receive buffer
+        is let go at once (fresh pages cost ~10x a copy here). With `cache`, it is also copied
+        into a slot reserved in this node's arena, so the next get is local; the commit that
+        makes those copies visible is not waited for (`flush` waits).
         """
         wanted = [keys[i] for i in missing]
         reserved: dict[bytes, tuple[int, int]] = {}  # key -> (slot, generation) of its local copy
@@ -346,33 +345,8 @@ class Client:
             hold, slots, _, generations = ray.get(self._node.reserve.remote(layout.to_dict(), wanted),
                                                   timeout=RPC_TIMEOUT_S)
             reserved = {k: (s, g) for k, s, g in zip(wanted, slots, generations) if s is not None}
-        position = {keys[i]: i for i in missing}
-        arena = self._arena.tensor.numpy()
-        nbytes = layout.block_nbytes
-        copies = []
-        cached: dict[bytes, int] = {}  # key -> checksum, of the blocks copied into the local cache
-        damaged: set[bytes] = set()
-
-        def copy(key: bytes, data: memoryview, block_sum: int) -> None:
-            row = rows[position[key]]
-            if copy_with_checksum(row, data) != block_sum:  # it came over the wire: always checked
-                log.warning("block %s arrived damaged (checksum mismatch); it is a miss", key.hex())
-                damaged.add(key)
-                return
-            slot, generation = reserved.get(key, (None, None))
-            if slot is not None and int(self._arena.generations[slot]) == generation:  # not fenced
-                np.copyto(arena[slot, :nbytes], row.numpy())
-                cached[key] = block_sum
-
-        def sink(key: bytes, data: memoryview, block_sum: int) -> None:
-            # A large block on another thread (NumPy and xxhash let go of the GIL), so the stream
-            # keeps being read and gRPC's flow control does not stall while it is checked and
-            # copied; a small one right here, where a thread hop would cost more than the copy.
-            if nbytes < INLINE_COPY_BELOW:
-                copy(key, data, block_sum)
-            else:
-                copies.append(self._copier.submit(copy, key, data, block_sum))
-
+        sink = PulledBlocks({keys[i]: rows[i] for i in missing}, layout.block_nbytes, self._copier,
+                            self._arena.tensor.numpy(), self._arena.generations, reserved)
         delivered: dict[bytes, str] = {}  # key -> the node it came from
         released = False
         try:
@@ -388,15 +362,15 @@ class Client:
                 if not todo:
                     break
         finally:
-            for done in copies:
-                done.result()
-            self.corrupt_received += len(damaged)
+            sink.wait()
+            self.corrupt_received += len(sink.damaged)
             if hold is not None:
                 # Slots whose block never came are aborted with the hold; the rest become
                 # visible, under the checksums they travelled with (not hashed again).
-                self._background.append(self._node.commit.remote(hold, list(cached), list(cached.values())))
+                self._background.append(self._node.commit.remote(hold, list(sink.cached), list(sink.cached.values())))
+        position = {keys[i]: i for i in missing}
         for key, owner in delivered.items():
-            if key not in damaged:
+            if key not in sink.damaged:
                 sources[position[key]] = (owner, "remote")
         return released
 

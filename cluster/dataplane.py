@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 ACQUIRE_CHUNK = 16  # blocks pinned at a time per do_get stream
 PACK_BELOW = 1024 * 1024  # blocks smaller than this travel several per record batch
 PACK_BYTES = 4 * 1024 * 1024  # of one such batch
+# Larger blocks travel in pieces of this much, one per batch: the receiver checks and copies a
+# piece while the next arrives, instead of waiting for (and gRPC reassembling) a 32 MiB message.
+PIECE_BYTES = 4 * 1024 * 1024
 MAX_SESSIONS = 256  # open sessions per server: each holds one of gRPC's threads while it is open
 SESSION_IDLE_S = 2.0  # a client closes a session unused this long (a server's shutdown waits for open ones)
 # A large initial HTTP/2 window, without BDP probing: gRPC would otherwise start each channel at
@@ -184,15 +187,14 @@ class DataPlaneServer(flight.FlightServerBase):
         if layout.block_nbytes < PACK_BELOW:
             yield from self._packed(layout, keys)
             return
-        offsets = pa.py_buffer(np.array([0, layout.block_nbytes], dtype=np.int64))
         for start in range(0, len(keys), ACQUIRE_CHUNK):
             pending = [h for h in self._store.acquire(layout, keys[start:start + ACQUIRE_CHUNK]) if h is not None]
             try:
                 while pending:
-                    batch = self._batch(pending[0], offsets)
-                    pending.pop(0)  # the batch's buffer owns the pin now
+                    pieces = self._pieces(pending[0])
+                    pending.pop(0)  # the pieces' buffers own the pin now
                     self._count(blocks_sent=1, bytes_sent=layout.block_nbytes)
-                    yield batch
+                    yield from pieces
             finally:
                 self._store.release(pending)
 
@@ -220,16 +222,24 @@ class DataPlaneServer(flight.FlightServerBase):
             data = pa.LargeBinaryArray.from_buffers(pa.large_binary(), m, [None, offsets, pa.py_buffer(payload)])
             self._count(blocks_sent=m, bytes_sent=m * n)
             yield pa.RecordBatch.from_arrays([pa.array([h.key for h in handles], pa.binary(16)),
-                                              pa.array([h.checksum for h in handles], pa.uint64()), data],
-                                             schema=BLOCK_SCHEMA)
+                                              pa.array([h.checksum for h in handles], pa.uint64()),
+                                              pa.array(np.zeros(m, dtype=np.uint64)), data], schema=BLOCK_SCHEMA)
 
-    def _batch(self, handle: BlockHandle, offsets: pa.Buffer) -> pa.RecordBatch:
+    def _pieces(self, handle: BlockHandle) -> list[pa.RecordBatch]:
+        """A pinned block as batches of up to PIECE_BYTES, each wrapping its part of the slot
+        without a copy. The pin goes when the last of them is let go: each part is a view of
+        the one array the release is tied to."""
         view = handle.view.numpy()
-        store = self._store
-        weakref.finalize(view, store.release, [handle])
-        data = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(view)])
-        return pa.RecordBatch.from_arrays([pa.array([handle.key], pa.binary(16)),
-                                           pa.array([handle.checksum], pa.uint64()), data], schema=BLOCK_SCHEMA)
+        weakref.finalize(view, self._store.release, [handle])
+        key, block_sum = pa.array([handle.key], pa.binary(16)), pa.array([handle.checksum], pa.uint64())
+        batches = []
+        for start in range(0, len(view), PIECE_BYTES):
+            part = view[start:start + PIECE_BYTES]
+            offsets = pa.py_buffer(np.array([0, len(part)], dtype=np.int64))
+            data = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(part)])
+            batches.append(pa.RecordBatch.from_arrays([key, block_sum, pa.array([start], pa.uint64()), data],
+                                                      schema=BLOCK_SCHEMA))
+        return batches
 
     def do_put(self, context, descriptor, reader, writer):
         """Writes a stream of blocks into reserved slots; replies {stored, present, rejected,
@@ -254,7 +264,10 @@ class DataPlaneServer(flight.FlightServerBase):
             if reader.schema != BLOCK_SCHEMA:
                 raise ProtocolError(f"put stream schema {reader.schema} is not {BLOCK_SCHEMA}")
             for chunk in reader:
-                for key, block_sum, data in _rows(chunk.data, req.layout.block_nbytes):
+                for key, block_sum, offset, data in _rows(chunk.data, req.layout.block_nbytes):
+                    if offset != 0 or len(data) != req.layout.block_nbytes:
+                        raise ProtocolError(f"put stream carries a piece of block {key.hex()} ({len(data)} bytes at "
+                                            f"{offset}); puts send whole blocks")
                     if key not in expected:
                         raise ProtocolError(f"put stream carries block {key.hex()}, which the request did not name")
                     expected.discard(key)
@@ -318,22 +331,23 @@ class _BufferPool:
 
 
 def _rows(batch: pa.RecordBatch, block_nbytes: int):
-    """(key, checksum, memoryview of the block's bytes) per row, checked; no copy."""
+    """(key, checksum, offset, memoryview of the bytes) per row, checked to fit the block; no copy."""
     if batch.schema != BLOCK_SCHEMA:
         raise ProtocolError(f"batch schema {batch.schema} is not {BLOCK_SCHEMA}")
-    keys, sums, data = batch.column(0), batch.column(1), batch.column(2)
-    if keys.null_count or sums.null_count or data.null_count:
-        raise ProtocolError("batch has null keys, checksums or payloads")
-    sums = sums.to_numpy()
+    keys, sums, places, data = (batch.column(i) for i in range(4))
+    if keys.null_count or sums.null_count or places.null_count or data.null_count:
+        raise ProtocolError("batch has null keys, checksums, offsets or payloads")
+    sums, places = sums.to_numpy(), places.to_numpy()
     _, offsets_buf, data_buf = data.buffers()
     offsets = np.frombuffer(offsets_buf, dtype=np.int64, count=len(data) + 1, offset=data.offset * 8)
     key_bytes = keys.buffers()[1]
     for i in range(len(batch)):
-        start, end = int(offsets[i]), int(offsets[i + 1])
-        if end - start != block_nbytes:
-            raise ProtocolError(f"block payload of {end - start} bytes; the layout's blocks are {block_nbytes}")
+        start, end, place = int(offsets[i]), int(offsets[i + 1]), int(places[i])
+        if not 0 < end - start <= block_nbytes - place:
+            raise ProtocolError(f"payload of {end - start} bytes at offset {place} does not fit a block of "
+                                f"{block_nbytes}")
         k0 = (keys.offset + i) * 16
-        yield key_bytes[k0:k0 + 16].to_pybytes(), int(sums[i]), memoryview(data_buf)[start:end]
+        yield key_bytes[k0:k0 + 16].to_pybytes(), int(sums[i]), place, memoryview(data_buf)[start:end]
 
 
 class _Session:
@@ -389,32 +403,50 @@ class DataPlaneClient:
         self._idle: list[_Session] = []  # most recently used last
         self._idle_lock = threading.Lock()
 
-    def get(self, layout: Layout, keys: Sequence[bytes], sink: Callable[[bytes, memoryview, int], None],
+    def get(self, layout: Layout, keys: Sequence[bytes], sink: Callable[[bytes, memoryview, int, int], None],
             verify: bool = True, release: str | None = None) -> set[bytes]:
-        """Streams the blocks the peer has to `sink(key, bytes, checksum)`; returns the keys
-        delivered. With `verify`, each block is checked against its checksum first (a damaged one
-        is left out and counted); without, the sink must check it (the client does, fused with its
-        copy, off the thread that reads the stream). `release`: a hold on the peer (a handoff's
-        lease) that it gives back once the blocks are out."""
+        """Streams the blocks the peer has to `sink(key, bytes, checksum, offset)`; returns the
+        keys delivered. With `verify`, each block is checked against its checksum first (a
+        damaged one is left out and counted) and reaches the sink whole (offset 0); without, the
+        sink gets a large block's pieces in order as they arrive and must check the block (the
+        client does, fused with its copy, off the thread that reads the stream). `release`: a
+        hold on the peer (a handoff's lease) that it gives back once the blocks are out."""
+        nbytes = layout.block_nbytes
         requested = set(keys)
         received: set[bytes] = set()
+        partial: dict[bytes, int] = {}  # key -> bytes of it received, while its pieces arrive
+        assembling: dict[bytes, bytearray] = {}  # with verify: large blocks, while their pieces arrive
         delivered: set[bytes] = set()
         request = encode_request("get", layout, list(keys), release=release)
         session = None
         try:
             session = self._take_session()
             for batch in session.chunks(request):
-                for key, block_sum, data in _rows(batch, layout.block_nbytes):
-                    if key not in requested or key in received:
-                        raise ProtocolError(f"peer {self.address} sent block {key.hex()}, unasked or twice")
-                    received.add(key)
-                    if verify and checksum(data) != block_sum:
-                        self.corrupt_received += 1
-                        log.warning("block %s from %s arrived damaged (checksum mismatch); it is a miss",
-                                    key.hex(), self.address)
-                        continue
-                    sink(key, data, block_sum)
-                    delivered.add(key)
+                for key, block_sum, offset, data in _rows(batch, nbytes):
+                    if key not in requested or key in received or offset != partial.get(key, 0):
+                        raise ProtocolError(f"peer {self.address} sent block {key.hex()} (at {offset}) unasked, "
+                                            "twice or out of order")
+                    end = offset + len(data)
+                    if end < nbytes:
+                        partial[key] = end
+                    else:
+                        partial.pop(key, None)
+                        received.add(key)
+                    if verify:
+                        data = _assembled(assembling, key, data, offset, nbytes)
+                        if data is None:
+                            continue
+                        if checksum(data) != block_sum:
+                            self.corrupt_received += 1
+                            log.warning("block %s from %s arrived damaged (checksum mismatch); it is a miss",
+                                        key.hex(), self.address)
+                            continue
+                        offset = 0
+                    sink(key, data, block_sum, offset)
+                    if end == nbytes:
+                        delivered.add(key)
+            if partial:
+                raise ProtocolError(f"peer {self.address} ended blocks {[k.hex() for k in partial][:4]} midway")
         except (flight.FlightError, ProtocolError) as e:
             if session is not None:
                 session.cancel()
@@ -464,8 +496,8 @@ class DataPlaneClient:
                     block_sum = checksum(data)
                     data = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(data)])
                     writer.write_batch(pa.RecordBatch.from_arrays(
-                        [pa.array([key], pa.binary(16)), pa.array([block_sum], pa.uint64()), data],
-                        schema=BLOCK_SCHEMA))
+                        [pa.array([key], pa.binary(16)), pa.array([block_sum], pa.uint64()),
+                         pa.array([0], pa.uint64()), data], schema=BLOCK_SCHEMA))
                 writer.done_writing()
                 reply = meta_reader.read()
         except flight.FlightError as e:
@@ -475,6 +507,17 @@ class DataPlaneClient:
     def close(self) -> None:
         self.close_idle(0)
         self._client.close()
+
+
+def _assembled(assembling: dict[bytes, bytearray], key: bytes, data: memoryview, offset: int,
+               nbytes: int) -> memoryview | None:
+    """A block from its pieces: whole once its last piece is in (None before)."""
+    if offset == 0 and len(data) == nbytes:
+        return data
+    if offset == 0:
+        assembling[key] = bytearray(nbytes)
+    assembling[key][offset:offset + len(data)] = data
+    return memoryview(assembling.pop(key)) if offset + len(data) == nbytes else None
 
 
 def _first_line(e: Exception) -> str:

@@ -12,8 +12,10 @@ another on one open stream: the client writes a request, the server answers with
 record batches and then a metadata-only message `{"sent": n}` (or `{"error": "..."}`, after
 which the session goes on).
 
-Block payloads travel as Arrow record batches of `BLOCK_SCHEMA`, one block per row, each with
-the checksum it was committed with (kvstore.integrity): the receiver checks it. Nothing
+Block payloads travel as Arrow record batches of `BLOCK_SCHEMA`, one block (or one piece of a
+large block: `offset` says where it goes, and a block's pieces come in order, one after
+another) per row, each with the checksum its whole block was committed with
+(kvstore.integrity): the receiver checks it once the block is whole. Nothing
 here is pickle: a peer can only send maps, lists, strings, integers and bytes, and every length
 is capped (msgpack refuses oversize arrays and strings before allocating them).
 """
@@ -33,7 +35,8 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024  # of the encoded request itself, not the pa
 MAX_KEYS = 65536
 MAX_HOLD_ID_CHARS = 64
 SESSION_COMMAND = msgpack.packb({"v": VERSION, "op": "session"})
-BLOCK_SCHEMA = pa.schema([("key", pa.binary(KEY_BYTES)), ("checksum", pa.uint64()), ("data", pa.large_binary())])
+BLOCK_SCHEMA = pa.schema([("key", pa.binary(KEY_BYTES)), ("checksum", pa.uint64()), ("offset", pa.uint64()),
+                          ("data", pa.large_binary())])
 
 
 class ProtocolError(KVStoreError, ValueError):

@@ -43,17 +43,22 @@ def checksum(data) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
-def copy_with_checksum(dst: torch.Tensor, src) -> int:
+def copy_with_checksum(dst: torch.Tensor, src, running: "xxhash.xxh3_64 | None" = None) -> int:
     """Copies src's bytes into the uint8 tensor dst (same length) and returns their checksum,
-    hashing each piece right after it is copied. Off the CPU, a plain copy then a hash."""
+    hashing each piece right after it is copied. Off the CPU, a plain copy then a hash.
+    `running`: a hash to go on with (a block arriving in parts, in order); the result is then
+    the checksum of everything it has seen."""
     if dst.device.type != "cpu" or (isinstance(src, torch.Tensor) and src.device.type != "cpu"):
         dst.copy_(src if isinstance(src, torch.Tensor) else torch.from_numpy(_u8(src)))
-        return checksum(dst)
+        if running is None:
+            return checksum(dst)
+        running.update(dst.cpu().numpy())
+        return running.intdigest()
     # Memoryview slices: the cheapest per-piece overhead Python has (this loop runs 8x per 2 MiB).
     d, s = memoryview(dst.numpy()).cast("B"), memoryview(_u8(src)).cast("B")
     if len(s) != len(d):
         raise ValueError(f"copy of {len(s)} bytes into {len(d)}")
-    h = xxhash.xxh3_64()
+    h = xxhash.xxh3_64() if running is None else running
     for start in range(0, len(d), _CHUNK):
         piece = d[start:start + _CHUNK]
         piece[:] = s[start:start + _CHUNK]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from kvstore.cluster import dataplane
 from kvstore.cluster.dataplane import PACK_BELOW, DataPlaneClient, DataPlaneServer
 from kvstore.cluster.protocol import ProtocolError
 from kvstore.errors import TransferError
@@ -25,10 +26,12 @@ LARGE = Layout("test/dp-large", num_layers=8, num_kv_heads=8, head_dim=128, dtyp
 TOKEN = "dp-" + os.urandom(4).hex()
 
 
-@pytest.fixture(params=[SMALL, LARGE], ids=["packed", "one-per-batch"])
-def served(request):
-    layout = request.param
+@pytest.fixture(params=[(SMALL, None), (LARGE, None), (LARGE, 256 * 1024)], ids=["packed", "one-per-batch", "pieces"])
+def served(request, monkeypatch):
+    layout, piece = request.param
     assert (layout.block_nbytes < PACK_BELOW) == (layout is SMALL)
+    if piece is not None:  # each block travels in 4 pieces
+        monkeypatch.setattr(dataplane, "PIECE_BYTES", piece)
     store = TieredStore([HostTier(shm_name(), layout.block_nbytes, 40 * layout.block_nbytes)])
     server = DataPlaneServer(store, "127.0.0.1", 0, TOKEN, 1 << 30).start()
     client = DataPlaneClient(server.address, TOKEN, timeout_s=20)
@@ -45,7 +48,7 @@ def blocks(layout, keys):
 
 def pull(client, layout, keys):
     got = {}
-    delivered = client.get(layout, keys, lambda k, data, s: got.__setitem__(k, (bytes(data), s)))
+    delivered = client.get(layout, keys, lambda k, data, s, offset: got.__setitem__(k, (bytes(data), s)))
     return delivered, got
 
 
@@ -71,7 +74,7 @@ def test_a_damaged_block_is_left_out_and_counted(served):
     assert delivered == set(keys) - {keys[3]} and client.corrupt_received == 1
     # Negative control: unchecked, the damaged bytes do arrive.
     unchecked = {}
-    client.get(layout, keys[3:4], lambda k, data, s: unchecked.__setitem__(k, bytes(data)), verify=False)
+    client.get(layout, keys[3:4], lambda k, data, s, offset: unchecked.__setitem__(k, unchecked.get(k, b"") + bytes(data)), verify=False)
     assert unchecked[keys[3]] != blocks(layout, keys[3:4])[0].numpy().tobytes()
 
 
@@ -168,9 +171,9 @@ def test_a_get_that_names_a_hold_has_it_given_back(served):
     client = DataPlaneClient(server.address, TOKEN, timeout_s=20)
     try:
         got = {}
-        assert client.get(layout, keys, lambda k, d, s: got.__setitem__(k, d), release="abc123") == set(keys)
+        assert client.get(layout, keys, lambda k, d, s, offset: got.__setitem__(k, d), release="abc123") == set(keys)
         assert released == ["abc123"]
-        assert client.get(layout, [os.urandom(16)], lambda k, d, s: None, release="def456") == set()
+        assert client.get(layout, [os.urandom(16)], lambda k, d, s, offset: None, release="def456") == set()
         assert released == ["abc123", "def456"]  # given back even when nothing was there to send
     finally:
         client.close()

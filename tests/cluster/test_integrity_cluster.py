@@ -178,7 +178,8 @@ def _raw_put(address: str, keys: list[bytes]):
 def _batch(key: bytes, data: bytes, block_sum: int):
     from kvstore.cluster.protocol import BLOCK_SCHEMA
     return pa.RecordBatch.from_arrays([pa.array([key], pa.binary(16)), pa.array([block_sum], pa.uint64()),
-                                       pa.array([data], pa.large_binary())], schema=BLOCK_SCHEMA)
+                                       pa.array([0], pa.uint64()), pa.array([data], pa.large_binary())],
+                                      schema=BLOCK_SCHEMA)
 
 
 def test_a_flight_put_without_room_reports_rejected_not_present(cluster):
