@@ -66,7 +66,9 @@ class Service:
             return await handler(request)
         header = request.headers.get("Authorization", "")
         given = header[7:] if header.startswith("Bearer ") else request.query.get("token", "")
-        if not hmac.compare_digest(given.encode(), self._token):
+        # A header that is not UTF-8 arrives with surrogates standing in for its bytes: compare
+        # those bytes (they never match), rather than fail to encode them.
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self._token):
             raise web.HTTPUnauthorized(text=json.dumps({"error": "missing or wrong token: send "
                                                         "'Authorization: Bearer <token>'"}),
                                        content_type="application/json")
@@ -101,6 +103,8 @@ class Service:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise _bad("body must be JSON") from None
+        except RecursionError:
+            raise _bad("body is nested too deeply") from None
         keys = _lookup_keys(body)
         where, best = await asyncio.gather(asyncio.to_thread(self.backend.where, keys),
                                            asyncio.to_thread(self.backend.best_node, keys))

@@ -1,0 +1,79 @@
+"""The HTTP service's input handling, on a real aiohttp server on loopback (no Ray: the answers
+come from a small in-process backend; tests/cluster/test_cluster.py runs it on a cluster).
+Found by fuzzing: malformed requests must get a 4xx with a message, never a 500."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+
+import pytest
+from aiohttp import web
+
+from kvstore.service import Service
+
+TOKEN = "service-test-token"
+
+
+class Backend:
+    def stats(self) -> dict:
+        return {"index_keys": 0, "nodes_registered": 0, "nodes": {}}
+
+    def nodes(self) -> list:
+        return []
+
+    def where(self, keys):
+        return [[] for _ in keys]
+
+    def best_node(self, keys):
+        return {"node_id": None, "prefix_blocks": 0, "per_node": {}}
+
+
+@pytest.fixture(scope="module")
+def address():
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(Service(Backend(), TOKEN).app())
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = site._server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield "127.0.0.1", port
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=10)
+    loop.run_until_complete(runner.cleanup())
+    loop.close()
+
+
+def raw(address, request: bytes) -> tuple[int, bytes]:
+    """Sends bytes as they are (no client library cleans them up); returns (status, body)."""
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def post(address, body: bytes, auth: bytes = b"Bearer " + TOKEN.encode()) -> tuple[int, bytes]:
+    return raw(address, b"POST /v1/lookup HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: " + auth +
+               b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+@pytest.mark.parametrize("auth", [b"Bearer \xff\xfe\x80", b"\xc3\x28", b"Bearer " + TOKEN.encode() + b"\xff"])
+def test_a_non_utf8_authorization_header_is_a_401_with_a_message(address, auth):
+    status, body = raw(address, b"GET /v1/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: " + auth +
+                       b"\r\n\r\n")
+    assert status == 401 and b"token" in body
+
+
+@pytest.mark.parametrize("body", [b"[" * 1000 + b"]" * 1000, b'{"keys": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                                  b"\xff\xfe not json", b'{"keys": ["zz"]}'])
+def test_malformed_lookups_are_a_400_with_a_message_and_the_service_goes_on(address, body):
+    status, reply = post(address, body)
+    assert status == 400 and json.loads(reply)["error"]
+    status, reply = post(address, b'{"keys": []}')
+    assert status == 200 and json.loads(reply)["blocks"] == 0
