@@ -63,6 +63,7 @@ class _Chunk:
     seq: int
     payload: bytes
     synced: bool
+    first_entry: int  # the outbox entry its first event came from
 
 
 _SYNCED = object()  # in a stream's backlog: the snapshot before it is complete
@@ -72,22 +73,34 @@ _SYNCED = object()  # in a stream's backlog: the snapshot before it is complete
 class _Stream:
     id: str = ""
     next_seq: int = 0
-    backlog: list = dataclasses.field(default_factory=list)  # events and _SYNCED marks, in order
+    backlog: list = dataclasses.field(default_factory=list)  # (outbox entry, event or _SYNCED), in order
     backlog_keys: int = 0
     inflight: _Chunk | None = None
     retry_at: float = 0.0
     backoff: float = BACKOFF_MIN_S
     snapshot_when_back: bool = False
+    superseded: int | None = None  # oldest outbox entry of events dropped for a snapshot not yet applied
 
     def restart(self) -> None:
         """A new stream: whatever was queued is superseded by the snapshot that starts it."""
+        self.supersede()
         self.id, self.next_seq = secrets.token_hex(8), 0
-        self.backlog, self.backlog_keys, self.inflight = [], 0, None
         self.snapshot_when_back = False
+
+    def supersede(self) -> None:
+        """Drops what is queued and in flight: a snapshot will carry it (drain waits for that)."""
+        self.superseded = self.oldest_entry()
+        self.backlog, self.backlog_keys, self.inflight = [], 0, None
 
     @property
     def busy(self) -> bool:
         return self.inflight is not None or bool(self.backlog)
+
+    def oldest_entry(self) -> int | None:
+        """The outbox entry of the oldest event the shard has not applied; None: none left."""
+        pending = (self.superseded, self.inflight.first_entry if self.inflight else None,
+                   self.backlog[0][0] if self.backlog else None)
+        return min((e for e in pending if e is not None), default=None)
 
 
 class ShardFeed:
@@ -97,7 +110,10 @@ class ShardFeed:
         self.node_id = node_id
         self._transport = transport
         self._snapshot = snapshot
-        self._outbox: list[tuple[frozenset | None, list[Event]]] = []  # (None: live | snapshot targets, events)
+        # (entry number, None for live events | a snapshot's target shards, events)
+        self._outbox: list[tuple[int, frozenset | None, list[Event]]] = []
+        self._entries = 0  # outbox entries ever queued
+        self._routed = 0  # outbox entries routed to the streams
         self._outbox_lock = threading.Lock()
         self._send_lock = threading.Lock()  # one sender at a time: chunks leave in order
         self._snapshot_lock = threading.Lock()
@@ -113,7 +129,8 @@ class ShardFeed:
         live = taking is None or taking[0] != threading.get_ident() or not events \
             or not isinstance(events[0], AllBlocksCleared)
         with self._outbox_lock:
-            self._outbox.append((None, events) if live else (taking[1] or frozenset({ALL}), events))
+            self._outbox.append((self._entries, None if live else taking[1] or frozenset({ALL}), events))
+            self._entries += 1
 
     def resync(self, shards: set[int] | None = ALL) -> None:
         """Sends these shards (all when None) a snapshot of their share, each as a new stream."""
@@ -143,15 +160,26 @@ class ShardFeed:
         return self.pending()
 
     def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
-        """Flushes until every queued event has reached its shard, or `timeout_s` passes;
-        returns whether everything arrived."""
+        """Flushes until every event queued before this call has reached its shard (events
+        queued meanwhile do not hold it up), or `timeout_s` passes; returns whether they did."""
         deadline = time.monotonic() + timeout_s
-        while self.flush():
+        with self._outbox_lock:
+            upto = self._entries
+        while True:
+            self.flush()
+            if self._delivered(upto):
+                return True
             if time.monotonic() > deadline:
                 return False
             waits = [s.retry_at for s in self._streams if s.busy]
             time.sleep(min(max(min(waits, default=0) - time.monotonic(), 0.001), 0.05))
-        return True
+
+    def _delivered(self, upto: int) -> bool:
+        """Whether every event of the first `upto` outbox entries has been applied."""
+        with self._send_lock:
+            if not self._streams or self._routed < upto:
+                return False
+            return all(s.oldest_entry() is None or s.oldest_entry() >= upto for s in self._streams)
 
     def pending(self) -> bool:
         with self._outbox_lock:
@@ -169,7 +197,7 @@ class ShardFeed:
         with self._outbox_lock:
             outbox, self._outbox = self._outbox, []
         count = len(self._streams)
-        for targets, events in outbox:
+        for entry, targets, events in outbox:
             if targets is not None:
                 shards = range(count) if ALL in targets else sorted(s for s in targets if s < count)
                 for shard in shards:
@@ -178,19 +206,22 @@ class ShardFeed:
                 shards = range(count)
             for shard, event in split_by_shard(events, count):
                 if shard in shards:
-                    self._queue(shard, event)
+                    self._queue(shard, entry, event)
             if targets is not None:
                 for shard in shards:
-                    self._streams[shard].backlog.append(_SYNCED)
+                    self._streams[shard].backlog.append((entry, _SYNCED))
+            self._routed = entry + 1
 
-    def _queue(self, shard: int, event: Event) -> None:
+    def _queue(self, shard: int, entry: int, event: Event) -> None:
         stream = self._streams[shard]
-        stream.backlog.append(event)
+        stream.backlog.append((entry, event))
         stream.backlog_keys += len(getattr(event, "block_hashes", ()))
         if stream.backlog_keys > MAX_BACKLOG_KEYS and stream.inflight is not None:
             log.warning("index shard %d unreachable with %d events queued; dropping them and sending a snapshot "
                         "once it answers", shard, stream.backlog_keys)
-            stream.backlog, stream.backlog_keys = [], 0
+            inflight, stream.inflight = stream.inflight, None
+            stream.supersede()
+            stream.inflight = inflight  # still retried: its answer tells when the shard is back
             stream.snapshot_when_back = True
             self.counters["backlogs_dropped"] += 1
 
@@ -219,13 +250,20 @@ class ShardFeed:
                 self._failed(shard, stream, answer)
                 continue
             self.counters["chunks_sent"] += 1
+            chunk = stream.inflight
             stream.inflight, stream.backoff, stream.retry_at = None, BACKOFF_MIN_S, 0.0
-            if answer == RESYNC or stream.snapshot_when_back:
+            if answer == RESYNC:  # not applied: the snapshot asked for carries it and what follows
+                stream.inflight = chunk
+                stream.supersede()
                 resync.add(shard)
             elif answer == DROPPED:  # this node was declared dead: nothing it sends counts
-                stream.backlog, stream.backlog_keys = [], 0
+                stream.backlog, stream.backlog_keys, stream.superseded = [], 0, None
             elif answer != OK:
-                log.error("index shard %d answered %r to chunk %d", shard, answer, stream.next_seq - 1)
+                log.error("index shard %d answered %r to chunk %d", shard, answer, chunk.seq)
+            elif chunk.synced:
+                stream.superseded = None
+            if stream.snapshot_when_back:
+                resync.add(shard)
         return resync
 
     def _failed(self, shard: int, stream: _Stream, error: BaseException) -> None:
@@ -240,49 +278,35 @@ class ShardFeed:
 
     def _cut(self, stream: _Stream) -> _Chunk:
         """The next chunk of the stream's backlog: as many events as fit in chunk_limit() bytes
-        (a large event is split), ending early at the end of a snapshot."""
+        (a large event is split; what is taken is then coalesced), ending early at the end of a
+        snapshot."""
         room = chunk_limit() - EVENT_WIRE_BYTES
         taken: list[Event] = []
         synced = False
-        backlog = coalesce_backlog(stream.backlog)
+        first_entry = stream.backlog[0][0]
         i = 0
-        while i < len(backlog) and room > EVENT_WIRE_BYTES:
-            item = backlog[i]
+        while i < len(stream.backlog) and room > EVENT_WIRE_BYTES:
+            entry, item = stream.backlog[i]
+            i += 1
             if item is _SYNCED:
                 synced = True
-                i += 1
                 break
             keys = getattr(item, "block_hashes", [])
-            fits = max((room - EVENT_WIRE_BYTES) // KEY_WIRE_BYTES, 0)
+            fits = (room - EVENT_WIRE_BYTES) // KEY_WIRE_BYTES
             if len(keys) > fits:
-                if fits == 0:
-                    break
-                head, tail = _split_event(item, fits)
-                taken.append(head)
-                backlog[i] = tail
-                room = 0
+                if fits:
+                    head, tail = _split_event(item, fits)
+                    taken.append(head)
+                    stream.backlog[i - 1] = (entry, tail)
+                i -= 1
                 break
             taken.append(item)
             room -= EVENT_WIRE_BYTES + KEY_WIRE_BYTES * len(keys)
-            i += 1
-        stream.backlog = backlog[i:]
-        stream.backlog_keys = sum(len(getattr(e, "block_hashes", ())) for e in stream.backlog)
-        chunk = _Chunk(stream.next_seq, encode_batch(taken), synced)
+        del stream.backlog[:i]
+        stream.backlog_keys -= sum(len(getattr(e, "block_hashes", ())) for e in taken)
+        chunk = _Chunk(stream.next_seq, encode_batch(coalesce(taken)), synced, first_entry)
         stream.next_seq += 1
         return chunk
-
-
-def coalesce_backlog(backlog: list) -> list:
-    """coalesce() between the _SYNCED marks (a mark is never merged across)."""
-    out, run = [], []
-    for item in backlog:
-        if item is _SYNCED:
-            out += coalesce(run)
-            out.append(item)
-            run = []
-        else:
-            run.append(item)
-    return out + coalesce(run)
 
 
 def split_by_shard(events: list[Event], count: int):

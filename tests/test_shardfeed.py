@@ -207,3 +207,22 @@ def test_a_dead_nodes_late_chunks_are_ignored():
     payload = event_wire.encode_batch([AllBlocksCleared(), BlockStored(blocks, None, "CPU")])
     assert shard.apply("node-a", "s1", 0, payload, True) == shardfeed.DROPPED
     assert shard.locate(keys_array(blocks).tobytes()) == [[], [], []]
+
+
+def test_drain_waits_for_what_was_queued_before_it_not_for_what_keeps_coming():
+    shards = [IndexShard(i, 2) for i in range(2)]
+    store = FakeStore()
+    transport = LocalShards(shards)
+    feed = feed_for(store, transport)
+    feed.resync()
+    blocks = keys(50)
+    store.put(blocks)
+    send = transport.send
+
+    def busy_send(*args):  # puts keep arriving while every chunk is on its way
+        store.put(keys(3))
+        return send(*args)
+
+    transport.send = busy_send
+    assert feed.drain(timeout_s=5), "drain chased events queued after it began"
+    assert held(shards, "node-a", blocks) == 50
