@@ -8,12 +8,14 @@
   nvme_open_vs_raw_header_read_1e5 / _1m: over a raw read of the same header region, with the
   same flags (O_DIRECT where the filesystem takes it) and chunk size, into a ready buffer, the two
   interleaved (<= 2 targeted). nvme_header_fraction_*: the header region's share of the file.
-- evict_us_per_victim_{lru,s3fifo}_{1e4,1e5,1e6}: a full prefix-aware policy of that many blocks,
-  in 512-block prompt chains with a tenth of them hit twice, takes in new prompts: each new block
-  evicts a victim (told of a parent that loses its last child, as the store tells it) and goes
-  in. evict_us_per_victim_1e4 / _1e6 are LRU's. store_put_evicting_us_per_block_*: the same
-  through a TieredStore over a tier that moves no bytes (only the store's bookkeeping, under its
-  lock, is timed), in puts of 64 blocks.
+- evict_us_per_victim_{lru,s3fifo}_{1e4,1e5,1e6}: a full prefix-aware policy of that many blocks
+  in 512-block prompt chains, a tenth of them hit twice, as in an upper tier (every prompt's last
+  block has its continuation in the tier below, so every block has a child), takes in new
+  prompts: each new block evicts a victim (told of a parent that loses its last child, as the
+  store tells it) and goes in. evict_us_per_victim_1e4 / _1e6 are LRU's.
+  store_put_evicting_us_per_block_*: puts of 64 blocks into a full TieredStore over a tier that
+  moves no bytes (only the store's bookkeeping, under its lock, is timed), each block evicting a
+  victim.
 - dict_us_per_op_*: a random key out of an OrderedDict of that size and back in: the memory
   latency any hash table pays at that size (10^4 keys fit the CPU caches, 10^6 do not).
   evict_growth_vs_dict_growth: how much more a victim costs at 10^6 than at 10^4 (the worse of
@@ -152,19 +154,23 @@ class _Children:
 
 
 def evict_us_per_victim(name: str, num_blocks: int, repeats: int) -> float:
-    """Median microseconds per victim in a full policy taking in new prompts: each new block
-    evicts one victim (whose parent may become a leaf), then goes in (and links its parent)."""
+    """Median microseconds per victim in a full policy of an upper tier taking in new prompts:
+    each new block evicts one victim (whose parent may become a leaf), then goes in (and links
+    its parent). Every prompt's last block has its continuation in the tier below, so every
+    block here has a child: the case a policy that walks its keys for a leaf walks them all."""
     keys = _keys(num_blocks + repeats * VICTIMS, seed=1)
     parent_of = dict(zip(keys, _chain_parents(keys)))
     children = _Children()
     policy = children.policy = make_policy(name, num_blocks, children.counts.__contains__)
 
     def put(chain: list[bytes]) -> None:
+        children.link(chain[-1])  # its continuation, in the tier below
         for key in reversed(chain):  # leaf first, as the store commits a prompt
             policy.insert(key)
             children.link(parent_of[key])
 
     def evict_and_put(chain: list[bytes]) -> None:
+        children.link(chain[-1])
         for key in reversed(chain):
             victim = next(iter(policy.candidates()))
             policy.remove(victim)
