@@ -37,13 +37,14 @@ from kvstore.cluster.locations import LocationCache
 from kvstore.cluster.pulled import PulledBlocks
 from kvstore.cluster.node import node_actor_name
 from kvstore.config import Config, load_config
-from kvstore.errors import KVStoreError, LeaseError, TransferError
+from kvstore.errors import ConfigError, KVStoreError, LeaseError, TransferError
 from kvstore.integrity import ReadVerifier, copy_with_checksum
 from kvstore.keys import check_keys
 from kvstore.layout import Layout
 from kvstore.payload import Blocks, block_rows
 from kvstore.store import PutResult
 from kvstore.tiers.host import HostArena
+from kvstore.tls import TLS
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,11 @@ class Client:
         # it does not have is not here, and no call to the node is needed to say so.
         self._node_has_durable_tier = any(t != "host" for t in info["tiers"])
         self._token = ray.get(controller.token.remote(), timeout=RPC_TIMEOUT_S)
+        self._tls = TLS.from_config(config)
+        if bool(info.get("tls")) != (self._tls is not None):
+            raise ConfigError(f"this node's data plane {'serves' if info.get('tls') else 'does not serve'} TLS but this "
+                              f"client's settings {'do not' if self._tls is None else 'do'} (tls_cert_file, "
+                              "tls_key_file, tls_ca_file): give clients the nodes' TLS settings")
         self._peers: dict[str, DataPlaneClient] = {}  # by address
         self._peers_lock = threading.Lock()
         self._addresses: dict[str, str] = {}  # node id -> data-plane address, refreshed when one is unknown
@@ -444,7 +450,8 @@ class Client:
         with self._peers_lock:  # streams to several owners open their channels concurrently
             peer = self._peers.get(address)
             if peer is None:
-                peer = self._peers[address] = DataPlaneClient(address, self._token, self.config.transfer_timeout_s)
+                peer = self._peers[address] = DataPlaneClient(address, self._token, self.config.transfer_timeout_s,
+                                                              self._tls)
             return peer
 
     def longest_prefix(self, keys: Sequence[bytes]) -> int:

@@ -39,6 +39,7 @@ from kvstore.errors import AuthError, KVStoreError, TransferError
 from kvstore.integrity import checksum, copy_with_checksum
 from kvstore.layout import Layout
 from kvstore.store import BlockHandle, TieredStore
+from kvstore.tls import TLS
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,14 @@ class DataPlaneServer(flight.FlightServerBase):
     """Serves one store's blocks over Flight. Start with `start()`, stop with `shutdown()`."""
 
     def __init__(self, store: TieredStore, host: str, port: int, token: str, max_request_bytes: int,
-                 put_deadline_s: float = 30.0, release_hold: Callable[[str], None] | None = None) -> None:
-        super().__init__(f"grpc+tcp://{host}:{port}", middleware={"auth": _TokenAuth(token)})
+                 put_deadline_s: float = 30.0, release_hold: Callable[[str], None] | None = None,
+                 tls: TLS | None = None) -> None:
+        # With TLS the server listens for TLS only: a plaintext client's handshake fails.
+        super().__init__(f"grpc+tls://{host}:{port}" if tls else f"grpc+tcp://{host}:{port}",
+                         tls_certificates=[flight.CertKeyPair(tls.cert_chain, tls.private_key)] if tls else None,
+                         middleware={"auth": _TokenAuth(token)})
         self.host = host
+        self.tls = tls is not None
         self._store = store
         self._max_request_bytes = max_request_bytes
         self._put_deadline_s = put_deadline_s
@@ -393,11 +399,15 @@ class DataPlaneClient:
     """Talks to one node's data-plane server. Thread-safe; reuse it across calls: it keeps the
     sessions its gets opened, one per concurrent get, and `close_idle` ends unused ones."""
 
-    def __init__(self, address: str, token: str, timeout_s: float = 60.0) -> None:
+    def __init__(self, address: str, token: str, timeout_s: float = 60.0, tls: TLS | None = None) -> None:
         self.address = address
         self.corrupt_received = 0  # blocks that arrived with bytes not matching their checksum
         self._timeout_s = timeout_s
-        self._client = flight.FlightClient(f"grpc+tcp://{address}", generic_options=_CHANNEL_OPTIONS)
+        if tls is None:
+            self._client = flight.FlightClient(f"grpc+tcp://{address}", generic_options=_CHANNEL_OPTIONS)
+        else:  # the peer's certificate is checked against the CA under the cluster's one name
+            self._client = flight.FlightClient(f"grpc+tls://{address}", tls_root_certs=tls.ca,
+                                               override_hostname=tls.server_name, generic_options=_CHANNEL_OPTIONS)
         self._options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())],
                                                  timeout=timeout_s)
         self._idle: list[_Session] = []  # most recently used last

@@ -25,6 +25,7 @@ from kvstore.errors import LeaseError
 from kvstore.events import Event
 from kvstore.layout import Layout
 from kvstore.store import BlockHandle, TieredStore
+from kvstore.tls import TLS
 from kvstore.tiers.host import remove_stale_arenas
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,8 @@ class NodeService:
         self._holds_lock = threading.Lock()
         host = config.flight_host or ray.util.get_node_ip_address()
         self.server = DataPlaneServer(self.store, host, config.flight_port, token, config.max_request_bytes,
-                                      config.transfer_timeout_s, release_hold=self._release_after_get).start()
+                                      config.transfer_timeout_s, release_hold=self._release_after_get,
+                                      tls=TLS.from_config(config)).start()
         self._feed.resync()  # this node's content, to every shard, as new streams
         self._stopping = threading.Event()
         self._pump = threading.Thread(target=self._pump_events, name="kvstore-events", daemon=True)
@@ -81,7 +83,7 @@ class NodeService:
     def info(self) -> dict:
         """The controller (at registration) and clients (to map the arena): where this node serves."""
         host_tier = next((t for t in self.store.tiers if t.name == "host"), None)
-        return {"node_id": self.node_id, "address": self.server.address, "pid": os.getpid(),
+        return {"node_id": self.node_id, "address": self.server.address, "tls": self.server.tls, "pid": os.getpid(),
                 "shm_name": getattr(host_tier, "shm_name", None), "slot_bytes": self.store.slot_nbytes,
                 "tiers": [t.name for t in self.store.tiers]}
 

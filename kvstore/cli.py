@@ -24,6 +24,7 @@ import urllib.request
 
 from kvstore.config import Config, load_config, markdown_table
 from kvstore.errors import KVStoreError
+from kvstore.tls import TLS
 
 log = logging.getLogger("kvstore")
 
@@ -38,6 +39,10 @@ def _settings(args) -> tuple[Config, dict]:
     return load_config(args.config, **overrides), overrides
 
 
+def _service_url(config: Config, tls: TLS | None) -> str:
+    return f"{'https' if tls else 'http'}://{config.http_host}:{config.http_port}"
+
+
 def _with_token(config: Config) -> tuple[Config, bool]:
     if config.token():
         return config, False
@@ -48,12 +53,15 @@ def _run_service(client, config: Config, generated_token: bool, what: str) -> in
     from kvstore.service import Service, serve
 
     token = config.token()
-    url = f"http://{config.http_host}:{config.http_port}"
+    tls = TLS.from_config(config)
+    url = _service_url(config, tls)
     nodes = client.nodes()
     print(f"kvstore is up ({what}): {len(nodes)} node{'s' if len(nodes) != 1 else ''}, "
           f"namespace {config.namespace!r}")
-    print(f"  status page   {url}/?token={token}")
-    print(f"  metrics       curl -H 'Authorization: Bearer {token}' {url}/metrics")
+    # No credential in any URL: the page asks for it (any user name, the token as the password).
+    print(f"  status page   {url}/  (the browser asks: any user name, the auth token as password)")
+    print(f"  metrics       curl{' --cacert ' + tls.ca_file if tls and tls.ca_file else ''} "
+          f"-H 'Authorization: Bearer <token>' {url}/metrics")
     if generated_token:
         print(f"  auth token    {token}  (generated; set auth_token or auth_token_file to choose one)")
     print("Ctrl-C stops it.", flush=True)
@@ -63,7 +71,8 @@ def _run_service(client, config: Config, generated_token: bool, what: str) -> in
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve(Service(client, token), config.http_host, config.http_port, stop)
+        await serve(Service(client, token), config.http_host, config.http_port, stop,
+                    tls.server_context() if tls else None)
 
     try:
         asyncio.run(main())
@@ -101,11 +110,12 @@ def cmd_serve(args) -> int:
 
 def cmd_status(args) -> int:
     config = load_config(args.config)
-    url = (args.url or f"http://{config.http_host}:{config.http_port}").rstrip("/")
+    tls = TLS.from_config(config)
+    url = (args.url or _service_url(config, tls)).rstrip("/")
     token = args.token or config.token()
     request = urllib.request.Request(f"{url}/v1/stats", headers={"Authorization": f"Bearer {token}"})
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=30, context=tls.client_context() if tls else None) as response:
             stats = json.load(response)
     except urllib.error.HTTPError as e:
         print(f"kvstore status: {url} answered {e.code}: {e.read().decode(errors='replace')}", file=sys.stderr)
@@ -168,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", help="Ray cluster address, e.g. 127.0.0.1:6379 (default: ray_address)")
     serve.set_defaults(func=cmd_serve)
     status = sub.add_parser("status", help="print a running service's stats")
-    status.add_argument("--url", help="service URL (default: http://http_host:http_port)")
+    status.add_argument("--url", help="service URL (default: http://http_host:http_port, https with TLS settings)")
     status.add_argument("--token", help="auth token (default: auth_token / auth_token_file)")
     status.add_argument("--config", metavar="FILE", default=None, help="YAML settings file (default: $KVSTORE_CONFIG)")
     status.add_argument("--json", action="store_true", help="print the raw JSON")

@@ -8,7 +8,9 @@
                          -> prefix length, best node, and where each block lives
     GET  /               the status page (HTML, refreshes itself)
 
-Auth: `Authorization: Bearer <token>`, or `?token=<token>` for a browser opening the page.
+Auth: `Authorization: Bearer <token>`, or HTTP Basic auth with the token as the password (a
+browser opening the page asks for it): never a credential in the URL, where logs and browser
+histories keep it.
 The service talks to the cluster through `backend`, any object with the cluster client's
 `stats()`, `nodes()`, `where(keys)`, `longest_prefix(keys)` and `best_node(keys)` (so this module
 does not import Ray). Backend calls block, so they run in worker threads; stats are cached for
@@ -17,6 +19,8 @@ does not import Ray). Backend calls block, so they run in worker threads; stats 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
 import html
 import json
@@ -64,14 +68,14 @@ class Service:
     async def _auth(self, request: web.Request, handler):
         if request.path == "/healthz":
             return await handler(request)
-        header = request.headers.get("Authorization", "")
-        given = header[7:] if header.startswith("Bearer ") else request.query.get("token", "")
         # A header that is not UTF-8 arrives with surrogates standing in for its bytes: compare
         # those bytes (they never match), rather than fail to encode them.
-        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self._token):
-            raise web.HTTPUnauthorized(text=json.dumps({"error": "missing or wrong token: send "
-                                                        "'Authorization: Bearer <token>'"}),
-                                       content_type="application/json")
+        given = _credential(request.headers.get("Authorization", "")).encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, self._token):
+            raise web.HTTPUnauthorized(
+                text=json.dumps({"error": "missing or wrong token: send 'Authorization: Bearer <token>' (or Basic "
+                                          "auth with the token as the password)"}),
+                content_type="application/json", headers={"WWW-Authenticate": 'Basic realm="kvstore"'})
         return await handler(request)
 
     async def _snapshot(self) -> dict:
@@ -132,6 +136,19 @@ async def _errors(request: web.Request, handler):
         raise _bad(str(e)) from None
 
 
+def _credential(header: str) -> str:
+    """The token an Authorization header carries: Bearer's, or Basic's password."""
+    scheme, _, value = header.partition(" ")
+    if scheme == "Bearer":
+        return value
+    if scheme == "Basic":
+        try:
+            return base64.b64decode(value, validate=True).decode("utf-8", "surrogateescape").partition(":")[2]
+        except (binascii.Error, ValueError):
+            return ""
+    return ""
+
+
 def _bad(message: str) -> web.HTTPBadRequest:
     return web.HTTPBadRequest(text=json.dumps({"error": message}), content_type="application/json")
 
@@ -162,13 +179,13 @@ def _lookup_keys(body) -> list[bytes]:
     raise _bad("give either 'keys' (hex strings) or 'token_ids' with 'layout'")
 
 
-async def serve(service: Service, host: str, port: int, stop: asyncio.Event) -> None:
-    """Runs the service until `stop` is set."""
+async def serve(service: Service, host: str, port: int, stop: asyncio.Event, ssl_context=None) -> None:
+    """Runs the service until `stop` is set; over TLS only, with `ssl_context`."""
     runner = web.AppRunner(service.app(), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
-    log.info("HTTP service on http://%s:%d", host, port)
+    log.info("HTTP service on %s://%s:%d", "https" if ssl_context else "http", host, port)
     try:
         await stop.wait()
     finally:

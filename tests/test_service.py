@@ -4,6 +4,7 @@ Found by fuzzing: malformed requests must get a 4xx with a message, never a 500.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 import threading
@@ -77,3 +78,20 @@ def test_malformed_lookups_are_a_400_with_a_message_and_the_service_goes_on(addr
     assert status == 400 and json.loads(reply)["error"]
     status, reply = post(address, b'{"keys": []}')
     assert status == 200 and json.loads(reply)["blocks"] == 0
+
+
+def get(address, path: bytes, auth: bytes | None) -> tuple[int, bytes]:
+    return raw(address, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" +
+               (b"Authorization: " + auth + b"\r\n" if auth is not None else b"") + b"\r\n")
+
+
+def test_the_status_page_takes_basic_auth_and_no_token_in_its_url(address):
+    status, _ = get(address, b"/", None)
+    assert status == 401  # and it asks the browser for the password:
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert b'WWW-Authenticate: Basic realm="kvstore"' in s.recv(65536)
+    assert get(address, b"/", b"Basic " + base64.b64encode(b"anyone:" + TOKEN.encode()))[0] == 200
+    assert get(address, b"/", b"Basic " + base64.b64encode(b"anyone:wrong"))[0] == 401
+    assert get(address, b"/", b"Basic !!not-base64")[0] == 401
+    assert get(address, b"/?token=" + TOKEN.encode(), None)[0] == 401
