@@ -69,11 +69,8 @@ class ControllerService:
     def _place_shards(self, configured: int) -> list:
         """The shards of a previous controller, or `configured` new ones (0: by cluster size),
         spread over the live nodes (soft affinity: Ray restarts one elsewhere if its node dies)."""
-        try:
-            first = ray.get_actor(shardmap.shard_actor_name(0), namespace=self._namespace)
-            count = int(ray.get(first.describe.remote(), timeout=60)["count"])
-        except ValueError:
-            count = configured or shardmap.default_shard_count(sum(n["Alive"] for n in ray.nodes()))
+        count = self._existing_shard_count() or configured or \
+            shardmap.default_shard_count(sum(n["Alive"] for n in ray.nodes()))
         alive = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
         shards = []
         for shard in range(count):
@@ -84,6 +81,17 @@ class ControllerService:
             ).remote(shard, count, self._namespace))
         log.info("index: %d shards", count)
         return shards
+
+    def _existing_shard_count(self) -> int | None:
+        """The count the shards of an earlier controller were made with (asking shard 0, or
+        shard 1 if 0 is gone for good); None if there are none."""
+        for shard in (0, 1):
+            try:
+                actor = ray.get_actor(shardmap.shard_actor_name(shard), namespace=self._namespace)
+            except ValueError:
+                continue
+            return int(ray.get(actor.describe.remote(), timeout=60)["count"])
+        return None
 
     def index_shards(self) -> int:
         return len(self._shards)
