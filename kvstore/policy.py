@@ -18,8 +18,8 @@ decides what may be evicted.
 Prefix-aware ordering: a child block is useless without its parent (a prefix match stops at the
 first missing block), so within each queue a block with children goes after every childless one
 ("leaf"). In a prompt chain nearly every block has a child, so each queue keeps its leaves and its
-parents apart (`LeafFirstQueue`) and told of every change, never asking: the first victim is found
-in O(1) however many blocks have children.
+parents apart (`LeafFirstQueue`) and the policy is told of every change rather than asking: the
+first victim is found in O(1) however many blocks have children.
 """
 from __future__ import annotations
 
