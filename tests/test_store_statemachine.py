@@ -199,6 +199,24 @@ class StoreMachine(RuleBasedStateMachine):
             assert k in self.value
 
 
+    @invariant()
+    def lru_offers_every_ready_block_leaves_first(self):
+        """Each tier's LRU policy offers exactly its READY blocks, and prefix-aware, those no
+        stored block names as parent before the others: the store told the policy of every
+        child that came and went, in whichever tier. (S3-FIFO's offers age its queues, so
+        looking would change what is checked.)"""
+        if self.store is None or self.policy != "lru":
+            return
+        entries = list(self.store._index.values())
+        parents = {e.parent for e in entries if e.visible and e.parent is not None}
+        for t, policy in enumerate(self.store._policies):
+            offered = list(policy.candidates())
+            assert sorted(offered) == sorted(e.key for e in entries if e.tier == t and e.state is BlockState.READY)
+            if self.prefix_aware:
+                has_children = [key in parents for key in offered]
+                assert has_children == sorted(has_children), "a parent is offered before a leaf"
+
+
 StoreMachine.TestCase.settings = settings(
     max_examples=60, stateful_step_count=40, deadline=None, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
