@@ -66,8 +66,9 @@ def test_lru_is_flushed_by_a_scan():
 
 
 @pytest.mark.parametrize("capacity", [4, 10, 64])
-def test_s3fifo_hot_block_survives_a_one_off_scan(capacity):
-    cache = Cache(S3FIFOPolicy(capacity), capacity)
+@pytest.mark.parametrize("prefix", [False, True])
+def test_s3fifo_hot_block_survives_a_one_off_scan(capacity, prefix):
+    cache = Cache(make_policy("s3fifo", capacity, Chains().has_children if prefix else None), capacity)
     hot = [k(i) for i in range(max(1, capacity // 4))]
     for key in hot:
         cache.access(key)
