@@ -33,7 +33,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kvstore.cluster.controller import CONTROLLER_NAME, ControllerActor
 from kvstore.cluster.dataplane import SESSION_IDLE_S, DataPlaneClient
-from kvstore.cluster.locations import LocationCache
+from kvstore.cluster.locations import LocationCache, PeerBreaker
 from kvstore.cluster.pulled import PulledBlocks
 from kvstore.cluster.node import node_actor_name
 from kvstore.config import Config, load_config
@@ -131,6 +131,7 @@ class Client:
         self._peers_lock = threading.Lock()
         self._addresses: dict[str, str] = {}  # node id -> data-plane address, refreshed when one is unknown
         self._locations = LocationCache()
+        self._breaker = PeerBreaker()
         self._streams = ThreadPoolExecutor(4, thread_name_prefix="kvstore-pull")  # one per owner pulled from
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="kvstore-copy")
         self._verifier = ReadVerifier(config.verify_reads, config.verify_sample_fraction)
@@ -387,7 +388,7 @@ class Client:
         unknown = []
         for i in idx:
             owner = None if refresh else self._locations.owner(keys[i])
-            if owner is None:
+            if owner is None or not self._breaker.allows(owner):  # another holder may answer
                 unknown.append(i)
             else:
                 by_owner.setdefault(owner, []).append(i)
@@ -398,7 +399,8 @@ class Client:
             self._addresses = {n["node_id"]: n["address"] for n in self.nodes()}
         if unknown:
             for i, hs in zip(unknown, holders):
-                owner = next((n for n, _ in hs if n != self.node_id and n in self._addresses), None)
+                owner = next((n for n, _ in hs if n != self.node_id and n in self._addresses
+                              and self._breaker.allows(n)), None)
                 if owner is not None:
                     self._locations.learn(keys[i], owner)
                     by_owner.setdefault(owner, []).append(i)
@@ -409,18 +411,23 @@ class Client:
         """Flight streams to every owner at once (a large pull from one owner split over up to
         `pull_streams` of them); returns key -> owner of the blocks received, and whether the
         lease `release` was given back (it rides on the pull from its node, if that is one
-        stream). An owner that fails or times out (transfer_timeout_s) contributes misses, and
-        is forgotten until the controller names it again."""
+        stream). An owner that fails or times out (transfer_timeout_s) contributes misses, is
+        forgotten until the controller names it again, and is left alone for a while (its
+        breaker opens)."""
         def pull(owner: str, idx: list[int], hold_id: str | None) -> tuple[str, set[bytes], bool]:
             address = self._addresses.get(owner)
             if address is None:
                 return owner, set(), False
             try:
-                return owner, self._peer(address).get(layout, [keys[i] for i in idx], sink, verify=False,
-                                                       release=hold_id), hold_id is not None
-            except TransferError as e:  # the owner died or refused: those blocks are misses
-                log.warning("%s", e)
-                self._peers.pop(address, None)
+                got = self._peer(address).get(layout, [keys[i] for i in idx], sink, verify=False, release=hold_id)
+                self._breaker.succeeded(owner)
+                return owner, got, hold_id is not None
+            except TransferError as e:  # the owner died, stalled or refused: those blocks are misses
+                log.warning("%s; leaving node %s alone for %.0f s", e, owner[:12], self._breaker.failed(owner))
+                with self._peers_lock:
+                    peer = self._peers.pop(address, None)
+                if peer is not None:  # its sessions end at their deadlines at worst: not on this thread
+                    threading.Thread(target=peer.close, daemon=True).start()
                 self._addresses.pop(owner, None)
                 self._locations.forget_node(owner)
                 return owner, set(), False

@@ -49,11 +49,18 @@ PACK_BYTES = 4 * 1024 * 1024  # of one such batch
 # Larger blocks travel in pieces of this much, one per batch: the receiver checks and copies a
 # piece while the next arrives, instead of waiting for (and gRPC reassembling) a 32 MiB message.
 PIECE_BYTES = 4 * 1024 * 1024
+DEADLINE_SCALE_BYTES = 256 * 1024 * 1024  # a transfer's deadline grows with each this much it moves
 MAX_SESSIONS = 256  # open sessions per server: each holds one of gRPC's threads while it is open
 SESSION_IDLE_S = 2.0  # a client closes a session unused this long (a server's shutdown waits for open ones)
 # A large initial HTTP/2 window, without BDP probing: gRPC would otherwise start each channel at
 # 64 KiB and grow it over the first few hundred MiB, halving the first pulls' throughput.
 _CHANNEL_OPTIONS = [("grpc.http2.lookahead_bytes", 32 * 1024 * 1024), ("grpc.http2.bdp_probe", 0)]
+
+
+def transfer_deadline(base_s: float, nbytes: int) -> float:
+    """Seconds one transfer of nbytes may take: base_s (transfer_timeout_s) up to
+    DEADLINE_SCALE_BYTES, proportionally more beyond (a peer slower than that is failing)."""
+    return base_s * max(1.0, nbytes / DEADLINE_SCALE_BYTES)
 
 
 class _TokenAuth(flight.ServerMiddlewareFactory):
@@ -260,7 +267,8 @@ class DataPlaneServer(flight.FlightServerBase):
         present = sum(h is None and here for h, here in zip(handles, self._store.contains(req.keys)))
         # A stalled sender must not hold its slots forever: past the deadline they are fenced, and
         # the copy below checks the fence before writing each block.
-        deadline = threading.Timer(self._put_deadline_s, self._store.fence, [list(wanted.values())])
+        put_deadline_s = transfer_deadline(self._put_deadline_s, len(req.keys) * req.layout.block_nbytes)
+        deadline = threading.Timer(put_deadline_s, self._store.fence, [list(wanted.values())])
         deadline.daemon = True
         deadline.start()  # a fence that races the commit or abort below is a no-op (store.fence)
         expected = set(req.keys)
@@ -284,7 +292,8 @@ class DataPlaneServer(flight.FlightServerBase):
                     if self._store.fenced(handle):
                         self._count(puts_expired=1)
                         raise TransferError(f"put stream of {len(req.keys)} blocks did not finish within "
-                                            f"put_deadline_s={self._put_deadline_s}; its slots were given back")
+                                            f"{put_deadline_s:.1f} s (transfer_timeout_s={self._put_deadline_s}, more for "
+                                            "large puts); its slots were given back")
                     if copy_with_checksum(handle.view, data) != block_sum:
                         corrupt += 1
                         log.warning("put of block %s: the bytes arrived damaged (checksum mismatch); not stored",
@@ -358,11 +367,12 @@ def _rows(batch: pa.RecordBatch, block_nbytes: int):
 
 class _Session:
     """One open do_exchange stream to a peer, used by one get at a time. Its gRPC deadline is
-    `timeout_s` from opening, so a get on it never waits longer than that for a stalled peer;
-    the pool hands out only sessions with at least half of it left."""
+    twice the deadline of the get that opened it; a get uses a session only if what is left of
+    it lies between the get's own deadline and twice that, so a get on a stalled peer ends
+    within its deadline, and within twice it at worst."""
 
-    def __init__(self, client: flight.FlightClient, options: flight.FlightCallOptions, timeout_s: float) -> None:
-        self.expires = time.monotonic() + timeout_s
+    def __init__(self, client: flight.FlightClient, options: flight.FlightCallOptions, lifetime_s: float) -> None:
+        self.expires = time.monotonic() + lifetime_s
         self.last_used = time.monotonic()
         self.writer, self.reader = client.do_exchange(flight.FlightDescriptor.for_command(SESSION_COMMAND), options)
         self.writer.begin(BLOCK_SCHEMA)
@@ -399,7 +409,7 @@ class DataPlaneClient:
     """Talks to one node's data-plane server. Thread-safe; reuse it across calls: it keeps the
     sessions its gets opened, one per concurrent get, and `close_idle` ends unused ones."""
 
-    def __init__(self, address: str, token: str, timeout_s: float = 60.0, tls: TLS | None = None) -> None:
+    def __init__(self, address: str, token: str, timeout_s: float = 5.0, tls: TLS | None = None) -> None:
         self.address = address
         self.corrupt_received = 0  # blocks that arrived with bytes not matching their checksum
         self._timeout_s = timeout_s
@@ -408,8 +418,7 @@ class DataPlaneClient:
         else:  # the peer's certificate is checked against the CA under the cluster's one name
             self._client = flight.FlightClient(f"grpc+tls://{address}", tls_root_certs=tls.ca,
                                                override_hostname=tls.server_name, generic_options=_CHANNEL_OPTIONS)
-        self._options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())],
-                                                 timeout=timeout_s)
+        self._headers = [(b"authorization", f"Bearer {token}".encode())]
         self._idle: list[_Session] = []  # most recently used last
         self._idle_lock = threading.Lock()
 
@@ -430,7 +439,7 @@ class DataPlaneClient:
         request = encode_request("get", layout, list(keys), release=release)
         session = None
         try:
-            session = self._take_session()
+            session = self._take_session(transfer_deadline(self._timeout_s, len(keys) * nbytes))
             for batch in session.chunks(request):
                 for key, block_sum, offset, data in _rows(batch, nbytes):
                     if key not in requested or key in received or offset != partial.get(key, 0):
@@ -468,15 +477,20 @@ class DataPlaneClient:
         self._give_back(session)
         return delivered
 
-    def _take_session(self) -> _Session:
+    def _take_session(self, deadline_s: float) -> _Session:
+        """An idle session with between deadline_s and twice that left, else a new one."""
         now = time.monotonic()
         with self._idle_lock:
-            while self._idle:
-                session = self._idle.pop()
-                if session.expires - now > self._timeout_s / 2:
-                    return session
-                threading.Thread(target=session.close, daemon=True).start()  # too old to start a get on
-        return _Session(self._client, self._options, self._timeout_s)
+            for i in range(len(self._idle) - 1, -1, -1):
+                left = self._idle[i].expires - now
+                if deadline_s <= left <= 2 * deadline_s:
+                    return self._idle.pop(i)
+                if left < self._timeout_s:  # too old for any get: close it off this thread
+                    threading.Thread(target=self._idle.pop(i).close, daemon=True).start()
+        return _Session(self._client, self._call_options(2 * deadline_s), 2 * deadline_s)
+
+    def _call_options(self, timeout_s: float) -> flight.FlightCallOptions:
+        return flight.FlightCallOptions(headers=self._headers, timeout=timeout_s)
 
     def _give_back(self, session: _Session) -> None:
         session.last_used = time.monotonic()
@@ -498,7 +512,8 @@ class DataPlaneClient:
         descriptor = flight.FlightDescriptor.for_command(
             encode_request("put", layout, list(keys), None if parents is None else list(parents)))
         try:
-            writer, meta_reader = self._client.do_put(descriptor, BLOCK_SCHEMA, self._options)
+            options = self._call_options(transfer_deadline(self._timeout_s, len(keys) * layout.block_nbytes))
+            writer, meta_reader = self._client.do_put(descriptor, BLOCK_SCHEMA, options)
             with writer:
                 for key, row in zip(keys, rows):
                     data = row.cpu().numpy()

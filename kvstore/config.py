@@ -89,7 +89,7 @@ class Config:
     lease_ttl_s: float = _setting(30.0, "How long a handoff lease keeps its blocks pinned if never consumed.", "float")
     cache_pulled_blocks: bool = _setting(True, "Keep a copy of every block a get pulls from another node in this node's host tier (the next get is local); off, a pull costs one copy fewer.", "bool")
     pull_streams: int = _setting(1, "Most Flight streams one get opens to one owner (a large pull is split; each stream moves at least 32 MiB). More than 1 was slower on a 2-core machine (docs/benchmarks.md); try it where cores are plenty.", "int")
-    transfer_timeout_s: float = _setting(30.0, "Deadline of one data-plane transfer between nodes: a pull from a stalled peer ends as a miss, a put stream that stalls has its slots given back.", "float")
+    transfer_timeout_s: float = _setting(5.0, "Deadline of one data-plane transfer of up to 256 MiB between nodes (larger ones get proportionally longer): a pull from a dead or stalled peer ends as a miss within it (twice it at worst), and that peer is left alone for a while; a put stream that stalls has its slots given back.", "float")
     fence_grace_s: float = _setting(10.0, "After a writer's hold expires, how long its slots stay unused: longer than any one copy the writer started before it saw the fence.", "float")
     verify_reads: str = _setting("sampled", "Which local shared-memory reads re-check the block's checksum (NVMe reads and transfers between nodes always do). sampled: verify_sample_fraction of them.", "str", ("off", "sampled", "always"))
     verify_sample_fraction: float = _setting(0.0625, "Fraction of local reads checked when verify_reads is sampled.", "float")

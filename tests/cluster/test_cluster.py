@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import sys
 import time
 
@@ -264,6 +265,26 @@ def test_a_lease_is_taken_on_its_owner_and_ended_by_the_pull(cluster):
         assert set(counting.names) <= {"nodes"}, counting.names
     finally:
         client._controller = counting.handle
+
+
+def test_a_stalled_peer_is_a_miss_within_the_deadline_and_then_left_alone(cluster):
+    rc, client = cluster
+    keys = block_keys(tokens(16, 2), LAYOUT, "stalled-peer")
+    ray.get(on_node(rc, 1).put_keys.remote(keys))
+    wait_for(lambda: client.longest_prefix(keys) == 2, 10, "the index to learn the blocks")
+    pid = next(n["pid"] for n in client.nodes() if n["node_id"] == rc.node_id(1))
+    os.kill(pid, signal.SIGSTOP)  # B's node actor stops answering, its sockets stay open
+    try:
+        start = time.monotonic()
+        assert pull(client, keys).hits == 0
+        assert time.monotonic() - start < 2 * client.config.transfer_timeout_s + 5  # not gRPC's own minutes
+        skipped = client._breaker.skipped
+        start = time.monotonic()
+        assert pull(client, keys).hits == 0 and client._breaker.skipped > skipped  # B not tried again
+        assert time.monotonic() - start < client.config.transfer_timeout_s
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: pull(client, keys).hits == 2, 60, "B to serve again once its breaker closes")
 
 
 def test_when_a_put_is_seen_where(cluster):
