@@ -35,7 +35,7 @@ CHART_OWNED = {
 }
 TOKEN_PATH = "/etc/kvstore/secret/token"
 CONFIG_PATH = "/etc/kvstore/config.yaml"
-CORE_KINDS = {"ConfigMap", "Secret", "Service", "Ingress"}
+CORE_KINDS = {"ConfigMap", "Secret", "Service", "Ingress", "NetworkPolicy"}
 
 
 @pytest.fixture(params=["default", "ci"])
@@ -63,6 +63,30 @@ def volumes(pod_template):
     return {v["name"]: v for v in pod_template["spec"].get("volumes", [])}
 
 
+def secret_named(docs, name):
+    found = [d for d in by_kind(docs, "Secret") if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one Secret {name}, got {len(found)}"
+    return found[0]
+
+
+def ray_port_params(values, role):
+    """The `ray start` parameters the chart owns: Ray's ports from `ray.ports`, and on the head the
+    dashboard's address (127.0.0.1 unless exposed in the cluster) and port."""
+    ports = values["ray"]["ports"]
+    params = {
+        "node-manager-port": ports["nodeManager"], "object-manager-port": ports["objectManager"],
+        "dashboard-agent-grpc-port": ports["dashboardAgentGrpc"],
+        "dashboard-agent-listen-port": ports["dashboardAgentHttp"],
+        "runtime-env-agent-port": ports["runtimeEnvAgent"], "metrics-export-port": ports["metricsExport"],
+        "min-worker-port": ports["minWorker"], "max-worker-port": ports["maxWorker"],
+    }
+    if role == "head":
+        dashboard = values["ray"]["dashboard"]
+        params["dashboard-host"] = "0.0.0.0" if dashboard["exposeInCluster"] else "127.0.0.1"
+        params["dashboard-port"] = dashboard["port"]
+    return {k: str(v) for k, v in params.items()}
+
+
 # --- lint and render -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("values", [None, CI_VALUES], ids=["default", "ci"])
@@ -74,10 +98,12 @@ def test_lint_strict(helm_bin, values):
 
 
 def test_rendered_kinds(rendered_default, rendered_ci):
-    assert sorted(d["kind"] for d in rendered_default) == ["ConfigMap", "RayCluster", "Secret", "Service"]
-    # ci-values: an existing Secret (none rendered), ServiceMonitor and Ingress on.
+    # Two generated Secrets: kvstore's token and Ray's.
+    assert sorted(d["kind"] for d in rendered_default) == [
+        "ConfigMap", "NetworkPolicy", "RayCluster", "Secret", "Secret", "Service"]
+    # ci-values: existing Secrets (none rendered), ServiceMonitor and Ingress on.
     assert sorted(d["kind"] for d in rendered_ci) == [
-        "ConfigMap", "Ingress", "RayCluster", "Service", "ServiceMonitor"]
+        "ConfigMap", "Ingress", "NetworkPolicy", "RayCluster", "Service", "ServiceMonitor"]
 
 
 def test_core_kinds_validate_strict(case, kubernetes_validate):
@@ -117,7 +143,8 @@ def test_raycluster_has_what_kuberay_requires(case, kuberay_schema, kubernetes_v
 def test_head_runs_ray_then_the_kvstore_service(case):
     docs, values = case
     head = one(docs, "RayCluster")["spec"]["headGroupSpec"]
-    assert head["rayStartParams"] == {k: str(v) for k, v in values["head"]["rayStartParams"].items()}
+    assert head["rayStartParams"] == {**{k: str(v) for k, v in values["head"]["rayStartParams"].items()},
+                                      **ray_port_params(values, "head")}
     spec = head["template"]["spec"]
     # KubeRay runs `ray start` in the first container.
     assert [c["name"] for c in spec["containers"]] == ["ray-head", "kvstore"]
@@ -301,7 +328,7 @@ def test_chart_versions_follow_pyproject():
 # --- auth, Service, ServiceMonitor, Ingress -------------------------------------------------
 
 def test_generated_token_secret(rendered_default, values_default):
-    secret = one(rendered_default, "Secret")
+    secret = secret_named(rendered_default, "kvstore-auth")
     assert secret["metadata"]["name"] == "kvstore-auth"
     token = base64.b64decode(secret["data"][values_default["auth"]["secretKey"]]).decode()
     assert re.fullmatch(r"[A-Za-z0-9]{48}", token)
@@ -416,10 +443,10 @@ def test_worker_group_defaults(helm_bin, tmp_path):
     """A worker group with only the required keys: no GPUs, no NVMe, config.py's host tier + 1GiB."""
     docs = template(helm_bin, "--values", write_values(tmp_path, WORKER % ""))
     group, = one(docs, "RayCluster")["spec"]["workerGroupSpecs"]
-    assert group["rayStartParams"] == {}
+    assert group["rayStartParams"] == ray_port_params(yaml.safe_load((CHART / "values.yaml").read_text()), "worker")
     dshm = volumes(group["template"])["dshm"]["emptyDir"]
     assert parse_size(dshm["sizeLimit"]) == Config().host_tier_bytes + 1024**3
-    assert set(volumes(group["template"])) == {"tmp", "dshm", "kvstore-etc"}
+    assert set(volumes(group["template"])) == {"tmp", "dshm", "kvstore-etc", "ray-auth"}
     path = tmp_path / "w.yaml"
     path.write_text(one(docs, "ConfigMap")["data"]["w.yaml"])
     assert load_config(path, env={}).host_tier_bytes == Config().host_tier_bytes

@@ -33,7 +33,7 @@ SERVE_CONFIG = EXAMPLES / "llm-pd-serve.yaml"
 VALUES_LLM = EXAMPLES / "values-llm.yaml"
 README = EXAMPLES / "README.md"
 ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
-CORE_KINDS = {"ConfigMap", "Secret", "Service"}
+CORE_KINDS = {"ConfigMap", "Secret", "Service", "NetworkPolicy"}
 
 # Qwen2.5-7B-Instruct (the example's model_source), from its config.json: num_hidden_layers 28,
 # num_key_value_heads 4, hidden_size 3584 / num_attention_heads 28 = head dim 128, bfloat16.
@@ -187,11 +187,19 @@ def test_gpu_workers_run_the_serve_llm_image_with_gpus(rendered_llm, values_llm,
     assert worker["securityContext"]["readOnlyRootFilesystem"] is False
 
 
-def test_head_lets_serve_deploy_in(rendered_llm):
+def test_head_lets_serve_deploy_in_through_port_forward_only(rendered_llm):
+    """`serve deploy` reaches the dashboard through `kubectl port-forward` to the head pod (which
+    connects to the pod's loopback), with Ray's token: the dashboard is not on the pod's network."""
     head = one(rendered_llm, "RayCluster")["spec"]["headGroupSpec"]
-    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    assert head["rayStartParams"]["dashboard-port"] == "8265"
     ray_head = head["template"]["spec"]["containers"][0]
-    assert {"name": "dashboard", "containerPort": 8265} in ray_head["ports"]
+    assert "dashboard" not in {p["name"] for p in ray_head["ports"]}
+    assert {"name": "RAY_AUTH_MODE", "value": "token"} in ray_head["env"]
+    readme = README.read_text()
+    assert "export RAY_AUTH_MODE=token" in readme
+    assert "kubectl get secret --namespace llm kvstore-ray-auth -o jsonpath='{.data.auth_token}'" in readme
+    assert "8265:8265" in readme
 
 
 # --- the README -----------------------------------------------------------------------------

@@ -112,3 +112,111 @@ A byte count as a Kubernetes quantity: whole GiB as "NGi", whole MiB as "NMi", e
 {{- $b -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+Name of the Secret holding Ray's auth token: the existing one, or the one the chart generates.
+*/}}
+{{- define "kvstore.rayAuthSecretName" -}}
+{{- .Values.ray.auth.existingSecret | default (printf "%s-ray-auth" (include "kvstore.fullname" .)) -}}
+{{- end -}}
+
+{{/*
+Where every container reads Ray's token (RAY_AUTH_TOKEN_PATH): a file from the Secret, not an
+environment variable, so it stays out of `env` dumps and process listings of child processes.
+*/}}
+{{- define "kvstore.rayAuthDir" -}}/etc/ray/auth{{- end -}}
+
+{{/*
+Ray's authentication environment, for every container that talks to Ray (the Ray containers, the
+kvstore container, the autoscaler). RAY_AUTH_MODE is set either way: Ray 2.60 otherwise turns
+token auth on by itself in a process that finds ~/.ray/auth_token, and off in the others.
+*/}}
+{{- define "kvstore.rayAuthEnv" -}}
+{{- if .Values.ray.auth.enabled -}}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN_PATH
+  value: {{ include "kvstore.rayAuthDir" . }}/token
+{{- else -}}
+- name: RAY_AUTH_MODE
+  value: disabled
+{{- end -}}
+{{- end -}}
+
+{{/*
+The volume mount of Ray's token (empty when Ray's auth is off).
+*/}}
+{{- define "kvstore.rayAuthVolumeMount" -}}
+{{- if .Values.ray.auth.enabled -}}
+- name: ray-auth
+  mountPath: {{ include "kvstore.rayAuthDir" . }}
+  readOnly: true
+{{- end -}}
+{{- end -}}
+
+{{/*
+Ray's ports of a group as `ray start` parameters (strings): pinned on every node so that the
+NetworkPolicy can name them. The head adds the dashboard's address and port.
+Argument: (dict "root" $ "role" "head"|"worker").
+*/}}
+{{- define "kvstore.rayPortParams" -}}
+{{- $ports := .root.Values.ray.ports -}}
+{{- $params := dict
+  "node-manager-port" (toString $ports.nodeManager)
+  "object-manager-port" (toString $ports.objectManager)
+  "dashboard-agent-grpc-port" (toString $ports.dashboardAgentGrpc)
+  "dashboard-agent-listen-port" (toString $ports.dashboardAgentHttp)
+  "runtime-env-agent-port" (toString $ports.runtimeEnvAgent)
+  "metrics-export-port" (toString $ports.metricsExport)
+  "min-worker-port" (toString $ports.minWorker)
+  "max-worker-port" (toString $ports.maxWorker) -}}
+{{- if eq .role "head" -}}
+{{- /* KubeRay sets dashboard-host to 0.0.0.0 when it is missing: always set it. */ -}}
+{{- $_ := set $params "dashboard-host" (ternary "0.0.0.0" "127.0.0.1" .root.Values.ray.dashboard.exposeInCluster) -}}
+{{- $_ := set $params "dashboard-port" (toString .root.Values.ray.dashboard.port) -}}
+{{- end -}}
+{{- toYaml $params -}}
+{{- end -}}
+
+{{/*
+Ray's GCS and client server ports: Ray's defaults, which the chart does not move (the kvstore
+container reaches GCS at 127.0.0.1:6379, and passing --ray-client-server-port fails on images
+without ray[client]).
+*/}}
+{{- define "kvstore.gcsPort" -}}6379{{- end -}}
+{{- define "kvstore.rayClientPort" -}}10001{{- end -}}
+
+{{/*
+Checks that the ports of Ray and kvstore are distinct and outside the worker port range; fails
+naming the two values that collide.
+*/}}
+{{- define "kvstore.validatePorts" -}}
+{{- $p := .Values.ray.ports -}}
+{{- if gt (int $p.minWorker) (int $p.maxWorker) -}}
+{{- fail (printf "ray.ports.minWorker (%v) is above ray.ports.maxWorker (%v)" $p.minWorker $p.maxWorker) -}}
+{{- end -}}
+{{- $named := list
+  (list "ray.ports.nodeManager" $p.nodeManager)
+  (list "ray.ports.objectManager" $p.objectManager)
+  (list "ray.ports.dashboardAgentGrpc" $p.dashboardAgentGrpc)
+  (list "ray.ports.dashboardAgentHttp" $p.dashboardAgentHttp)
+  (list "ray.ports.runtimeEnvAgent" $p.runtimeEnvAgent)
+  (list "ray.ports.metricsExport" $p.metricsExport)
+  (list "ray.dashboard.port" .Values.ray.dashboard.port)
+  (list "ports.http" .Values.ports.http)
+  (list "ports.flight" .Values.ports.flight)
+  (list "Ray's GCS port" (include "kvstore.gcsPort" . | int))
+  (list "Ray's client server port" (include "kvstore.rayClientPort" . | int)) -}}
+{{- $seen := dict -}}
+{{- range $named -}}
+{{- $name := index . 0 -}}
+{{- $port := index . 1 | int -}}
+{{- if hasKey $seen (toString $port) -}}
+{{- fail (printf "%s and %s are both %d; every port of Ray and kvstore must be distinct" (get $seen (toString $port)) $name $port) -}}
+{{- end -}}
+{{- $_ := set $seen (toString $port) $name -}}
+{{- if and (ge $port (int $p.minWorker)) (le $port (int $p.maxWorker)) -}}
+{{- fail (printf "%s (%d) is inside Ray's worker port range ray.ports.minWorker..maxWorker (%v-%v)" $name $port $p.minWorker $p.maxWorker) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}

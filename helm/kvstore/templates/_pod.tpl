@@ -93,13 +93,15 @@ Checks a group's values beyond what values.schema.json can say; fails naming the
 {{- end -}}
 
 {{/*
-rayStartParams of a group: the group's own, as strings, plus num-gpus from gpus.
+rayStartParams of a group: the group's own, as strings, plus num-gpus from gpus and Ray's ports
+from `ray` (values.schema.json refuses those keys in a group's rayStartParams).
 */}}
 {{- define "kvstore.rayStartParams" -}}
 {{- $params := dict -}}
 {{- range $key, $value := dig "rayStartParams" dict .group -}}
 {{- $_ := set $params $key (toString $value) -}}
 {{- end -}}
+{{- $params = merge $params (include "kvstore.rayPortParams" . | fromYaml) -}}
 {{- $gpus := dig "gpus" 0 .group | int -}}
 {{- if gt $gpus 0 -}}
 {{- $_ := set $params "num-gpus" (toString $gpus) -}}
@@ -108,7 +110,8 @@ rayStartParams of a group: the group's own, as strings, plus num-gpus from gpus.
 {{- end -}}
 
 {{/*
-Environment of every container: where the config file is, and the pod IP as flight_host.
+Environment of every container: where the config file is, the pod IP as flight_host, and Ray's
+authentication (every container is a Ray process or a Ray driver).
 */}}
 {{- define "kvstore.env" -}}
 - name: KVSTORE_CONFIG
@@ -117,11 +120,13 @@ Environment of every container: where the config file is, and the pod IP as flig
   valueFrom:
     fieldRef:
       fieldPath: status.podIP
+{{ include "kvstore.rayAuthEnv" .root }}
 {{- end -}}
 
 {{/*
 Volume mounts shared by the containers of a pod: /tmp (Ray's sessions and sockets), /dev/shm
-(host tier and Ray's object store) and /etc/kvstore (config.yaml and secret/token).
+(host tier and Ray's object store), /etc/kvstore (config.yaml and secret/token) and, with Ray's
+auth on, /etc/ray/auth (Ray's token).
 */}}
 {{- define "kvstore.volumeMounts" -}}
 - name: tmp
@@ -131,6 +136,9 @@ Volume mounts shared by the containers of a pod: /tmp (Ray's sessions and socket
 - name: kvstore-etc
   mountPath: /etc/kvstore
   readOnly: true
+{{- with include "kvstore.rayAuthVolumeMount" .root }}
+{{ . }}
+{{- end }}
 {{- end -}}
 
 {{/*
@@ -190,15 +198,22 @@ spec:
       securityContext:
         {{- toYaml . | nindent 8 }}
       {{- end }}
+      # KubeRay's head Service <fullname>-head-svc carries the head's ports: the dashboard only
+      # when ray.dashboard.exposeInCluster asks for it.
       ports:
         {{- if eq .role "head" }}
         - name: gcs-server
-          containerPort: 6379
+          containerPort: {{ include "kvstore.gcsPort" $root }}
+        {{- if $root.Values.ray.dashboard.exposeInCluster }}
         - name: dashboard
-          containerPort: 8265
-        - name: client
-          containerPort: 10001
+          containerPort: {{ $root.Values.ray.dashboard.port }}
         {{- end }}
+        - name: client
+          containerPort: {{ include "kvstore.rayClientPort" $root }}
+        {{- end }}
+        # Declared so KubeRay does not add its default 8080 beside a moved metrics-export-port.
+        - name: metrics
+          containerPort: {{ $root.Values.ray.ports.metricsExport }}
         - name: flight
           containerPort: {{ $root.Values.ports.flight }}
       env:
@@ -282,6 +297,16 @@ spec:
                 - key: {{ $root.Values.auth.secretKey }}
                   path: secret/token
                   mode: 288 # 0440: readable through fsGroup
+    {{- if $root.Values.ray.auth.enabled }}
+    # Ray's token, apart from kvstore's: the autoscaler container mounts this one alone.
+    - name: ray-auth
+      secret:
+        secretName: {{ include "kvstore.rayAuthSecretName" $root }}
+        items:
+          - key: {{ $root.Values.ray.auth.secretKey }}
+            path: token
+            mode: 288 # 0440: readable through fsGroup
+    {{- end }}
     {{- if eq $nvmeType "hostPath" }}
     - name: nvme
       hostPath:
