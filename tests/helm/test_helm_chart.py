@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import base64
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -16,6 +18,7 @@ from .conftest import (
     CI_VALUES,
     KUBERNETES_VERSION,
     NAMESPACE,
+    RELEASE,
     REPO,
     by_kind,
     cluster_pod_templates,
@@ -24,6 +27,7 @@ from .conftest import (
     run_helm,
     template,
 )
+from .fake_apiserver import FakeAPIServer
 
 # Settings the chart sets itself (from `ports`, `auth`, a group's `nvme`, the environment) and
 # therefore refuses in a `config` block. Every other setting of kvstore/config.py must be in the
@@ -380,6 +384,266 @@ def test_ingress_routes_to_the_service(rendered_ci, values_ci):
     assert backend == {"name": service["metadata"]["name"], "port": {"name": "http"}}
 
 
+# --- Ray locked down: token auth, the dashboard, the NetworkPolicy (issue 10) ------------------
+
+RAY_TOKEN_DIR = "/etc/ray/auth"
+SELECTOR = {"app.kubernetes.io/name": "kvstore", "app.kubernetes.io/instance": "kvstore"}
+GCS_PORT, RAY_CLIENT_PORT = 6379, 10001
+
+
+def ray_secret_name(values, cluster_name):
+    return values["ray"]["auth"]["existingSecret"] or f"{cluster_name}-ray-auth"
+
+
+def all_containers(cluster):
+    """(group, container) of every container of every pod template of a RayCluster."""
+    for name, pod_template in cluster_pod_templates(cluster["spec"]).items():
+        for container in pod_template["spec"]["containers"]:
+            yield name, container
+
+
+def test_ray_token_auth_on_every_container_from_the_secret(case):
+    """Every container is a Ray process or a Ray driver (`kvstore serve`): each gets token mode and
+    the token as a file from the Secret, never as a literal in the manifest."""
+    docs, values = case
+    cluster = one(docs, "RayCluster")
+    secret = ray_secret_name(values, cluster["metadata"]["name"])
+    seen = set()
+    for group, container in all_containers(cluster):
+        seen.add(container["name"])
+        env = env_of(container)
+        assert env["RAY_AUTH_MODE"] == {"name": "RAY_AUTH_MODE", "value": "token"}, (group, container["name"])
+        assert env["RAY_AUTH_TOKEN_PATH"]["value"] == f"{RAY_TOKEN_DIR}/token"
+        # A literal RAY_AUTH_TOKEN would win over the file and put the token into the manifest.
+        assert "RAY_AUTH_TOKEN" not in env
+        mount, = [m for m in container["volumeMounts"] if m["name"] == "ray-auth"]
+        assert mount == {"name": "ray-auth", "mountPath": RAY_TOKEN_DIR, "readOnly": True}
+    assert seen == {"ray-head", "kvstore", "ray-worker"}
+    for name, pod_template in cluster_pod_templates(cluster["spec"]).items():
+        ray_auth = volumes(pod_template)["ray-auth"]["secret"]
+        assert ray_auth == {"secretName": secret, "items": [
+            {"key": values["ray"]["auth"]["secretKey"], "path": "token", "mode": 0o440}]}, name
+    # Ray's token is not kvstore's: a tenant or admin credential never opens Ray.
+    kvstore_secret = values["auth"]["existingSecret"] or f"{cluster['metadata']['name']}-auth"
+    assert secret != kvstore_secret
+    assert "RAY_AUTH" not in one(docs, "ConfigMap")["data"]["head.yaml"]
+
+
+def test_autoscaler_sidecar_gets_the_ray_token(rendered_ci, rendered_default, values_ci):
+    cluster = one(rendered_ci, "RayCluster")
+    assert cluster["spec"]["enableInTreeAutoscaling"] is True
+    options = cluster["spec"]["autoscalerOptions"]
+    assert options["env"] == [{"name": "RAY_AUTH_MODE", "value": "token"},
+                              {"name": "RAY_AUTH_TOKEN_PATH", "value": f"{RAY_TOKEN_DIR}/token"}]
+    # Only Ray's token, not kvstore's config and token under /etc/kvstore.
+    assert options["volumeMounts"] == [{"name": "ray-auth", "mountPath": RAY_TOKEN_DIR, "readOnly": True}]
+    assert "autoscalerOptions" not in one(rendered_default, "RayCluster")["spec"]
+
+
+def test_generated_ray_token_secret(rendered_default, values_default):
+    secret = secret_named(rendered_default, "kvstore-ray-auth")
+    assert secret["type"] == "Opaque"
+    assert set(secret["data"]) == {values_default["ray"]["auth"]["secretKey"]} == {"auth_token"}
+    token = base64.b64decode(secret["data"]["auth_token"]).decode()
+    assert re.fullmatch(r"[A-Za-z0-9]{64}", token)
+    assert token != base64.b64decode(secret_named(rendered_default, "kvstore-auth")["data"]["token"]).decode()
+
+
+def test_existing_ray_secret_is_used_not_created(rendered_ci, values_ci):
+    assert values_ci["ray"]["auth"]["existingSecret"] == "kvstore-ray-token"
+    assert not by_kind(rendered_ci, "Secret")
+    for _, pod_template in cluster_pod_templates(one(rendered_ci, "RayCluster")["spec"]).items():
+        assert volumes(pod_template)["ray-auth"]["secret"]["secretName"] == "kvstore-ray-token"
+        assert volumes(pod_template)["ray-auth"]["secret"]["items"][0]["key"] == "ray-token"
+
+
+def test_ray_auth_disabled_cleanly(helm_bin):
+    """ray.auth.enabled=false: no Secret, volume or mount, and RAY_AUTH_MODE=disabled said outright
+    (Ray 2.60 otherwise turns token mode on in whichever process finds ~/.ray/auth_token)."""
+    docs = template(helm_bin, "--set", "ray.auth.enabled=false", "--set", "enableInTreeAutoscaling=true")
+    assert [s["metadata"]["name"] for s in by_kind(docs, "Secret")] == ["kvstore-auth"]
+    cluster = one(docs, "RayCluster")
+    assert "autoscalerOptions" not in cluster["spec"]
+    for group, container in all_containers(cluster):
+        env = env_of(container)
+        assert env["RAY_AUTH_MODE"]["value"] == "disabled", (group, container["name"])
+        assert "RAY_AUTH_TOKEN_PATH" not in env and "RAY_AUTH_TOKEN" not in env
+        assert "ray-auth" not in {m["name"] for m in container["volumeMounts"]}
+    for pod_template in cluster_pod_templates(cluster["spec"]).values():
+        assert "ray-auth" not in volumes(pod_template)
+
+
+def _helm_against(api, helm_bin, tmp_path, *args):
+    kubeconfig = api.kubeconfig(tmp_path / "kubeconfig", NAMESPACE)
+    home = tmp_path / "home"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "KUBECONFIG": str(kubeconfig),
+           "HELM_CACHE_HOME": str(home / "cache"), "HELM_CONFIG_HOME": str(home / "config"),
+           "HELM_DATA_HOME": str(home / "data")}
+    proc = subprocess.run([helm_bin, *args, "--namespace", NAMESPACE, "--disable-openapi-validation"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def _released_secret(api, name):
+    release = api.releases(NAMESPACE)[-1]
+    docs = [d for d in yaml.safe_load_all(release["manifest"]) if d]
+    return secret_named(docs, name), release
+
+
+def test_ray_token_is_kept_across_upgrades(helm_bin, tmp_path):
+    """A real `helm install` then `helm upgrade` against an API server (lookup runs only there):
+    the upgrade renders the token the install generated, so running Ray nodes keep working."""
+    with FakeAPIServer() as api:
+        _helm_against(api, helm_bin, tmp_path, "install", RELEASE, str(CHART))
+        installed, release = _released_secret(api, "kvstore-ray-auth")
+        assert release["version"] == 1
+        stored = api.get("v1", "secrets", NAMESPACE, "kvstore-ray-auth")
+        assert stored["data"] == installed["data"]
+        _helm_against(api, helm_bin, tmp_path, "upgrade", RELEASE, str(CHART), "--set", "config.log_level=DEBUG")
+        upgraded, release = _released_secret(api, "kvstore-ray-auth")
+        assert release["version"] == 2 and release["info"]["status"] == "deployed"
+        assert upgraded["data"] == installed["data"]
+        # The release notes say how to reach the dashboard and where Ray's token is.
+        notes = release["info"]["notes"]
+        assert 'kubectl port-forward --namespace kvstore "$(kubectl get pod --namespace kvstore -l ray.io/cluster=kvstore,ray.io/node-type=head -o name)" 8265:8265' in notes
+        assert "export RAY_AUTH_TOKEN=$(kubectl get secret --namespace kvstore kvstore-ray-auth" in notes
+
+
+def test_ray_token_of_an_earlier_release_is_reused(helm_bin, tmp_path):
+    """A Secret already there (an earlier release of the same name) keeps its token; a fresh
+    render would have made a random one."""
+    token = base64.b64encode(b"t" * 64).decode()
+    with FakeAPIServer() as api:
+        api.put({"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "data": {"auth_token": token},
+                 "metadata": {"name": "kvstore-ray-auth", "namespace": NAMESPACE,
+                              "labels": {"app.kubernetes.io/managed-by": "Helm"},
+                              "annotations": {"meta.helm.sh/release-name": RELEASE,
+                                              "meta.helm.sh/release-namespace": NAMESPACE}}})
+        _helm_against(api, helm_bin, tmp_path, "install", RELEASE, str(CHART))
+        secret, _ = _released_secret(api, "kvstore-ray-auth")
+        assert secret["data"] == {"auth_token": token}
+
+
+def test_dashboard_not_exposed_by_default(rendered_default):
+    cluster = one(rendered_default, "RayCluster")
+    head = cluster["spec"]["headGroupSpec"]
+    # KubeRay sets 0.0.0.0 when dashboard-host is missing: the chart must say 127.0.0.1.
+    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    for group in [head, *cluster["spec"]["workerGroupSpecs"]]:
+        assert "0.0.0.0" not in group["rayStartParams"].values()
+    # No KubeRay-made Service type or Ingress for the head, and no dashboard port on any container:
+    # KubeRay's head Service carries the head container's ports.
+    assert not {"serviceType", "headService", "enableIngress"} & set(head)
+    for _, container in all_containers(cluster):
+        for port in container.get("ports", []):
+            assert port["name"] != "dashboard" and port["containerPort"] != 8265, port
+    for service in by_kind(rendered_default, "Service"):
+        for port in service["spec"]["ports"]:
+            assert port["port"] != 8265 and port["targetPort"] not in ("dashboard", 8265)
+    assert not by_kind(rendered_default, "Ingress")
+    rules = one(rendered_default, "NetworkPolicy")["spec"]["ingress"]
+    assert all(p["port"] != 8265 for rule in rules for p in rule["ports"])
+
+
+def test_dashboard_exposed_in_cluster_when_asked(rendered_ci, values_ci):
+    port = values_ci["ray"]["dashboard"]["port"]
+    head = one(rendered_ci, "RayCluster")["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    assert head["rayStartParams"]["dashboard-port"] == str(port)
+    assert {"name": "dashboard", "containerPort": port} in head["template"]["spec"]["containers"][0]["ports"]
+    rules = one(rendered_ci, "NetworkPolicy")["spec"]["ingress"]
+    admitted = [rule["from"] for rule in rules if {"protocol": "TCP", "port": port} in rule["ports"]]
+    assert admitted == [[{"podSelector": {"matchLabels": SELECTOR}}], values_ci["networkPolicy"]["dashboardFrom"]]
+
+
+def ray_network_ports(values):
+    """The Ray ports nodes call on each other: (protocol, port, endPort)."""
+    ports = values["ray"]["ports"]
+    single = [GCS_PORT, ports["nodeManager"], ports["objectManager"], ports["dashboardAgentGrpc"],
+              ports["dashboardAgentHttp"], ports["runtimeEnvAgent"]]
+    return {("TCP", p, None) for p in single} | {("TCP", ports["minWorker"], ports["maxWorker"])}
+
+
+def port_set(rule):
+    ports = [(p["protocol"], p["port"], p.get("endPort")) for p in rule["ports"]]
+    assert len(ports) == len(set(ports)), rule
+    return set(ports)
+
+
+def test_network_policy_by_default(rendered_default, values_default):
+    """Only the cluster's own pods, only Ray's ports and Flight; ingress only."""
+    policy = one(rendered_default, "NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": SELECTOR}
+    assert spec["policyTypes"] == ["Ingress"]
+    rule, = spec["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": SELECTOR}}]
+    assert port_set(rule) == ray_network_ports(values_default) | {("TCP", values_default["ports"]["flight"], None)}
+    # Nothing else: not the HTTP port, Ray's metrics, the Ray client server or the dashboard.
+    assert not {values_default["ports"]["http"], values_default["ray"]["ports"]["metricsExport"],
+                RAY_CLIENT_PORT, 8265} & {p for _, p, _ in port_set(rule)}
+
+
+def test_network_policy_selects_every_pod_of_the_cluster(case):
+    docs, _ = case
+    selector = one(docs, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"].items()
+    for name, pod_template in cluster_pod_templates(one(docs, "RayCluster")["spec"]).items():
+        assert selector <= pod_template["metadata"]["labels"].items(), name
+
+
+def test_network_policy_with_every_list(rendered_ci, values_ci):
+    np = values_ci["networkPolicy"]
+    ray_ports = ray_network_ports(values_ci)
+    flight, http = values_ci["ports"]["flight"], values_ci["ports"]["http"]
+    dashboard = values_ci["ray"]["dashboard"]["port"]
+    rules = one(rendered_ci, "NetworkPolicy")["spec"]["ingress"]
+    got = [(rule["from"], port_set(rule)) for rule in rules]
+    assert got == [
+        ([{"podSelector": {"matchLabels": SELECTOR}}], ray_ports | {("TCP", flight, None), ("TCP", dashboard, None)}),
+        (np["clientsFrom"], ray_ports | {("TCP", RAY_CLIENT_PORT, None), ("TCP", flight, None)}),
+        (np["httpFrom"], {("TCP", http, None)}),
+        (np["rayMetricsFrom"], {("TCP", values_ci["ray"]["ports"]["metricsExport"], None)}),
+        (np["dashboardFrom"], {("TCP", dashboard, None)}),
+        (np["extraIngress"][0]["from"], {("TCP", 8000, None)}),
+    ]
+
+
+def test_network_policy_admits_the_ports_ray_is_started_with(case):
+    """The ports in every group's rayStartParams and the policy's Ray ports are the same numbers."""
+    docs, values = case
+    cluster = one(docs, "RayCluster")
+    own = port_set(one(docs, "NetworkPolicy")["spec"]["ingress"][0])
+    for group in [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]:
+        params = group["rayStartParams"]
+        for key in ("node-manager-port", "object-manager-port", "dashboard-agent-grpc-port",
+                    "dashboard-agent-listen-port", "runtime-env-agent-port"):
+            assert ("TCP", int(params[key]), None) in own, key
+        assert ("TCP", int(params["min-worker-port"]), int(params["max-worker-port"])) in own
+    head_ports = {p["name"]: p["containerPort"] for p in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert ("TCP", head_ports["gcs-server"], None) in own
+    assert head_ports["client"] == RAY_CLIENT_PORT
+    for _, container in all_containers(cluster):
+        if container["name"].startswith("ray-"):
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            assert ports["metrics"] == values["ray"]["ports"]["metricsExport"]
+
+
+def test_network_policy_never_admits_every_source(case):
+    docs, _ = case
+    for rule in one(docs, "NetworkPolicy")["spec"]["ingress"]:
+        assert rule.get("from") and all(peer for peer in rule["from"]), rule
+        assert rule.get("ports"), rule
+
+
+def test_network_policy_disabled_cleanly(helm_bin, rendered_default):
+    docs = template(helm_bin, "--set", "networkPolicy.enabled=false")
+    assert not by_kind(docs, "NetworkPolicy")
+    # Everything else renders as before (Ray's auth and pinned ports do not depend on the policy).
+    strip = lambda ds: sorted((yaml.safe_dump(d) for d in ds if d["kind"] not in ("NetworkPolicy", "Secret")))
+    assert strip(docs) == strip(rendered_default)
+
+
 # --- values rejected ----------------------------------------------------------------------
 
 def write_values(tmp_path: Path, text: str) -> str:
@@ -411,6 +675,35 @@ WORKER = "workerGroups:\n  - {groupName: w, replicas: 1, minReplicas: 1, maxRepl
     # num-gpus comes from gpus.
     (["--values", WORKER % ", rayStartParams: {num-gpus: '1'}"],
      'workerGroups.0.rayStartParams: Property name of "num-gpus" does not match'),
+    # Ray's auth, dashboard and ports (issue 10).
+    (["--set", "ray.auth.enabled=maybe"], "ray.auth.enabled: Invalid type. Expected: boolean, given: string"),
+    (["--set", "ray.auth.secretKey=a/b"], "ray.auth.secretKey: Does not match pattern"),
+    (["--set", "ray.dashboard.exposeInCluster=yes"], "ray.dashboard.exposeInCluster: Invalid type. Expected: boolean"),
+    (["--set", "ray.dashboard.bogus=1"], "ray.dashboard: Additional property bogus is not allowed"),
+    (["--set", "ray.ports.nodeManager=80"], "ray.ports.nodeManager: Must be greater than or equal to 1024"),
+    (["--set", "ray.ports.maxWorker=70000"], "ray.ports.maxWorker: Must be less than or equal to 65535"),
+    (["--set", "ray.ports.gcs=6379"], "ray.ports: Additional property gcs is not allowed"),
+    # What the chart pins is refused in rayStartParams: the dashboard's address, Ray's ports.
+    (["--set", "head.rayStartParams.dashboard-host=0.0.0.0"],
+     'head.rayStartParams: Property name of "dashboard-host" does not match'),
+    (["--values", WORKER % ", rayStartParams: {min-worker-port: '2000'}"],
+     'workerGroups.0.rayStartParams: Property name of "min-worker-port" does not match'),
+    (["--values", "head: {rayStartParams: {ray-client-server-port: '10002'}}"],
+     'head.rayStartParams: Property name of "ray-client-server-port" does not match'),
+    # The NetworkPolicy's lists: real peers only, and no rule without `from`.
+    (["--set", "networkPolicy.enabled=yes"], "networkPolicy.enabled: Invalid type. Expected: boolean, given: string"),
+    (["--values", "networkPolicy: {httpFrom: [{}]}"], "networkPolicy.httpFrom.0: Must have at least 1 properties"),
+    (["--values", "networkPolicy: {clientsFrom: [{podSelector: {app: vllm}}]}"],
+     "networkPolicy.clientsFrom.0.podSelector: Additional property app is not allowed"),
+    (["--values", "networkPolicy: {httpFrom: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]}"],
+     "networkPolicy.httpFrom.0: Must not validate the schema (not)"),
+    (["--values", "networkPolicy: {rayMetricsFrom: [{ipBlock: {cidr: everywhere}}]}"],
+     "networkPolicy.rayMetricsFrom.0.ipBlock.cidr: Does not match pattern"),
+    (["--values", "networkPolicy: {extraIngress: [{ports: [{port: 8000}]}]}"], "networkPolicy.extraIngress.0: from is required"),
+    (["--values", "networkPolicy: {extraIngress: [{from: [], ports: [{port: 8000}]}]}"],
+     "networkPolicy.extraIngress.0.from: Array must have at least 1 items"),
+    (["--values", "networkPolicy: {extraIngress: [{from: [{podSelector: {}}], ports: [{port: 8000, protocol: HTTP}]}]}"],
+     "networkPolicy.extraIngress.0.ports.0.protocol: networkPolicy.extraIngress.0.ports.0.protocol must be one of"),
 ])
 def test_schema_rejects(helm_bin, tmp_path, args, message):
     if args[0] == "--values":
@@ -432,6 +725,13 @@ def test_schema_rejects(helm_bin, tmp_path, args, message):
     (WORKER % ", replicas: 5", "workerGroups[0]: need minReplicas <= replicas <= maxReplicas"),
     ("workerGroups:\n  - {groupName: w, replicas: 1, minReplicas: 1, maxReplicas: 1}\n"
      "  - {groupName: w, replicas: 1, minReplicas: 1, maxReplicas: 1}\n", 'workerGroups[1].groupName="w" is used twice'),
+    # Ray's pinned ports must not collide: the NetworkPolicy names them, and Ray fails to start.
+    ("ray: {ports: {nodeManager: 8471}}", "ray.ports.nodeManager and ports.flight are both 8471"),
+    ("ray: {dashboard: {port: 6379}}", "ray.dashboard.port and Ray's GCS port are both 6379"),
+    ("ray: {ports: {objectManager: 15000}}",
+     "ray.ports.objectManager (15000) is inside Ray's worker port range ray.ports.minWorker..maxWorker (10002-19999)"),
+    ("ports: {http: 10500}", "ports.http (10500) is inside Ray's worker port range"),
+    ("ray: {ports: {minWorker: 30000}}", "ray.ports.minWorker (30000) is above ray.ports.maxWorker (19999)"),
 ])
 def test_template_rejects(helm_bin, tmp_path, values, message):
     proc = run_helm(helm_bin, "template", "kvstore", str(CHART), "--values", write_values(tmp_path, values))
