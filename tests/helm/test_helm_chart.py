@@ -525,6 +525,17 @@ def test_ray_token_of_an_earlier_release_is_reused(helm_bin, tmp_path):
         assert secret["data"] == {"auth_token": token}
 
 
+@pytest.mark.parametrize("http_from, warned", [(None, True), ("[{podSelector: {matchLabels: {app: prometheus}}}]", False)])
+def test_notes_warn_when_the_policy_shuts_prometheus_out(helm_bin, tmp_path, http_from, warned):
+    args = ["--set", "serviceMonitor.enabled=true"]
+    if http_from:
+        args += ["--values", write_values(tmp_path, f"networkPolicy: {{httpFrom: {http_from}}}")]
+    with FakeAPIServer() as api:
+        proc = _helm_against(api, helm_bin, tmp_path, "install", RELEASE, str(CHART), *args)
+    warning = "WARNING: networkPolicy.httpFrom is empty, so Prometheus (serviceMonitor) cannot reach the HTTP port"
+    assert (warning in proc.stdout) is warned, proc.stdout
+
+
 def test_dashboard_not_exposed_by_default(rendered_default):
     cluster = one(rendered_default, "RayCluster")
     head = cluster["spec"]["headGroupSpec"]
