@@ -189,7 +189,12 @@ class Loaded:
 def load(client, handle: Handle | None = None, *, token_ids: Sequence[int] | None = None,
          layout: Layout | None = None, namespace: str = "default", max_tokens: int | None = None) -> Loaded:
     """Loads a handle's blocks, or the longest stored prefix of `token_ids`, from anywhere in the
-    cluster. `max_tokens` caps the prefix (an engine must compute at least one prompt token)."""
+    cluster. `max_tokens` caps the prefix (an engine must compute at least one prompt token).
+
+    A handle's blocks are not cached on this node (whatever `cache_pulled_blocks` says): the
+    decode side of a handoff does not prefill, so a local copy would cost a copy and a slot on
+    the TTFT path and serve no one. A prefix load follows the setting (the next request with
+    that prefix may come here)."""
     if handle is not None:
         keys, layout = handle.keys, handle.layout
     elif token_ids is not None and layout is not None:
@@ -202,7 +207,8 @@ def load(client, handle: Handle | None = None, *, token_ids: Sequence[int] | Non
     out = torch.empty((len(keys), layout.block_nbytes), dtype=torch.uint8)
     # A handle's blocks are pulled from its node without a lookup, and the pull ends its lease.
     owner, lease = (handle.node_id, handle.lease_id) if handle is not None else (None, None)
-    result = client.get(layout, keys, out, owner=owner, lease=lease) if keys else None
+    cache = False if handle is not None else None
+    result = client.get(layout, keys, out, cache=cache, owner=owner, lease=lease) if keys else None
     if lease is not None and not keys:
         try:
             client.release_lease(lease)

@@ -63,6 +63,17 @@ class NodeClient:
         """Pins blocks for reading in place and never gives them back (the caller kills us)."""
         return sum(v is not None for v in self.client.acquire(LAYOUT, keys, ttl_s=ttl_s).views)
 
+    def handoff(self, seed: int, blocks: int) -> dict:
+        """A prefill's save of `blocks` blocks, layer by layer; returns its handle."""
+        from kvstore.connectors.handoff import SaveSession
+
+        session = SaveSession(self.client, LAYOUT, tokens(seed, blocks).tolist(), "handoff")
+        n = blocks * LAYOUT.block_tokens
+        for layer in range(LAYOUT.num_layers):
+            kv = torch.full((n, LAYOUT.num_kv_heads, LAYOUT.head_dim), float(layer + seed), dtype=torch.float16)
+            session.save_layer(layer, kv, -kv)
+        return session.finish().to_dict()
+
     def put_keys(self, keys: list[bytes]) -> int:
         return self.client.put(LAYOUT, keys, payload(keys)).stored
 
@@ -265,6 +276,24 @@ def test_a_lease_is_taken_on_its_owner_and_ended_by_the_pull(cluster):
         assert set(counting.names) <= {"nodes"}, counting.names
     finally:
         client._controller = counting.handle
+
+
+def test_a_handoff_is_loaded_from_its_node_without_a_local_copy_and_ends_its_lease(cluster):
+    from kvstore.connectors.handoff import Handle, load
+
+    rc, client = cluster
+    handle = Handle.from_dict(ray.get(on_node(rc, 1).handoff.remote(17, 3)))
+    node_b = ray.get_actor(f"kvstore-node-{rc.node_id(1)}", namespace="kvstore")
+    assert handle.node_id == rc.node_id(1) and ray.get(node_b.stats.remote())["holds"] >= 1
+    loaded = load(client, handle)
+    assert loaded.num_blocks == 3 and loaded.sources == [(rc.node_id(1), "remote")] * 3
+    k, v = loaded.layer(1)
+    assert torch.all(k == 18.0) and torch.all(v == -18.0)
+    wait_for(lambda: ray.get(node_b.stats.remote())["holds"] == 0, 10, "the pull to end the handoff's lease")
+    client.flush()
+    out = torch.zeros_like(loaded.blocks)
+    again = client.get(LAYOUT, handle.keys, out, cache=False)
+    assert again.sources == [(rc.node_id(1), "remote")] * 3 and torch.equal(out, loaded.blocks)  # no copy kept here
 
 
 def test_a_stalled_peer_is_a_miss_within_the_deadline_and_then_left_alone(cluster):
