@@ -15,7 +15,9 @@ the way nodes feed them (cluster/shardfeed.py), from simulated nodes.
   process, as the controller does. The prompt's first 1k blocks are on all 64 nodes, the next
   7k on 8, the rest on one; 10% of the other blocks have a second holder.
   lookups_per_s_512_ray: how many such lookups of a 512-block prompt eight threads of one
-  process (the controller's place) get through the shard actors per second.
+  process (the controller's place) get through the shard actors per second, concurrent lookups
+  sharing one call per shard per round (cluster/lookups.py, as the controller does); `_call_each`:
+  one call per shard per lookup.
 - shard_rebuild_s_1m: a restarted shard actor taking the snapshots of 10^6 blocks from 64
   simulated nodes in bounded chunks, first chunk sent to last applied (< 2 s); with
   --rebuild-10m also shard_rebuild_s_10m_in_process (decode and apply of 10^7 blocks).
@@ -33,6 +35,7 @@ import ray
 from bench.common import parser, report
 from kvstore.cluster import shardmap
 from kvstore.cluster.index import CompactIndex
+from kvstore.cluster.lookups import ShardLookups
 from kvstore.cluster.shards import IndexShard, IndexShardActor
 from kvstore.events import AllBlocksCleared, BlockRemoved, BlockStored, encode_batch
 
@@ -285,11 +288,19 @@ def main(argv=None) -> int:
             for actor, chunks_of_shard in zip(actors, per_shard):
                 ray.get([actor.apply_events.remote(node, payload) for node, payload in chunks_of_shard])
 
-            def ask_ray(parts):
+            def ask_each(parts):  # one call per shard per lookup
                 return ray.get([actors[part.shard].prefix_by_node.remote(part.keys) for part in parts])
 
-            figures.update(lookup_figures(time_lookups(prompt, count, ask_ray, repeats, nodes), "_ray"))
-            figures["lookups_per_s_512_ray"] = lookups_per_s(prompt, count, ask_ray, nodes)
+            lookups = ShardLookups(lambda shard, requests: ray.get(actors[shard].batch.remote(requests)), count, 30.0)
+
+            def ask_batched(parts):  # as the controller asks: concurrent lookups share calls
+                return lookups.ask(parts, "prefix_by_node")
+
+            figures.update(lookup_figures(time_lookups(prompt, count, ask_batched, repeats, nodes), "_ray"))
+            figures["lookups_per_s_512_ray"] = lookups_per_s(prompt, count, ask_batched, nodes)
+            figures["lookups_per_s_512_ray_call_each"] = lookups_per_s(prompt, count, ask_each, nodes)
+            figures["lookup_requests_per_shard_call"] = lookups.counters["requests"] / max(lookups.counters["calls"], 1)
+            lookups.stop()
             for actor in actors:
                 ray.kill(actor)
         finally:

@@ -21,6 +21,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kvstore.cluster import shardmap
+from kvstore.cluster.lookups import ShardLookups
 from kvstore.cluster.node import CONTROLLER_NAME, NodeActor, node_actor_name
 from kvstore.cluster.shardfeed import split_by_shard
 from kvstore.cluster.shards import IndexShardActor
@@ -50,12 +51,16 @@ class ControllerService:
         self._lock = threading.RLock()
         self._shards = self._place_shards(load_config(os.environ.get("KVSTORE_CONFIG") or None,
                                                       **node_overrides).index_shards)
+        self._lookups = ShardLookups(
+            lambda shard, requests: ray.get(self._shards[shard].batch.remote(requests), timeout=LOOKUP_TIMEOUT_S),
+            len(self._shards), LOOKUP_TIMEOUT_S)
         self._nodes: dict[str, dict] = {}  # node id -> info (address, shm_name, ...) of a registered node
         self._synced: set[str] = set()  # nodes whose full content every shard has (see _refresh_synced)
         self._actors: dict[str, object] = {}
         self._starting: dict[str, object] = {}  # node id -> ObjectRef of its info()
         self._leases: dict[str, _Lease] = {}
         self._dropped_nodes = 0
+        self._dropped_in_shards: set[str] = set()  # dead nodes every shard has been told to drop
         # Verified restores (connectors/verify.py): per (node id, medium) checks and mismatches,
         # and the sources some connector quarantined. Counters only: lost on a restart.
         self._verify_counts: dict[tuple[str, str], dict[str, int]] = {}
@@ -96,20 +101,6 @@ class ControllerService:
     def index_shards(self) -> int:
         return len(self._shards)
 
-    def _ask(self, parts: list[shardmap.Part], method: str) -> list:
-        """Every shard's answer about its part of a prompt, asked at once; None for a shard that
-        failed or took longer than LOOKUP_TIMEOUT_S (restarting: it knows nothing yet)."""
-        refs = [getattr(self._shards[part.shard], method).remote(part.keys) for part in parts]
-        deadline = time.monotonic() + LOOKUP_TIMEOUT_S
-        answers = []
-        for part, ref in zip(parts, refs):
-            try:
-                answers.append(ray.get(ref, timeout=max(deadline - time.monotonic(), 0.001)))
-            except Exception as e:
-                log.info("index shard %d did not answer %s (%s)", part.shard, method, type(e).__name__)
-                answers.append(None)
-        return answers
-
     def report_events(self, node_id: str, payload: bytes) -> None:
         """Applies a batch of a node's events outside the nodes' own streams to the shards
         (nodes feed the shards directly: cluster/shardfeed.py). Events of a node already
@@ -129,17 +120,17 @@ class ControllerService:
     def locate(self, keys: list[bytes]) -> list[list[tuple[str, str]]]:
         """Per key, the (node id, medium) pairs holding it, the fastest medium first."""
         parts = shardmap.split(keys, len(self._shards))
-        return shardmap.locate(parts, self._ask(parts, "locate"), len(keys))
+        return shardmap.locate(parts, self._lookups.ask(parts, "locate"), len(keys))
 
     def longest_prefix(self, keys: list[bytes]) -> int:
         """Leading keys present somewhere in the cluster."""
         parts = shardmap.split(keys, len(self._shards))
-        return shardmap.longest_prefix(parts, self._ask(parts, "first_missing"), len(keys))
+        return shardmap.longest_prefix(parts, self._lookups.ask(parts, "first_missing"), len(keys))
 
     def prefix_by_node(self, keys: list[bytes]) -> dict[str, int]:
         """Per node, how many leading keys of the prompt it holds itself."""
         parts = shardmap.split(keys, len(self._shards))
-        answers = self._ask(parts, "prefix_by_node")
+        answers = self._lookups.ask(parts, "prefix_by_node")
         with self._lock:
             nodes = list(self._nodes)
         return shardmap.prefix_by_node(parts, answers, nodes, len(keys))
@@ -211,12 +202,15 @@ class ControllerService:
                 log.exception("membership check failed; retrying")
 
     def _sync_membership(self) -> None:
-        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        dead: list[str] = []
+        nodes = ray.nodes()
+        alive = {n["NodeID"] for n in nodes if n["Alive"]}
+        # Every node Ray has declared dead, not only those this controller knew: one that died
+        # with the previous controller (the same crash) still has entries in the shards.
+        dead = {n["NodeID"] for n in nodes if not n["Alive"]}
         with self._lock:
             for node_id in [n for n in {*self._nodes, *self._actors, *self._starting} if n not in alive]:
                 log.warning("node %s is dead; dropping its blocks from the index", node_id[:12])
-                dead.append(node_id)
+                dead.add(node_id)
                 self._nodes.pop(node_id, None)
                 self._synced.discard(node_id)
                 self._actors.pop(node_id, None)
@@ -231,9 +225,11 @@ class ControllerService:
                 self._actors[node_id] = actor
                 self._starting[node_id] = actor.info.remote()
             starting = dict(self._starting)
-        if dead:  # every shard at once; one that is restarting rebuilds from the live nodes only
-            ray.wait([shard.drop_node.remote(node_id) for shard in self._shards for node_id in dead],
-                     num_returns=len(dead) * len(self._shards), timeout=10)
+        if dead - self._dropped_in_shards:  # every shard at once; one restarting rebuilds from live nodes only
+            refs = [shard.drop_nodes.remote(sorted(dead)) for shard in self._shards]
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
+            if len(done) == len(refs):  # else told again next round
+                self._dropped_in_shards |= dead
         if not starting:
             return
         ready, _ = ray.wait(list(starting.values()), num_returns=len(starting), timeout=0)
@@ -356,6 +352,7 @@ class ControllerService:
         """Stops every node actor and index shard (they are detached: they outlive a controller
         restart)."""
         self._stopping.set()
+        self._lookups.stop()
         with self._lock:
             actors = list(self._actors.values())
         for shard in self._shards:

@@ -10,8 +10,10 @@ A chunk that fails (the shard is restarting, a timeout) is sent again later, the
 under the same number, after a backoff that doubles up to BACKOFF_MAX_S; the shard applies it
 once. Nothing else is ever resent: only a shard that answers "resync" (it restarted and lost the
 stream) gets a snapshot, and only of its own share, as a new stream whose last snapshot chunk
-is marked synced. A shard unreachable for long does not make the node hoard events: past
-MAX_BACKLOG_KEYS its backlog is dropped and a snapshot taken once it answers again.
+is marked synced. An idle stream sends an empty chunk every HEARTBEAT_S, so a shard that
+restarted while this node had nothing to say still gets its share. A shard unreachable for long
+does not make the node hoard events: past MAX_BACKLOG_KEYS its backlog is dropped and a
+snapshot taken once it answers again.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ BACKOFF_MIN_S, BACKOFF_MAX_S = 0.05, 5.0
 SEND_TIMEOUT_S = 10.0  # a shard restarting elsewhere after its node died takes seconds; then the chunk goes again
 DRAIN_TIMEOUT_S = 30.0
 ALL = None  # snapshot targets: every shard
+HEARTBEAT_S = 1.0  # an idle stream sends an empty chunk this often
+EMPTY_CHUNK = encode_batch([], ts=0.0)
 OK, RESYNC, DROPPED = "ok", "resync", "dropped"  # a shard's answers to a chunk (see cluster/shards.py)
 
 
@@ -63,7 +67,7 @@ class _Chunk:
     seq: int
     payload: bytes
     synced: bool
-    first_entry: int  # the outbox entry its first event came from
+    first_entry: int | None  # the outbox entry its first event came from (None: an empty chunk)
 
 
 _SYNCED = object()  # in a stream's backlog: the snapshot before it is complete
@@ -80,6 +84,7 @@ class _Stream:
     backoff: float = BACKOFF_MIN_S
     snapshot_when_back: bool = False
     superseded: int | None = None  # oldest outbox entry of events dropped for a snapshot not yet applied
+    answered_at: float = 0.0  # when the shard last answered a chunk
 
     def restart(self) -> None:
         """A new stream: whatever was queued is superseded by the snapshot that starts it."""
@@ -230,8 +235,15 @@ class ShardFeed:
         now = time.monotonic()
         sent: list[tuple[int, object]] = []
         for shard, stream in enumerate(self._streams):
-            if stream.retry_at > now or not stream.busy:
+            if stream.retry_at > now:
                 continue
+            if not stream.busy:
+                if not stream.id or now - stream.answered_at < HEARTBEAT_S:
+                    continue
+                # An empty chunk now and then: a shard that restarted while this node had nothing
+                # to send says "resync" to it, so no idle node leaves a rebuilt shard without its share.
+                stream.inflight = _Chunk(stream.next_seq, EMPTY_CHUNK, False, None)
+                stream.next_seq += 1
             if stream.inflight is None:
                 stream.inflight = self._cut(stream)
             chunk = stream.inflight
@@ -252,6 +264,7 @@ class ShardFeed:
             self.counters["chunks_sent"] += 1
             chunk = stream.inflight
             stream.inflight, stream.backoff, stream.retry_at = None, BACKOFF_MIN_S, 0.0
+            stream.answered_at = time.monotonic()
             if answer == RESYNC:  # not applied: the snapshot asked for carries it and what follows
                 stream.inflight = chunk
                 stream.supersede()

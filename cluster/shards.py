@@ -24,9 +24,12 @@ import ray
 from kvstore.cluster.index import CompactIndex, keys_array
 from kvstore.cluster.node import CONTROLLER_NAME, node_actor_name
 from kvstore.cluster.shardfeed import DROPPED, OK, RESYNC
+from kvstore.errors import KVStoreError
 from kvstore.events import AllBlocksCleared, BlockRemoved, BlockStored, Event, decode_batch
 
 log = logging.getLogger(__name__)
+
+LOOKUPS = ("first_missing", "prefix_by_node", "locate")  # what `batch` answers
 
 
 class IndexShard:
@@ -99,13 +102,17 @@ class IndexShard:
         with self._lock:
             self._index.remove(node_id, keys_array(keys))
 
-    def drop_node(self, node_id: str) -> int:
-        """node_id is dead: its entries go, and anything it still sends is ignored."""
+    def drop_nodes(self, node_ids: list[str]) -> int:
+        """These nodes are dead: their entries go, and anything they still send is ignored.
+        Returns how many entries went."""
         with self._lock:
-            self._dropped.add(node_id)
-            self._streams.pop(node_id, None)
-            self._synced.discard(node_id)
-            return self._index.drop_node(node_id)
+            dropped = 0
+            for node_id in node_ids:
+                self._dropped.add(node_id)
+                self._streams.pop(node_id, None)
+                self._synced.discard(node_id)
+                dropped += self._index.drop_node(node_id)
+            return dropped
 
     def synced_nodes(self) -> list[str]:
         with self._lock:
@@ -132,6 +139,15 @@ class IndexShard:
     def locate(self, keys: bytes) -> list[list[tuple[str, str]]]:
         with self._lock:
             return self._index.locate(keys_array(keys))
+
+    def batch(self, requests: list[tuple[str, bytes]]) -> list:
+        """Several lookups (method, keys) in one call (cluster/lookups.py), answered in order."""
+        for method, _ in requests:
+            if method not in LOOKUPS:
+                raise KVStoreError(f"lookup {method!r} is not one of {LOOKUPS}")
+        rows = [keys_array(keys) for _, keys in requests]
+        with self._lock:
+            return [getattr(self._index, method)(keys) for (method, _), keys in zip(requests, rows)]
 
     # -- rebuild -----------------------------------------------------------------------------
 

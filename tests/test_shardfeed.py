@@ -202,7 +202,7 @@ def test_a_shard_that_lost_the_stream_gets_a_snapshot_of_its_share_only():
 
 def test_a_dead_nodes_late_chunks_are_ignored():
     shard = IndexShard(0, 1)
-    shard.drop_node("node-a")
+    shard.drop_nodes(["node-a"])
     blocks = keys(3)
     payload = event_wire.encode_batch([AllBlocksCleared(), BlockStored(blocks, None, "CPU")])
     assert shard.apply("node-a", "s1", 0, payload, True) == shardfeed.DROPPED
@@ -226,3 +226,19 @@ def test_drain_waits_for_what_was_queued_before_it_not_for_what_keeps_coming():
     transport.send = busy_send
     assert feed.drain(timeout_s=5), "drain chased events queued after it began"
     assert held(shards, "node-a", blocks) == 50
+
+
+def test_an_idle_node_gives_a_restarted_shard_its_share(monkeypatch):
+    monkeypatch.setattr(shardfeed, "HEARTBEAT_S", 0.0)
+    shards = [IndexShard(i, 2) for i in range(2)]
+    store = FakeStore()
+    feed = feed_for(store, LocalShards(shards))
+    blocks = keys(200)
+    store.put(blocks)
+    feed.resync()
+    assert feed.drain()
+    shards[0] = IndexShard(0, 2)  # restarted; its request for shares reached no one, and no put follows
+    for _ in range(4):
+        feed.flush()
+    assert held(shards, "node-a", blocks) == 200
+    assert shards[0].synced_nodes() == ["node-a"] and shards[1].stats()["resyncs_asked"] == 0

@@ -644,3 +644,20 @@ def test_node_death_drops_its_blocks_and_others_keep_serving(cluster):
     got = ray.get(on_node(rc, 2).get_checked.remote(keys))
     assert got["hits"] == 10 and got["corrupt"] == 0
     print(f"dead node detected and dropped in {detection_s:.1f} s")
+
+
+def test_a_node_that_died_with_the_controller_is_dropped_by_the_next_one(cluster):
+    rc, client = cluster
+    keys = block_keys(tokens(10, 15), LAYOUT, "died-with-the-controller")
+    ray.get(on_node(rc, 2).put_keys.remote(keys))
+    wait_for(lambda: client.longest_prefix(keys) == 15, 10, "C's blocks to be indexed")
+    c_id = rc.node_id(2)
+    ray.kill(client._controller, no_restart=True)  # the controller goes down with C...
+    rc.kill_node(2)
+    wait_for(lambda: c_id not in {n["NodeID"] for n in ray.nodes() if n["Alive"]}, 30, "Ray to declare C dead")
+    settings = {k: v for k, v in KV_CLUSTER["settings"].items() if k != "nvme_tier_bytes"}  # no new node is made
+    fresh = kvstore.connect(rc.gcs_address, **settings)  # ...and a new one starts after
+    client._controller = fresh._controller  # the fixture shuts the cluster down through its client
+    fresh.close(shutdown_cluster=False)
+    # The new controller never knew C, but Ray says it is dead: the shards drop its entries.
+    wait_for(lambda: client.longest_prefix(keys) == 0, 30, "C's blocks to leave the index")
