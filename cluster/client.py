@@ -541,6 +541,35 @@ class Client:
         self.close()
 
 
+def _node_settings(overrides: dict, config: Config, embedded: bool) -> dict:
+    """What the node actors are told: an embedded cluster's data plane stays on loopback unless
+    flight_host says otherwise (Ray would give its node's outward IP)."""
+    if embedded and not (overrides.get("flight_host") or config.flight_host):
+        return {**overrides, "flight_host": "127.0.0.1"}
+    return overrides
+
+
+def _private_ray_auth() -> None:
+    """Keeps Ray's token authentication on for an embedded Ray: a token of its own, in this
+    process's environment (Ray's processes inherit it), unless the caller chose a token or
+    turned auth off (RAY_AUTH_MODE=disabled). Never a token file in ~/.ray: Ray would then switch
+    every other Ray head started on this machine to token mode."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ["RAY_AUTH_MODE"] != "token" or os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    try:  # Ray read its auth settings when it was imported: have it read them again
+        from ray._raylet import AuthenticationTokenLoader, Config as RayConfig
+
+        RayConfig.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    except (ImportError, AttributeError) as e:  # another Ray version: run without rather than fail
+        log.warning("Ray's token authentication could not be turned on for the embedded cluster (%s); "
+                    "it runs without", e)
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        os.environ.pop("RAY_AUTH_TOKEN")
+
+
 def connect(address: str | None = None, *, config: Config | None = None, node_overrides: dict | None = None,
             **overrides) -> Client:
     """Connects to the kvstore cluster at the Ray `address`, or starts an embedded one.
@@ -562,10 +591,10 @@ def connect(address: str | None = None, *, config: Config | None = None, node_ov
                                "connect() without an address there)")
     if not ray.is_initialized():
         if embedded:
-            # An embedded Ray is private to this process: no dashboard, no token file in ~/.ray.
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            _private_ray_auth()
+            # On loopback: the node's IP is where its data plane binds too (flight_host empty).
             ray.init(namespace=config.ray_namespace, include_dashboard=False, num_cpus=max(2, os.cpu_count() or 2),
-                     object_store_memory=128 * 1024**2, log_to_driver=False)
+                     object_store_memory=128 * 1024**2, log_to_driver=False, _node_ip_address="127.0.0.1")
         else:
             ray.init(address=address, namespace=config.ray_namespace, log_to_driver=False)
     token = config.token()
@@ -579,5 +608,6 @@ def connect(address: str | None = None, *, config: Config | None = None, node_ov
             # On the starter's node (the KubeRay head for `kvstore serve`), free to restart
             # elsewhere if that node dies.
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),
-        ).remote(config.ray_namespace, token, overrides if node_overrides is None else node_overrides)
+        ).remote(config.ray_namespace, token, _node_settings(overrides if node_overrides is None else node_overrides,
+                                                             config, embedded))
     return Client(controller, config, embedded)

@@ -36,7 +36,9 @@ def _get(url: str, token: str | None = None) -> tuple[int, str]:
 
 def test_up_serves_and_stops_cleanly_on_ctrl_c(tmp_path):
     port = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "KVSTORE_AUTH_TOKEN": "cli-test-token"}
+    # Ray's token auth as `kvstore up` sets it (on, with a token of its own): nothing inherited.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["KVSTORE_AUTH_TOKEN"] = "cli-test-token"
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvstore", "up", "--set", "host_tier_bytes=64MiB", "--set", "slot_bytes=64KiB",
          "--set", f"http_port={port}", "--set", "shm_prefix=kvstore-clitest"],
@@ -62,6 +64,7 @@ def test_up_serves_and_stops_cleanly_on_ctrl_c(tmp_path):
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "status page" in out and "stopping" in out
+    assert "?token=" not in out and "cli-test-token" not in out  # no credential printed, none in a URL
     assert not glob.glob("/dev/shm/kvstore-clitest-*"), "Ctrl-C should remove the host arena"
 
 
