@@ -8,9 +8,12 @@ Load it in any engine with:
         "kv_role": "kv_producer" | "kv_consumer" | "kv_both",
         "kv_load_failure_policy": "recompute",          # recommended: a failed load is recomputed
         "kv_connector_extra_config": {
-            "kvstore_address": "10.0.0.5:6379",          # Ray address of the kvstore cluster ("auto");
-                                                         # empty: the Ray cluster this process is in
-                                                         # (or an embedded one if it is in none)
+            "kvstore_address": "10.0.0.5:6379",          # Ray address of the kvstore cluster; empty:
+                                                         # the Ray cluster this process is in, else
+                                                         # RAY_ADDRESS, else that of the Ray worker
+                                                         # that spawned the engine; none: engine start
+                                                         # fails (never a silent private kvstore:
+                                                         # "embedded" asks for one)
             "kvstore_namespace": "tenant-a",             # default: the kvstore config's namespace
             "kvstore_token_file": "/etc/kvstore/secret/token",   # optional
             "kvstore_verify_fraction": 0.01,             # verified restores (below): share of loads
@@ -127,6 +130,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+import ray
 import torch
 
 import vllm
@@ -160,6 +164,7 @@ from vllm.v1.outputs import KVConnectorOutput  # noqa: E402
 import kvstore  # noqa: E402
 from kvstore.connectors import vllm_layout  # noqa: E402
 from kvstore.connectors.verify import Source, Verifier, VerifySettings, compare  # noqa: E402
+from kvstore.errors import KVStoreError  # noqa: E402
 from kvstore.layout import DTYPES, Layout  # noqa: E402
 
 if TYPE_CHECKING:
@@ -179,8 +184,9 @@ HANDOFF_KEYS = ("kvstore_version", "kvstore_keys", "kvstore_node", "kvstore_leas
 # -- settings ------------------------------------------------------------------------------------
 
 _SETTINGS = {
-    "kvstore_address": "Ray address of the kvstore cluster; empty: the Ray cluster this process is in "
-                       "(an embedded one if it is in none)",
+    "kvstore_address": "Ray address of the kvstore cluster; empty: the Ray cluster this process is in, else "
+                       "RAY_ADDRESS, else that of the Ray worker that spawned the engine; 'embedded': a kvstore "
+                       "private to this process (tests and demos only)",
     "kvstore_namespace": "tenant namespace salted into every key (default: the kvstore config's)",
     "kvstore_token_file": "file holding the data plane's auth token",
     "kvstore_model_id": "model id in the layout (default: the model path/name and revision)",
@@ -271,14 +277,51 @@ _CLIENTS: dict[tuple, Any] = {}
 _CLIENTS_LOCK = threading.Lock()
 
 
+EMBEDDED = "embedded"
+
+
+def _join_address(address: str) -> str | None:
+    """The Ray address the connector's client joins (None: this process's own cluster, or with
+    EMBEDDED a private one): the setting, else the Ray cluster this process is in, else
+    RAY_ADDRESS, else the cluster of the Ray worker that spawned this process. An engine's core
+    and workers are often processes Ray did not start (vLLM spawns them), where `connect(None)`
+    would quietly start a kvstore of their own that no other engine shares: never unasked.
+    Raises KVStoreError, naming what to set, when there is nothing to join."""
+    if address == EMBEDDED:
+        return None
+    if address or ray.is_initialized():
+        return address or None
+    found = os.environ.get("RAY_ADDRESS") or _spawners_cluster()
+    if not found:
+        raise KVStoreError(
+            "the kvstore connector has no kvstore cluster to join: this process is in no Ray cluster, RAY_ADDRESS "
+            "is unset and no Ray worker spawned it; set kv_connector_extra_config.kvstore_address to the cluster's "
+            f"Ray address (or RAY_ADDRESS), or run the engine inside it ({EMBEDDED!r} starts a private one: tests "
+            "and demos only)")
+    return found
+
+
+def _spawners_cluster() -> str | None:
+    """The GCS address of the Ray cluster whose worker spawned this process: Ray's workers carry
+    RAY_RAYLET_PID, which the processes they start inherit, and the raylet's command line names
+    its GCS."""
+    pid = os.environ.get("RAY_RAYLET_PID", "")
+    try:
+        args = open(f"/proc/{int(pid)}/cmdline", "rb").read().split(b"\0")
+    except (ValueError, OSError):
+        return None
+    return next((a.split(b"=", 1)[1].decode() for a in args if a.startswith(b"--gcs-address=")), None)
+
+
 def _client(settings: Settings):
-    """One kvstore client per process and address (the scheduler and a worker may share a process)."""
+    """One kvstore client per process and address (the scheduler and a worker may share a process).
+    Raises KVStoreError, naming what to set, where there is no kvstore cluster to join."""
     key = (settings.address, settings.token_file)
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(key)
         if client is None:
             overrides = {"auth_token_file": settings.token_file} if settings.token_file else {}
-            client = _CLIENTS[key] = kvstore.connect(settings.address or None, **overrides)
+            client = _CLIENTS[key] = kvstore.connect(_join_address(settings.address), **overrides)
         return client
 
 

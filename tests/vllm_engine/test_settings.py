@@ -60,3 +60,48 @@ def test_verify_settings():
         Settings.from_vllm(vllm_config(kvstore_verify_fraction=2))
     with pytest.raises(ValueError, match="kvstore_verify_first_n='many' is not a number"):
         Settings.from_vllm(vllm_config(kvstore_verify_first_n="many"))
+
+
+def test_the_address_joined_is_never_a_silent_private_kvstore(monkeypatch, tmp_path):
+    import subprocess
+    import sys
+
+    from kvstore.connectors import vllm as kvc
+    from kvstore.errors import KVStoreError
+
+    for name in ("RAY_ADDRESS", "RAY_RAYLET_PID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(kvc.ray, "is_initialized", lambda: False)  # as in a process vLLM spawned
+    assert kvc._join_address("10.0.0.5:6379") == "10.0.0.5:6379"
+    assert kvc._join_address("embedded") is None  # asked for: a private one
+    with pytest.raises(KVStoreError, match="no kvstore cluster to join.*kvstore_address"):
+        kvc._join_address("")
+    # Spawned by a Ray worker: its raylet's command line names the cluster.
+    raylet = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--gcs-address=10.0.0.9:6379"])
+    try:
+        from kvtest_support import wait_for
+
+        wait_for(lambda: b"--gcs-address" in open(f"/proc/{raylet.pid}/cmdline", "rb").read(), 10,
+                 "the stand-in raylet to exec")
+        monkeypatch.setenv("RAY_RAYLET_PID", str(raylet.pid))
+        assert kvc._join_address("") == "10.0.0.9:6379"
+        monkeypatch.setenv("RAY_ADDRESS", "10.0.0.7:6379")  # wins over the spawner's
+        assert kvc._join_address("") == "10.0.0.7:6379"
+    finally:
+        raylet.kill()
+        raylet.wait()
+
+
+def test_an_engine_with_no_kvstore_to_join_fails_start_saying_what_to_set():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_RAYLET_PID")}
+    code = ("from kvstore.connectors import vllm as kvc\n"
+            "s = kvc.Settings('', None, None, None, True, False, None, False)\n"
+            "try:\n    kvc._client(s)\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+            "import ray\nprint('ray initialized', ray.is_initialized())\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert "KVStoreError" in out and "kvstore_address" in out and "RAY_ADDRESS" in out, out
+    assert "ray initialized False" in out, out  # and no private Ray was started instead
