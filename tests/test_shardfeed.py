@@ -184,14 +184,20 @@ def test_a_restarted_shard_rebuilds_only_its_share_and_answers_from_what_it_know
     assert sorted(shards[0].synced_nodes()) == ["node-a", "node-b"]
 
 
-def test_a_shard_that_lost_the_stream_gets_a_snapshot_of_its_share_only():
+def synced_feed(blocks: list[bytes]):
+    """Two shards, a node's store holding `blocks`, and its feed, with the snapshot applied."""
     shards = [IndexShard(i, 2) for i in range(2)]
     store = FakeStore()
     feed = feed_for(store, LocalShards(shards))
-    blocks = keys(400)
     store.put(blocks)
     feed.resync()
     assert feed.drain()
+    return shards, store, feed
+
+
+def test_a_shard_that_lost_the_stream_gets_a_snapshot_of_its_share_only():
+    blocks = keys(400)
+    shards, store, feed = synced_feed(blocks)
     shards[1] = IndexShard(1, 2)  # restarted, and no one asked: the node's next chunk finds out
     store.put(keys(64))  # some land in shard 1, whose answer is "resync"
     assert feed.drain()
@@ -230,13 +236,8 @@ def test_drain_waits_for_what_was_queued_before_it_not_for_what_keeps_coming():
 
 def test_an_idle_node_gives_a_restarted_shard_its_share(monkeypatch):
     monkeypatch.setattr(shardfeed, "HEARTBEAT_S", 0.0)
-    shards = [IndexShard(i, 2) for i in range(2)]
-    store = FakeStore()
-    feed = feed_for(store, LocalShards(shards))
     blocks = keys(200)
-    store.put(blocks)
-    feed.resync()
-    assert feed.drain()
+    shards, _, feed = synced_feed(blocks)
     shards[0] = IndexShard(0, 2)  # restarted; its request for shares reached no one, and no put follows
     for _ in range(4):
         feed.flush()
