@@ -273,7 +273,6 @@ def main(argv=None) -> int:
         return [local[part.shard].prefix_by_node(part.keys) for part in parts]
 
     figures.update(lookup_figures(time_lookups(prompt, count, ask_local, repeats, nodes)))
-    del local
 
     if not args.skip_ray:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
