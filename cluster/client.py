@@ -8,9 +8,10 @@ host arena. A get reads the blocks in it through the arena's directory with no c
 (tiers/directory.py); blocks on the node's NVMe tier take one call to the node actor, which
 brings them into the arena. A block held only by other nodes is pulled over Arrow Flight, one
 stream per owner, straight into the caller's buffer (and, if `cache_pulled_blocks`, into the
-local arena). Owners are remembered (cluster/locations.py); the controller is asked only about
-keys the client has not seen. A put reserves slots through the node actor, copies into them in
-place, and commits through it (the commit waits for the controller's index).
+local arena). Owners are remembered (cluster/locations.py); the index shards are asked
+(directly, not through the controller) only about keys the client has not seen. A put reserves
+slots through the node actor, copies into them in place, and commits through it; the index
+learns the blocks with the node's next event batch (at once with `wait_index`).
 
 Integrity: a block read from the arena is checked against its checksum as `verify_reads` says,
 a pulled block always (kvstore.integrity); a block that fails is a miss. A writer of reserved
@@ -34,6 +35,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from kvstore.cluster.controller import CONTROLLER_NAME, ControllerActor
 from kvstore.cluster.dataplane import SESSION_IDLE_S, DataPlaneClient
 from kvstore.cluster.locations import LocationCache, PeerBreaker
+from kvstore.cluster.lookups import IndexReader
+from kvstore.cluster.shardmap import shard_actor_name
 from kvstore.cluster.pulled import PulledBlocks
 from kvstore.cluster.node import node_actor_name
 from kvstore.config import Config, load_config
@@ -49,6 +52,7 @@ from kvstore.tls import TLS
 log = logging.getLogger(__name__)
 
 RPC_TIMEOUT_S = 60.0
+LOOKUP_TIMEOUT_S = 5.0  # an index shard slower than this counts as knowing nothing (a shorter answer)
 _STREAM_MIN_BYTES = 32 * 1024 * 1024  # a pull is split into streams of at least this much
 
 
@@ -131,6 +135,7 @@ class Client:
         self._peers_lock = threading.Lock()
         self._addresses: dict[str, str] = {}  # node id -> data-plane address, refreshed when one is unknown
         self._locations = LocationCache()
+        self._index = self._index_reader()  # lookups go to the index shards, not through the controller
         self._breaker = PeerBreaker()
         self._streams = ThreadPoolExecutor(4, thread_name_prefix="kvstore-pull")  # one per owner pulled from
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="kvstore-copy")
@@ -392,8 +397,7 @@ class Client:
                 unknown.append(i)
             else:
                 by_owner.setdefault(owner, []).append(i)
-        holders = ray.get(self._controller.locate.remote([keys[i] for i in unknown]), timeout=RPC_TIMEOUT_S) \
-            if unknown else []
+        holders = self._index.locate([keys[i] for i in unknown]) if unknown else []
         named = set(by_owner) | {n for hs in holders for n, _ in hs if n != self.node_id}
         if not named <= self._addresses.keys():  # a node this client has not talked to yet
             self._addresses = {n["node_id"]: n["address"] for n in self.nodes()}
@@ -461,15 +465,21 @@ class Client:
                                                               self._tls)
             return peer
 
+    def _index_reader(self) -> IndexReader:
+        count = ray.get(self._controller.index_shards.remote(), timeout=RPC_TIMEOUT_S)
+        shards = [ray.get_actor(shard_actor_name(i), namespace=self.config.ray_namespace) for i in range(count)]
+        return IndexReader(lambda shard, requests: ray.get(shards[shard].batch.remote(requests), timeout=LOOKUP_TIMEOUT_S),
+                           count, LOOKUP_TIMEOUT_S)
+
     def longest_prefix(self, keys: Sequence[bytes]) -> int:
-        return ray.get(self._controller.longest_prefix.remote(check_keys(keys)), timeout=RPC_TIMEOUT_S)
+        return self._index.longest_prefix(check_keys(keys))
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
         return [bool(h) for h in self.where(keys)]
 
     def where(self, keys: Sequence[bytes]) -> list[list[tuple[str, str]]]:
         """Per key, the (node id, medium) pairs that hold it, fastest medium first."""
-        return ray.get(self._controller.locate.remote(check_keys(keys)), timeout=RPC_TIMEOUT_S)
+        return self._index.locate(check_keys(keys))
 
     def best_node(self, keys: Sequence[bytes]) -> dict:
         return ray.get(self._controller.best_node.remote(check_keys(keys)), timeout=RPC_TIMEOUT_S)
@@ -521,6 +531,7 @@ class Client:
         self.flush()
         self._closing.set()
         self._reaper.join(timeout=5)
+        self._index.stop()
         for peer in self._peers.values():
             peer.close()
         self._copier.shutdown()

@@ -4,16 +4,15 @@ It places the index shards (cluster/shards.py: the cluster index, key -> holders
 hash; they outlive a controller restart, as node actors do), tracks membership from Ray (a dead
 node's entries go as soon as Ray declares it dead; a new node gets a node actor), answers
 cluster-wide lookups (where, longest prefix, the node holding most of a prompt for KV-aware
-routing) by asking every shard at once and combining (cluster/shardmap.py), brokers leases that
-keep a handoff's blocks pinned on their owner, and aggregates stats. It holds no index itself:
+routing) by asking every shard at once and combining (cluster/lookups.py; clients ask the shards
+directly the same way), and aggregates stats. Leases are not its business: they are holds on the
+blocks' owner (cluster/node.py). It holds no index itself:
 after a restart it finds the shards again, and a node is ready once every shard has its share.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-import secrets
 import threading
 import time
 
@@ -21,26 +20,17 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kvstore.cluster import shardmap
-from kvstore.cluster.lookups import ShardLookups
+from kvstore.cluster.lookups import IndexReader
 from kvstore.cluster.node import CONTROLLER_NAME, NodeActor, node_actor_name
 from kvstore.cluster.shardfeed import split_by_shard
 from kvstore.cluster.shards import IndexShardActor
 from kvstore.config import load_config
-from kvstore.errors import LeaseError
 from kvstore.events import decode_batch, encode_batch
 
 log = logging.getLogger(__name__)
 
 MEMBERSHIP_PERIOD_S = 0.5
 LOOKUP_TIMEOUT_S = 5.0  # a shard slower than this counts as knowing nothing (answers get shorter)
-
-
-@dataclasses.dataclass
-class _Lease:
-    node_id: str
-    hold_id: str
-    keys: list[bytes]
-    expires: float
 
 
 class ControllerService:
@@ -51,14 +41,13 @@ class ControllerService:
         self._lock = threading.RLock()
         self._shards = self._place_shards(load_config(os.environ.get("KVSTORE_CONFIG") or None,
                                                       **node_overrides).index_shards)
-        self._lookups = ShardLookups(
+        self._index = IndexReader(
             lambda shard, requests: ray.get(self._shards[shard].batch.remote(requests), timeout=LOOKUP_TIMEOUT_S),
             len(self._shards), LOOKUP_TIMEOUT_S)
         self._nodes: dict[str, dict] = {}  # node id -> info (address, shm_name, ...) of a registered node
         self._synced: set[str] = set()  # nodes whose full content every shard has (see _refresh_synced)
         self._actors: dict[str, object] = {}
         self._starting: dict[str, object] = {}  # node id -> ObjectRef of its info()
-        self._leases: dict[str, _Lease] = {}
         self._dropped_nodes = 0
         self._dropped_in_shards: set[str] = set()  # dead nodes every shard has been told to drop
         # Verified restores (connectors/verify.py): per (node id, medium) checks and mismatches,
@@ -119,21 +108,17 @@ class ControllerService:
 
     def locate(self, keys: list[bytes]) -> list[list[tuple[str, str]]]:
         """Per key, the (node id, medium) pairs holding it, the fastest medium first."""
-        parts = shardmap.split(keys, len(self._shards))
-        return shardmap.locate(parts, self._lookups.ask(parts, "locate"), len(keys))
+        return self._index.locate(keys)
 
     def longest_prefix(self, keys: list[bytes]) -> int:
         """Leading keys present somewhere in the cluster."""
-        parts = shardmap.split(keys, len(self._shards))
-        return shardmap.longest_prefix(parts, self._lookups.ask(parts, "first_missing"), len(keys))
+        return self._index.longest_prefix(keys)
 
     def prefix_by_node(self, keys: list[bytes]) -> dict[str, int]:
-        """Per node, how many leading keys of the prompt it holds itself."""
-        parts = shardmap.split(keys, len(self._shards))
-        answers = self._lookups.ask(parts, "prefix_by_node")
+        """Per registered node, how many leading keys of the prompt it holds itself."""
         with self._lock:
             nodes = list(self._nodes)
-        return shardmap.prefix_by_node(parts, answers, nodes, len(keys))
+        return self._index.prefix_by_node(keys, nodes)
 
     def best_node(self, keys: list[bytes]) -> dict:
         """The node holding the longest prefix of the prompt (ties: the lowest node id)."""
@@ -248,45 +233,6 @@ class ControllerService:
                 self._starting.pop(node_id, None)
                 self._nodes[node_id] = info
 
-    # -- leases --------------------------------------------------------------------------------
-
-    def create_lease(self, node_id: str, layout: dict, keys: list[bytes], ttl_s: float) -> dict:
-        """Pins keys on node_id for a handoff until released or ttl_s passes.
-
-        Returns {"lease_id", "node_id", "address", "keys" (the ones pinned), "expires_in_s"}.
-        """
-        with self._lock:
-            actor = self._actors.get(node_id)
-            info = self._nodes.get(node_id)
-        if actor is None or info is None:
-            raise LeaseError(f"node {node_id!r} is not a live kvstore node")
-        hold_id, slots, _ = ray.get(actor.acquire.remote(layout, keys, ttl_s), timeout=30)
-        pinned = [k for k, s in zip(keys, slots) if s is not None]
-        lease_id = secrets.token_hex(12)
-        with self._lock:
-            self._expire_leases()
-            self._leases[lease_id] = _Lease(node_id, hold_id, pinned, time.monotonic() + ttl_s)
-        return {"lease_id": lease_id, "node_id": node_id, "address": info["address"], "keys": pinned,
-                "expires_in_s": ttl_s}
-
-    def release_lease(self, lease_id: str) -> None:
-        with self._lock:
-            self._expire_leases()
-            lease = self._leases.pop(lease_id, None)
-            actor = self._actors.get(lease.node_id) if lease else None
-        if lease is None:
-            raise LeaseError(f"lease {lease_id!r} is unknown, expired or already released")
-        if actor is not None:
-            try:
-                ray.get(actor.release.remote(lease.hold_id), timeout=30)
-            except Exception as e:  # expired on the node already, or the node died: nothing is pinned
-                log.info("releasing lease %s: %s", lease_id, e)
-
-    def _expire_leases(self) -> None:
-        now = time.monotonic()
-        for lease_id in [k for k, lease in self._leases.items() if lease.expires < now]:
-            del self._leases[lease_id]  # the node's hold expires on its own clock
-
     # -- verified restores ---------------------------------------------------------------------
 
     def report_verification(self, reporter: str, sources: list[dict]) -> None:
@@ -329,7 +275,7 @@ class ControllerService:
         with self._lock:
             actors = dict(self._actors)
             summary = {"nodes_registered": len(self._nodes), "nodes_dropped": self._dropped_nodes,
-                       "leases": len(self._leases), "verification": self._verification_stats()}
+                       "verification": self._verification_stats()}
         refs = {node_id: actor.stats.remote() for node_id, actor in actors.items()}
         shard_refs = [shard.stats.remote() for shard in self._shards]
         shards = []
@@ -352,7 +298,7 @@ class ControllerService:
         """Stops every node actor and index shard (they are detached: they outlive a controller
         restart)."""
         self._stopping.set()
-        self._lookups.stop()
+        self._index.stop()
         with self._lock:
             actors = list(self._actors.values())
         for shard in self._shards:
@@ -363,6 +309,6 @@ class ControllerService:
             ray.kill(actor)
 
 
-# Calls in flight during a restart are retried (they are idempotent; a retried lease just expires).
+# Calls in flight during a restart are retried (they are idempotent).
 ControllerActor = ray.remote(num_cpus=0, max_concurrency=16, max_restarts=-1, max_task_retries=-1)(ControllerService)
 __all__ = ["ControllerActor", "ControllerService", "CONTROLLER_NAME"]

@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Callable
 
+from kvstore.cluster import shardmap
 from kvstore.cluster.shardmap import Part
 
 log = logging.getLogger(__name__)
@@ -79,3 +80,36 @@ class ShardLookups:
             for request, answer in zip(batch, answers):
                 request.answer = answer
                 request.done.set()
+
+
+class IndexReader:
+    """The cluster index as a reader sees it: a prompt split by shard, every shard asked at once
+    (one call per shard per round, through ShardLookups), the answers combined (shardmap). The
+    controller uses one, and so does every client, which asks the shards directly: lookups do
+    not all pass through the one controller."""
+
+    def __init__(self, call: Callable[[int, list[tuple[str, bytes]]], list], count: int, timeout_s: float) -> None:
+        self.count = count
+        self._lookups = ShardLookups(call, count, timeout_s)
+
+    def locate(self, keys: list[bytes]) -> list[list[tuple[str, str]]]:
+        """Per key, the (node id, medium) pairs holding it, the fastest medium first."""
+        parts = shardmap.split(keys, self.count)
+        return shardmap.locate(parts, self._lookups.ask(parts, "locate"), len(keys))
+
+    def longest_prefix(self, keys: list[bytes]) -> int:
+        """Leading keys present somewhere in the cluster."""
+        parts = shardmap.split(keys, self.count)
+        return shardmap.longest_prefix(parts, self._lookups.ask(parts, "first_missing"), len(keys))
+
+    def prefix_by_node(self, keys: list[bytes], nodes) -> dict[str, int]:
+        """Per node of `nodes`, how many leading keys of the prompt it holds itself."""
+        parts = shardmap.split(keys, self.count)
+        return shardmap.prefix_by_node(parts, self._lookups.ask(parts, "prefix_by_node"), nodes, len(keys))
+
+    @property
+    def counters(self) -> dict:
+        return self._lookups.counters
+
+    def stop(self) -> None:
+        self._lookups.stop()

@@ -72,7 +72,6 @@ def render(stats: dict, rates: dict[str, dict[str, float]] | None = None) -> str
     w.sample("kvstore_nodes_dropped_total", "counter", "Nodes declared dead since the controller started.",
              stats.get("nodes_dropped", 0))
     w.sample("kvstore_index_keys", "gauge", "Distinct blocks in the cluster index.", stats.get("index_keys", 0))
-    w.sample("kvstore_leases", "gauge", "Handoff leases outstanding.", stats.get("leases", 0))
     verification = stats.get("verification", {})
     w.sample("kvstore_verify_quarantined_sources", "gauge",
              "Sources (node, medium) quarantined after their KV did not match a recompute.",
@@ -90,6 +89,8 @@ def render(stats: dict, rates: dict[str, dict[str, float]] | None = None) -> str
             w.sample("kvstore_node_up", "gauge", "1 if the node answered the last stats call.", 0, node=node_label)
             continue
         w.sample("kvstore_node_up", "gauge", "1 if the node answered the last stats call.", 1, node=node_label)
+        w.sample("kvstore_node_holds", "gauge", "Open holds on the node: writers' reservations, readers' pins and "
+                 "handoff leases.", node.get("holds", 0), node=node_label)
         store = node["store"]
         for key, doc in _STORE_COUNTERS.items():
             w.sample(f"kvstore_store_{key}_total", "counter", doc, store.get(key, 0), node=node_label)

@@ -189,7 +189,7 @@ def test_pulls_from_several_owners_at_once_and_cache_their_locations(cluster):
     b, c = on_node(rc, 1), on_node(rc, 2)
     ray.get([b.put_keys.remote(keys[:6]), c.put_keys.remote(keys[6:])])
     wait_for(lambda: client.longest_prefix(keys) == 12, 10, "the index to learn the blocks")
-    counting = client._controller = Counting(client._controller, "locate")
+    counting = client._index = Counting(client._index, "locate")  # the index shards' lookups
     try:
         first = pull(client, keys)
         assert first.sources == [(rc.node_id(1), "remote")] * 6 + [(rc.node_id(2), "remote")] * 6
@@ -197,7 +197,7 @@ def test_pulls_from_several_owners_at_once_and_cache_their_locations(cluster):
         second = pull(client, keys)
         assert second.sources == first.sources and counting.calls == 1  # owners remembered
     finally:
-        client._controller = counting.handle
+        client._index = counting.handle
     client.flush()
     assert client.contains(keys) == [True] * 12
     assert not any(ray.get(ray.get_actor(f"kvstore-node-{rc.node_id(0)}", namespace="kvstore")
@@ -245,14 +245,14 @@ def test_a_known_owner_is_pulled_from_without_a_lookup(cluster):
     rc, client = cluster
     keys = block_keys(tokens(13, 3), LAYOUT, "known-owner")
     ray.get(on_node(rc, 1).put_keys.remote(keys))
-    counting = client._controller = Counting(client._controller, "locate")
+    counting = client._index = Counting(client._index, "locate")  # the index shards' lookups
     try:
         out = torch.zeros((3, LAYOUT.block_nbytes), dtype=torch.uint8)
         result = client.get(LAYOUT, keys, out, cache=False, owner=rc.node_id(1))  # as a handoff handle names it
         assert result.sources == [(rc.node_id(1), "remote")] * 3 and torch.equal(out, payload(keys))
         assert counting.calls == 0
     finally:
-        client._controller = counting.handle
+        client._index = counting.handle
 
 
 def test_a_lease_is_taken_on_its_owner_and_ended_by_the_pull(cluster):
