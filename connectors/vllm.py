@@ -433,6 +433,9 @@ class Transfer:
     keys: list[list[bytes]]              # [tp_rank][i]
     parents: list[bytes | None] = dataclasses.field(default_factory=list)  # [tp_rank]: key before keys[r][0]
     is_async: bool = False
+    # A handoff's load: the producer's node, pulled from without a lookup and not cached here
+    # (a decode worker does not prefill: a local copy would cost TTFT and serve no one).
+    handoff_node: str | None = None
 
 
 @dataclasses.dataclass
@@ -531,6 +534,7 @@ class _Req:
     loading: bool = False              # an async load is in flight
     async_saves: bool = False          # async saves were sent: hold vLLM's blocks at finish
     handle_leases: list[str] = dataclasses.field(default_factory=list)
+    handle_node: str | None = None     # the producer's node, while its handle is this request's
     admitted: tuple | None = None      # (first, present) -> the verifier's (usable, sources, check)
     check: tuple[int, int, list[Source]] | None = None  # (first, end block, sources): compute, then compare
     checked: int = 0                   # blocks of `check` sent to the workers so far
@@ -691,6 +695,7 @@ class KVStoreConnector(KVConnectorBase_V1):
                         request.request_id)
             return
         st.handle_leases = [lease for lease in (params.get("kvstore_leases") or [params.get("kvstore_lease")]) if lease]
+        st.handle_node = str(params["kvstore_node"]) if params.get("kvstore_node") else None
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
         """Scheduler, after it allocated blocks for a request it admits (and, for an async load,
@@ -708,7 +713,7 @@ class KVStoreConnector(KVConnectorBase_V1):
                                f"block {first}; the store offered blocks {st.lookup[0]}..{st.lookup[1]}")
         block_ids = list(blocks.get_block_ids()[0][first:end])
         st.pending_load = Transfer(request.request_id, block_ids, [k[first:end] for k in st.keys],
-                                   is_async=self.settings.load_async)
+                                   is_async=self.settings.load_async, handoff_node=st.handle_node)
         st.loading = self.settings.load_async
         st.saved = max(st.saved, end)  # these blocks are in the store already
 
@@ -1110,7 +1115,9 @@ class KVStoreConnector(KVConnectorBase_V1):
             if self.settings.test_delete_before_load:
                 self._client.delete(keys)
             staging = self._buffer(buffer, n)
-            found = self._client.get(self._layout, keys, staging).found
+            handoff = load.handoff_node is not None
+            found = self._client.get(self._layout, keys, staging, owner=load.handoff_node,
+                                     cache=False if handoff else None).found
             usable = next((i for i, ok in enumerate(found) if not ok), n)
             if usable:
                 for layer in range(len(self._caches)):

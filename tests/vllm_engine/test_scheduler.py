@@ -238,6 +238,7 @@ def test_producer_handoff_lease_and_consumer_release(tiny_model, store):
     so, _ = step(c)
     (load,) = so.kv_connector_metadata.loads
     assert [k.hex() for k in load.keys[0]] == handle["kvstore_keys"]
+    assert load.handoff_node == handle["kvstore_node"]  # pulled from there, not cached on the decode side
     # The load happened in that step: the handle's lease was released afterwards.
     with pytest.raises(LeaseError):
         client.release_lease(handle["kvstore_lease"])
@@ -309,6 +310,7 @@ def test_a_handle_of_another_cache_salt_is_ignored(tiny_model, store):
     free0 = free_blocks(c)
     assert loads_of_first_step(c, request("b", tokens, kv_transfer_params=handle, cache_salt="tenant-b")) == []
     assert not c.connector._reqs["b"].handle_leases  # the handle was not taken as its own
+    assert c.connector._reqs["b"].handle_node is None
     assert all(k not in stored for k in c.connector._reqs["b"].keys[0])
     for _ in range(2):
         step(c)
