@@ -126,8 +126,9 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
+    holds = sum(n.get("holds", 0) for n in stats["nodes"].values())
     print(f"{stats['nodes_registered']} nodes, {stats['index_keys']:,} blocks indexed, "
-          f"{stats['leases']} leases, {stats['nodes_dropped']} nodes lost")
+          f"{holds} holds (reservations, pins, handoff leases), {stats['nodes_dropped']} nodes lost")
     for node_id, node in sorted(stats["nodes"].items()):
         if "error" in node:
             print(f"  {node_id[:12]}  unreachable: {node['error']}")

@@ -237,7 +237,7 @@ table{{border-collapse:collapse;width:100%}} td,th{{border-bottom:1px solid #ddd
 <h1>kvstore</h1>
 <p class=summary><span><b>{stats.get('nodes_registered', 0)}</b>nodes</span>
 <span><b>{stats.get('index_keys', 0):,}</b>blocks indexed</span>
-<span><b>{stats.get('leases', 0)}</b>leases</span>
+<span><b>{sum(n.get('holds', 0) for n in stats.get('nodes', {}).values())}</b>holds</span>
 <span><b>{stats.get('nodes_dropped', 0)}</b>nodes lost</span>
 <span><b>{verification.get('mismatches', 0):,} / {verification.get('checks', 0):,}</b>verified loads wrong</span>
 <span><b{' class=bad' if verification.get('quarantined') else ''}>{len(verification.get('quarantined', []))}</b>sources quarantined</span></p>
