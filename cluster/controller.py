@@ -25,12 +25,18 @@ from kvstore.cluster.node import CONTROLLER_NAME, NodeActor, node_actor_name
 from kvstore.cluster.shardfeed import split_by_shard
 from kvstore.cluster.shards import IndexShardActor
 from kvstore.config import load_config
-from kvstore.events import decode_batch, encode_batch
+from kvstore.events import AllBlocksCleared, decode_batch, encode_batch
 
 log = logging.getLogger(__name__)
 
 MEMBERSHIP_PERIOD_S = 0.5
 LOOKUP_TIMEOUT_S = 5.0  # a shard slower than this counts as knowing nothing (answers get shorter)
+# Node actors' liveness: each membership round sends every registered node actor a cheap call
+# (one at a time per actor, never waited on). Only Ray saying the actor is dead (its process is
+# gone), twice in a row, counts as a crash; a call unanswered for PING_SLOW_S only makes the node
+# "slow" (logged, in stats): a slow node actor is never dropped nor killed.
+PING_SLOW_S = 10.0
+DEATH_CONFIRMATIONS = 2
 
 
 class ControllerService:
@@ -50,6 +56,15 @@ class ControllerService:
         self._starting: dict[str, object] = {}  # node id -> ObjectRef of its info()
         self._dropped_nodes = 0
         self._dropped_in_shards: set[str] = set()  # dead nodes every shard has been told to drop
+        # Crashed node actors on live Ray nodes (see _check_actors): node id -> the shards' acks of
+        # "drop its entries"; a new node actor is made there once every shard has acknowledged.
+        self._clearing: dict[str, list] = {}
+        self._pings: dict[str, tuple] = {}  # node id -> (ObjectRef of a liveness call, when sent)
+        self._ping_failures: dict[str, int] = {}  # node id -> consecutive "actor died" answers
+        self._slow: set[str] = set()  # nodes whose liveness call has gone unanswered for PING_SLOW_S
+        self._respawning: set[str] = set()  # nodes whose crashed actor is being replaced
+        self._resyncing: dict[str, object] = {}  # such a node's new actor -> its sync(): not synced before
+        self._restarted_actors = 0
         # Verified restores (connectors/verify.py): per (node id, medium) checks and mismatches,
         # and the sources some connector quarantined. Counters only: lost on a restart.
         self._verify_counts: dict[tuple[str, str], dict[str, int]] = {}
@@ -177,7 +192,7 @@ class ControllerService:
             return
         synced = set.intersection(*(set(nodes) for nodes in per_shard)) if per_shard else set()
         with self._lock:
-            self._synced = synced & self._nodes.keys()
+            self._synced = (synced & self._nodes.keys()) - self._resyncing.keys()
 
     def _watch_membership(self) -> None:
         while not self._stopping.wait(MEMBERSHIP_PERIOD_S):
@@ -186,6 +201,19 @@ class ControllerService:
             except Exception:
                 log.exception("membership check failed; retrying")
 
+    def _forget_node(self, node_id: str) -> None:
+        """This controller's state of a node whose actor is gone (its Ray node died, or the actor
+        crashed). The caller holds the lock and tells the shards."""
+        self._nodes.pop(node_id, None)
+        self._synced.discard(node_id)
+        self._actors.pop(node_id, None)
+        self._starting.pop(node_id, None)
+        self._pings.pop(node_id, None)
+        self._ping_failures.pop(node_id, None)
+        self._slow.discard(node_id)
+        self._resyncing.pop(node_id, None)
+        self._dropped_nodes += 1
+
     def _sync_membership(self) -> None:
         nodes = ray.nodes()
         alive = {n["NodeID"] for n in nodes if n["Alive"]}
@@ -193,15 +221,21 @@ class ControllerService:
         # with the previous controller (the same crash) still has entries in the shards.
         dead = {n["NodeID"] for n in nodes if not n["Alive"]}
         with self._lock:
-            for node_id in [n for n in {*self._nodes, *self._actors, *self._starting} if n not in alive]:
+            for node_id in [n for n in {*self._nodes, *self._actors, *self._starting, *self._clearing}
+                            if n not in alive]:
                 log.warning("node %s is dead; dropping its blocks from the index", node_id[:12])
                 dead.add(node_id)
-                self._nodes.pop(node_id, None)
-                self._synced.discard(node_id)
-                self._actors.pop(node_id, None)
-                self._starting.pop(node_id, None)
-                self._dropped_nodes += 1
-            for node_id in alive - self._actors.keys():
+                if self._clearing.pop(node_id, None) is None:  # else forgotten already, when its actor died
+                    self._forget_node(node_id)
+                self._respawning.discard(node_id)
+        if dead - self._dropped_in_shards:  # every shard at once; one restarting rebuilds from live nodes only
+            refs = [shard.drop_nodes.remote(sorted(dead)) for shard in self._shards]
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
+            if len(done) == len(refs):  # else told again next round
+                self._dropped_in_shards |= dead
+        self._check_actors()
+        with self._lock:
+            for node_id in alive - self._actors.keys() - self._clearing.keys():
                 actor = NodeActor.options(
                     name=node_actor_name(node_id), namespace=self._namespace, get_if_exists=True,
                     lifetime="detached", max_restarts=0,
@@ -210,11 +244,6 @@ class ControllerService:
                 self._actors[node_id] = actor
                 self._starting[node_id] = actor.info.remote()
             starting = dict(self._starting)
-        if dead - self._dropped_in_shards:  # every shard at once; one restarting rebuilds from live nodes only
-            refs = [shard.drop_nodes.remote(sorted(dead)) for shard in self._shards]
-            done, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
-            if len(done) == len(refs):  # else told again next round
-                self._dropped_in_shards |= dead
         if not starting:
             return
         ready, _ = ray.wait(list(starting.values()), num_returns=len(starting), timeout=0)
@@ -232,6 +261,87 @@ class ControllerService:
             with self._lock:  # its content reaches the shards on its own (its feed starts with a snapshot)
                 self._starting.pop(node_id, None)
                 self._nodes[node_id] = info
+                if node_id in self._respawning:
+                    self._respawning.discard(node_id)
+                    # The shards may still count the dead actor's stream as synced until the new
+                    # one's snapshot reaches them: not ready before its sync() returns.
+                    self._resyncing[node_id] = self._actors[node_id].sync.remote()
+
+    def _check_actors(self) -> None:
+        """Finds node actors that crashed while their Ray node lives (killed, out of memory, a
+        segfault): their entries leave every shard at once, and a new node actor is made on that
+        node once every shard has acknowledged (it adopts the NVMe file by the node's stable
+        name: the dead process's lock went with it). Never blocks on a slow actor."""
+        now = time.monotonic()
+        with self._lock:
+            registered = {n: self._actors[n] for n in self._nodes if n in self._actors}
+            for node_id, actor in registered.items():
+                if node_id not in self._pings:
+                    self._pings[node_id] = (actor.info.remote(), now)
+            pings = dict(self._pings)
+            resyncing = dict(self._resyncing)
+        refs = [ref for ref, _ in pings.values()] + list(resyncing.values())
+        ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
+        crashed = []
+        for node_id, (ref, sent) in pings.items():
+            if ref not in ready:
+                if now - sent >= PING_SLOW_S and node_id not in self._slow:
+                    log.warning("node actor on %s has not answered for %.0f s; it is slow, not dropped",
+                                node_id[:12], now - sent)
+                    self._slow.add(node_id)
+                continue
+            with self._lock:
+                if self._pings.get(node_id, (None,))[0] is ref:
+                    del self._pings[node_id]
+            self._slow.discard(node_id)
+            try:
+                ray.get(ref)
+                self._ping_failures.pop(node_id, None)
+            except ray.exceptions.ActorUnavailableError:  # restarting or unreachable for now: not dead
+                self._ping_failures.pop(node_id, None)
+            except ray.exceptions.RayActorError as e:
+                failures = self._ping_failures[node_id] = self._ping_failures.get(node_id, 0) + 1
+                if failures >= DEATH_CONFIRMATIONS:
+                    log.warning("node actor on %s died (%s); dropping its blocks from the index and starting "
+                                "another", node_id[:12], type(e).__name__)
+                    crashed.append(node_id)
+            except Exception as e:  # anything else: an answer of some kind, so alive
+                log.info("node actor on %s: liveness call failed: %s", node_id[:12], e)
+                self._ping_failures.pop(node_id, None)
+        with self._lock:
+            for node_id in crashed:
+                self._forget_node(node_id)
+                self._clearing[node_id] = []
+                self._respawning.add(node_id)
+                self._restarted_actors += 1
+            for node_id, ref in resyncing.items():
+                if ref in ready and self._resyncing.get(node_id) is ref:
+                    del self._resyncing[node_id]
+            clearing = dict(self._clearing)
+        if not clearing:
+            return
+        # A snapshot's start (AllBlocksCleared) drops the node's entries in every shard without
+        # drop_nodes' "dead for good" (the Ray node id lives on: the new actor's stream must count).
+        cleared = encode_batch([AllBlocksCleared()])
+        for node_id, refs in clearing.items():
+            if not refs:
+                refs = [shard.apply_events.remote(node_id, cleared) for shard in self._shards]
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            if len(done) < len(refs):
+                with self._lock:
+                    if node_id in self._clearing:
+                        self._clearing[node_id] = refs
+                continue
+            try:
+                ray.get(refs)
+            except Exception as e:  # a shard restarting: told again next round
+                log.info("index shards not yet told that %s's actor died: %s", node_id[:12], e)
+                with self._lock:
+                    if node_id in self._clearing:
+                        self._clearing[node_id] = []
+                continue
+            with self._lock:
+                self._clearing.pop(node_id, None)  # the next round makes its new node actor
 
     # -- verified restores ---------------------------------------------------------------------
 
@@ -275,6 +385,7 @@ class ControllerService:
         with self._lock:
             actors = dict(self._actors)
             summary = {"nodes_registered": len(self._nodes), "nodes_dropped": self._dropped_nodes,
+                       "node_actors_restarted": self._restarted_actors, "nodes_slow": sorted(self._slow),
                        "verification": self._verification_stats()}
         refs = {node_id: actor.stats.remote() for node_id, actor in actors.items()}
         shard_refs = [shard.stats.remote() for shard in self._shards]

@@ -13,6 +13,7 @@ import glob
 import hashlib
 import logging
 import os
+import signal
 import sys
 
 import numpy as np
@@ -24,8 +25,10 @@ import kvstore
 from kvstore import Layout, block_keys
 from kvstore.cluster.identity import LOCK_NAME, claim_nvme_dir
 from kvstore.cluster.localcluster import RayTestCluster
+from kvstore.cluster.node import node_actor_name
 from kvstore.config import load_config
 from kvstore.errors import ConfigError
+from kvstore.events import decode_batch
 from kvstore.store import TieredStore
 from kvstore.tiers.host import SHM_DIR
 from kvstore.tiers.nvme import FILE_NAME
@@ -214,6 +217,49 @@ def test_one_node_restarted_alone_serves_its_nvme_blocks_again(kv):
 
 
 @pytest.mark.cluster
+def test_a_crashed_node_actor_is_dropped_then_restarted_and_serves_its_nvme_blocks_again(kv):
+    """B's node actor is killed (SIGKILL) while B's Ray node lives: its entries leave the index
+    within seconds, a new node actor starts on B, adopts B's NVMe file and serves its blocks."""
+    rc = kv.rc
+    b = rc.node_id(1)
+    b_keys = ray.get(kv.on_node(1).put.remote(4, 40))
+    wait_for(lambda: kv.client.longest_prefix(b_keys) == 40, 10, "B's blocks to be indexed")
+    disk = {k: n for k, n in kv.on_disk(b_keys).items() if n == b}
+    assert len(disk) >= 30
+    keys = list(disk)
+    files = kv.nvme_files()
+    actor = ray.get_actor(node_actor_name(b), namespace=kv.client.config.ray_namespace)
+    old = ray.get(actor.info.remote())
+
+    os.kill(old["pid"], signal.SIGKILL)
+    # Holding B's NVMe directory (free once the dead process is gone) keeps its next node actor
+    # from starting, so the drop can be seen before the restart re-indexes the blocks.
+    config = load_config(env={}, **{**kv.settings, "node_name": rc.node_names[1]})
+    claim = claim_nvme_dir(config, wait_s=15)
+    try:
+        wait_for(lambda: not any(h[0] == b for where in kv.client.where(b_keys) for h in where), 20,
+                 "the dead node actor's entries to leave the index")
+        assert kv.client.longest_prefix(b_keys) == 0
+        assert b not in {n["node_id"] for n in kv.client.nodes()}
+    finally:
+        claim.release()
+
+    wait_for(lambda: any(n["node_id"] == b and n["pid"] != old["pid"] for n in kv.client.nodes()), 60,
+             "a new node actor on B")
+    kv.client.wait_ready(2, 60)
+    assert rc.node_id(1) == b, "B's Ray node lived on"
+    assert not os.path.exists(os.path.join(SHM_DIR, old["shm_name"])), "the dead actor's arena was removed"
+    wait_for(lambda: kv.on_disk(keys) == disk, 30, "B's NVMe blocks to be indexed again")
+    got = ray.get(kv.on_node(0).get_checked.remote(keys))  # a new client on A: over Flight from B
+    assert got["hits"] == len(keys) and got["corrupt"] == 0, got
+    assert {s[0] for s in got["sources"]} == {b}
+    # A client that pulled from the dead actor recovers too (its breaker, then the new address).
+    wait_for(lambda: checked_get(kv.client, keys)["hits"] == len(keys), 30, "the old client to get B's blocks")
+    assert kv.nvme_files() == files, "a restart adds no NVMe file"
+    assert kv.client.stats()["node_actors_restarted"] >= 1
+
+
+@pytest.mark.cluster
 def test_stop_leaves_no_process_and_no_arena(kv):
     """An abrupt stop (the node actors never shut down) ends every process of the cluster, the
     node actors' Ray workers included (process groups of their own), and removes their arenas."""
@@ -385,3 +431,105 @@ def test_a_legacy_file_of_another_geometry_is_not_adopted(tmp_path, caplog):
     claim.release()
     assert claim.migrated_from is None and (tmp_path / "0123456789ab" / FILE_NAME).exists()
     assert "does not fit" in caplog.text
+
+
+# -- node actors' liveness in the controller, without a cluster --------------------------------
+
+class _Ref:
+    def __init__(self, value=None, error: Exception | None = None, ready: bool = True) -> None:
+        self.value, self.error, self.ready = value, error, ready
+
+
+class _FakeRay:
+    """What the controller's liveness checks ask of Ray: wait (never blocking here) and get."""
+    exceptions = ray.exceptions
+
+    @staticmethod
+    def wait(refs, num_returns=1, timeout=None):
+        return [r for r in refs if r.ready], [r for r in refs if not r.ready]
+
+    @staticmethod
+    def get(ref, timeout=None):
+        if isinstance(ref, list):
+            return [_FakeRay.get(r) for r in ref]
+        if ref.error is not None:
+            raise ref.error
+        return ref.value
+
+
+class _Method:
+    def __init__(self, call) -> None:
+        self.remote = call
+
+
+class _FakeNode:
+    def __init__(self, answer) -> None:
+        self.calls = 0
+        self.info = _Method(lambda: (setattr(self, "calls", self.calls + 1), answer())[1])
+        self.sync = _Method(lambda: _Ref())
+
+
+class _FakeShard:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, list]] = []
+        self.apply_events = _Method(lambda node_id, payload: (self.events.append((node_id, decode_batch(payload)[1])),
+                                                              _Ref())[1])
+
+
+def _controller_with(nodes: dict[str, _FakeNode], shards: list[_FakeShard]):
+    import threading
+
+    from kvstore.cluster.controller import ControllerService
+
+    c = ControllerService.__new__(ControllerService)  # no Ray: only the membership state
+    c._lock = threading.RLock()
+    c._nodes = {n: {"node_id": n} for n in nodes}
+    c._actors = dict(nodes)
+    c._synced, c._starting, c._dropped_nodes, c._shards = set(nodes), {}, 0, shards
+    c._clearing, c._pings, c._ping_failures, c._slow = {}, {}, {}, set()
+    c._respawning, c._resyncing, c._restarted_actors = set(), {}, 0
+    return c
+
+
+def test_a_dead_node_actor_is_forgotten_and_its_entries_cleared_but_a_slow_one_is_kept(monkeypatch):
+    from kvstore.cluster import controller
+
+    monkeypatch.setattr(controller, "ray", _FakeRay)
+    monkeypatch.setattr(controller, "PING_SLOW_S", 0.0)
+    died = _FakeNode(lambda: _Ref(error=ray.exceptions.ActorDiedError()))
+    slow = _FakeNode(lambda: _Ref(ready=False))
+    well = _FakeNode(lambda: _Ref({"pid": 1}))
+    shards = [_FakeShard(), _FakeShard()]
+    c = _controller_with({"dead": died, "slow": slow, "well": well}, shards)
+
+    c._check_actors()  # one "died" answer is not enough
+    assert set(c._nodes) == {"dead", "slow", "well"} and not c._clearing and not shards[0].events
+    assert c._slow == {"slow"}
+    c._check_actors()  # the second in a row is
+    assert set(c._nodes) == set(c._actors) == {"slow", "well"} and "dead" not in c._synced
+    assert [(n, [type(e).__name__ for e in events]) for s in shards for n, events in s.events] == \
+        [("dead", ["AllBlocksCleared"])] * 2, "every shard drops its entries, without drop_nodes' 'dead for good'"
+    assert c._respawning == {"dead"} and c._restarted_actors == 1
+    assert "dead" not in c._clearing, "every shard acknowledged: the next round makes a new node actor"
+    c._check_actors()
+    assert slow.calls == 1, "a slow node actor has one liveness call in flight, never a pile"
+    assert set(c._nodes) == {"slow", "well"} and well.calls == 3 and died.calls == 2
+
+
+def test_a_cleared_node_s_new_stream_counts_again():
+    """What the controller sends the shards for a crashed node actor (AllBlocksCleared) drops
+    the entries but, unlike drop_nodes (for dead Ray nodes), lets the new actor's stream in."""
+    from kvstore.cluster.shards import IndexShard
+    from kvstore.events import AllBlocksCleared, BlockStored, encode_batch
+
+    keys = block_keys(tokens(6, 3), LAYOUT, "shard")
+    snapshot = encode_batch([AllBlocksCleared(), BlockStored(keys, None, "DISK")])
+    shard = IndexShard(0, 1)
+    assert shard.apply("n", "old-stream", 0, snapshot, synced=True) == "ok"
+    assert shard.first_missing(b"".join(keys)) == 3
+    shard.apply_events("n", encode_batch([AllBlocksCleared()]))
+    assert shard.first_missing(b"".join(keys)) == 0
+    assert shard.apply("n", "new-stream", 0, snapshot, synced=True) == "ok"
+    assert shard.first_missing(b"".join(keys)) == 3 and shard.synced_nodes() == ["n"]
+    shard.drop_nodes(["n"])
+    assert shard.apply("n", "newer-stream", 0, snapshot, synced=True) == "dropped"
