@@ -122,6 +122,7 @@ class Client:
         self._node = ray.get_actor(node_actor_name(self.node_id), namespace=config.ray_namespace)
         self._node_actors = {self.node_id: self._node}  # by node id: where leases are taken
         self._arena = HostArena.open(info["shm_name"])
+        self._retired_arenas: list[HostArena] = []  # of node actors that died (see _attach_to_node)
         # Without a durable tier, the arena's directory knows every block of this node: a block
         # it does not have is not here, and no call to the node is needed to say so.
         self._node_has_durable_tier = any(t != "host" for t in info["tiers"])
@@ -163,6 +164,46 @@ class Client:
         raise KVStoreError(f"no kvstore node actor came up on this Ray node ({self.node_id[:12]}) "
                            f"in {RPC_TIMEOUT_S} s")
 
+    def _call_node(self, method: str, *args, node_id: str | None = None):
+        """A call to a node's actor (this node's by default). If that actor died and the
+        controller started another in its place (it restarts a crashed node actor), the client
+        finds the new one (for this node, also its arena) and makes the call there once. Holds
+        of the dead actor died with it: a call naming one fails as unknown (LeaseError), never
+        lands on another's slots."""
+        node_id = node_id or self.node_id
+        local = node_id == self.node_id
+        try:
+            return ray.get(getattr(self._node if local else self._node_actor(node_id), method).remote(*args),
+                           timeout=RPC_TIMEOUT_S)
+        except ray.exceptions.ActorDiedError:
+            if local:
+                self._attach_to_node()
+            else:
+                self._node_actors.pop(node_id, None)
+            return ray.get(getattr(self._node if local else self._node_actor(node_id), method).remote(*args),
+                           timeout=RPC_TIMEOUT_S)
+
+    def _attach_to_node(self) -> None:
+        """Finds this node's (new) node actor by name and maps its arena. The old mapping is
+        kept until close: another thread may be reading through it (its bytes stay right: a key's
+        bytes never change), and unmapping under it would crash that read."""
+        deadline = time.monotonic() + RPC_TIMEOUT_S
+        while True:
+            try:
+                node = ray.get_actor(node_actor_name(self.node_id), namespace=self.config.ray_namespace)
+                info = ray.get(node.info.remote(), timeout=10)
+                break
+            except (ValueError, ray.exceptions.RayError):
+                if time.monotonic() > deadline:
+                    raise KVStoreError(f"this node's kvstore node actor died and no new one answered within "
+                                       f"{RPC_TIMEOUT_S:.0f} s") from None
+                time.sleep(0.2)
+        log.warning("this node's kvstore node actor was restarted (now pid %s); attaching to it", info["pid"])
+        self._retired_arenas.append(self._arena)
+        self._arena = HostArena.open(info["shm_name"])
+        self._node = self._node_actors[self.node_id] = node
+        self._node_has_durable_tier = any(t != "host" for t in info["tiers"])
+
     # -- the store's API ---------------------------------------------------------------------
 
     def reserve(self, layout: Layout, keys: Sequence[bytes], parents: Sequence[bytes | None] | None = None,
@@ -174,9 +215,8 @@ class Client:
         (or `abort`); a hold never committed is aborted by the node after `ttl_s`.
         """
         keys = check_keys(keys)
-        hold_id, slots, present, generations = ray.get(
-            self._node.reserve.remote(layout.to_dict(), keys, None if parents is None else list(parents), ttl_s),
-            timeout=RPC_TIMEOUT_S)
+        hold_id, slots, present, generations = self._call_node(
+            "reserve", layout.to_dict(), keys, None if parents is None else list(parents), ttl_s)
         arena = self._arena.tensor
         views = [None if slot is None else arena[slot, :layout.block_nbytes] for slot in slots]
         return WriteHold(hold_id, keys, views, present, slots, generations)
@@ -193,36 +233,34 @@ class Client:
 
     def renew(self, hold: "WriteHold | ReadHold", ttl_s: float | None = None) -> float:
         """Extends a hold by ttl_s (default lease_ttl_s) from now; LeaseError if it expired."""
-        return ray.get(self._node.renew.remote(hold.hold_id, ttl_s), timeout=RPC_TIMEOUT_S)
+        return self._call_node("renew", hold.hold_id, ttl_s)
 
     def commit(self, hold: "WriteHold", wait_index: bool = False) -> int:
         """Makes a reserved hold's blocks visible (on this node at once; in the cluster's index
         with the node's next event batch, or before returning with `wait_index`); returns how
         many. Raises LeaseError if the hold expired first (nothing of it becomes visible)."""
-        return ray.get(self._node.commit.remote(hold.hold_id, None, None, wait_index), timeout=RPC_TIMEOUT_S)
+        return self._call_node("commit", hold.hold_id, None, None, wait_index)
 
     def commit_leased(self, layout: Layout, hold: "WriteHold", ttl_s: float | None = None) -> tuple[int, Lease]:
         """A handoff's end, in one call to this node: commits the hold (waiting for the index,
         as the reader on another node looks the blocks up at once) and leases the committed
         blocks for ttl_s (default lease_ttl_s). Returns (committed, lease)."""
         ttl = self.config.lease_ttl_s if ttl_s is None else ttl_s
-        committed, hold_id, pinned = ray.get(self._node.commit_leased.remote(hold.hold_id, layout.to_dict(), ttl),
-                                             timeout=RPC_TIMEOUT_S)
+        committed, hold_id, pinned = self._call_node("commit_leased", hold.hold_id, layout.to_dict(), ttl)
         return committed, Lease(f"{hold_id}@{self.node_id}", self.node_id, pinned, ttl)
 
     def sync(self) -> None:
         """Returns once the cluster's index has everything this node stored so far."""
-        ray.get(self._node.sync.remote(), timeout=RPC_TIMEOUT_S)
+        self._call_node("sync")
 
     def abort(self, hold: "WriteHold") -> None:
-        ray.get(self._node.abort.remote(hold.hold_id), timeout=RPC_TIMEOUT_S)
+        self._call_node("abort", hold.hold_id)
 
     def acquire(self, layout: Layout, keys: Sequence[bytes], ttl_s: float | None = None) -> "ReadHold":
         """Pins blocks held by this node for reading in place: `hold.views[i]` or None (not here).
         Give them back with `release(hold)`; the node does so itself after `ttl_s`."""
         keys = check_keys(keys)
-        hold_id, slots, sums = ray.get(self._node.acquire.remote(layout.to_dict(), keys, ttl_s),
-                                       timeout=RPC_TIMEOUT_S)
+        hold_id, slots, sums = self._call_node("acquire", layout.to_dict(), keys, ttl_s)
         arena = self._arena.tensor
         return ReadHold(hold_id, keys, [None if slot is None else arena[slot, :layout.block_nbytes] for slot in slots],
                         sums)
@@ -354,8 +392,7 @@ class Client:
         reserved: dict[bytes, tuple[int, int]] = {}  # key -> (slot, generation) of its local copy
         hold = None
         if cache:
-            hold, slots, _, generations = ray.get(self._node.reserve.remote(layout.to_dict(), wanted),
-                                                  timeout=RPC_TIMEOUT_S)
+            hold, slots, _, generations = self._call_node("reserve", layout.to_dict(), wanted)
             reserved = {k: (s, g) for k, s, g in zip(wanted, slots, generations) if s is not None}
         sink = PulledBlocks({keys[i]: rows[i] for i in missing}, layout.block_nbytes, self._copier,
                             self._arena.tensor.numpy(), self._arena.generations, reserved)
@@ -496,14 +533,13 @@ class Client:
             raise LeaseError(f"ttl_s={ttl!r} must be positive")
         node_id = node_id or self.node_id
         keys = check_keys(keys)
-        hold_id, slots, _ = ray.get(self._node_actor(node_id).acquire.remote(layout.to_dict(), keys, ttl),
-                                    timeout=RPC_TIMEOUT_S)
+        hold_id, slots, _ = self._call_node("acquire", layout.to_dict(), keys, ttl, node_id=node_id)
         return Lease(f"{hold_id}@{node_id}", node_id, [k for k, s in zip(keys, slots) if s is not None], ttl)
 
     def release_lease(self, lease: Lease | str) -> None:
         """Unpins a lease's blocks; LeaseError if it expired or was released already."""
         hold_id, node_id = _lease_parts(lease)
-        ray.get(self._node_actor(node_id).release.remote(hold_id), timeout=RPC_TIMEOUT_S)
+        self._call_node("release", hold_id, node_id=node_id)
 
     def _node_actor(self, node_id: str):
         actor = self._node_actors.get(node_id)
@@ -537,6 +573,8 @@ class Client:
         self._copier.shutdown()
         self._streams.shutdown()
         self._arena.close()
+        for arena in self._retired_arenas:
+            arena.close()
         if shutdown_cluster if shutdown_cluster is not None else self.embedded:
             try:
                 ray.get(self._controller.shutdown_nodes.remote(), timeout=60)

@@ -222,7 +222,8 @@ def test_a_crashed_node_actor_is_dropped_then_restarted_and_serves_its_nvme_bloc
     within seconds, a new node actor starts on B, adopts B's NVMe file and serves its blocks."""
     rc = kv.rc
     b = rc.node_id(1)
-    b_keys = ray.get(kv.on_node(1).put.remote(4, 40))
+    writer = kv.on_node(1)  # a client on B, living through its node actor's crash
+    b_keys = ray.get(writer.put.remote(4, 40))
     wait_for(lambda: kv.client.longest_prefix(b_keys) == 40, 10, "B's blocks to be indexed")
     disk = {k: n for k, n in kv.on_disk(b_keys).items() if n == b}
     assert len(disk) >= 30
@@ -257,6 +258,9 @@ def test_a_crashed_node_actor_is_dropped_then_restarted_and_serves_its_nvme_bloc
     wait_for(lambda: checked_get(kv.client, keys)["hits"] == len(keys), 30, "the old client to get B's blocks")
     assert kv.nvme_files() == files, "a restart adds no NVMe file"
     assert kv.client.stats()["node_actors_restarted"] >= 1
+    # The client on B attaches to the new node actor and its arena: it puts and reads again.
+    again = ray.get(writer.put.remote(5, 3))
+    assert ray.get(writer.get_checked.remote(again)) == {"hits": 3, "corrupt": 0, "sources": [(b, "local")] * 3}
 
 
 @pytest.mark.cluster
