@@ -15,7 +15,8 @@ Every block travels with its checksum, and the receiving side (the client for a 
 for a put) checks it: a block that arrives damaged is not delivered, never data.
 Every call must carry `authorization: Bearer <token>` (checked in a middleware, in constant
 time); a malformed, oversize or unauthorised request gets a Flight error that says why, and the
-server goes on serving. Sessions are bounded in number (MAX_SESSIONS) and in age (the client's
+server goes on serving. Sessions are bounded in number (MAX_SESSIONS, and MAX_SESSIONS_PER_PEER
+from one address, so one client cannot take them all) and in age (the client's
 transfer deadline), so a stalled peer ends a get within that deadline.
 """
 from __future__ import annotations
@@ -51,6 +52,7 @@ PACK_BYTES = 4 * 1024 * 1024  # of one such batch
 PIECE_BYTES = 4 * 1024 * 1024
 DEADLINE_SCALE_BYTES = 256 * 1024 * 1024  # a transfer's deadline grows with each this much it moves
 MAX_SESSIONS = 256  # open sessions per server: each holds one of gRPC's threads while it is open
+MAX_SESSIONS_PER_PEER = 64  # from one address: a client opens one per get in flight to this server
 SESSION_IDLE_S = 2.0  # a client closes a session unused this long (a server's shutdown waits for open ones)
 # A large initial HTTP/2 window, without BDP probing: gRPC would otherwise start each channel at
 # 64 KiB and grow it over the first few hundred MiB, halving the first pulls' throughput.
@@ -93,7 +95,7 @@ class DataPlaneServer(flight.FlightServerBase):
         self._put_deadline_s = put_deadline_s
         self._release_hold = release_hold  # gives back a hold named by a get (the node's holds)
         self._pack_pool = _BufferPool(PACK_BYTES)
-        self._sessions = threading.BoundedSemaphore(MAX_SESSIONS)
+        self._open: dict[str, int] = {}  # peer address -> its open sessions
         self._counters_lock = threading.Lock()
         self.counters = dict.fromkeys(("requests", "errors", "sessions_opened", "sessions_refused", "blocks_sent",
                                        "bytes_sent", "blocks_received", "bytes_received", "corrupt_received",
@@ -148,9 +150,11 @@ class DataPlaneServer(flight.FlightServerBase):
             self._count(errors=1)
             raise flight.FlightServerError(f"bad session: command {descriptor.command[:64]!r} is not "
                                            f"{SESSION_COMMAND!r}")
-        if not self._sessions.acquire(blocking=False):
+        peer = context.peer().rsplit(":", 1)[0]  # "ipv4:10.0.0.5:41234": the address, not the port
+        refused = self._open_session(peer)
+        if refused:
             self._count(sessions_refused=1)
-            raise flight.FlightServerError(f"more than {MAX_SESSIONS} sessions open; try again later")
+            raise flight.FlightServerError(f"{refused}; try again later")
         self._count(sessions_opened=1)
         try:
             writer.begin(BLOCK_SCHEMA)
@@ -169,7 +173,20 @@ class DataPlaneServer(flight.FlightServerBase):
                     continue
                 self._write(writer, req)
         finally:
-            self._sessions.release()
+            with self._counters_lock:
+                self._open[peer] -= 1
+                if not self._open[peer]:
+                    del self._open[peer]
+
+    def _open_session(self, peer: str) -> str | None:
+        """Counts a new session of `peer` in, or says why not (too many open, in all or from it)."""
+        with self._counters_lock:
+            if sum(self._open.values()) >= MAX_SESSIONS:
+                return f"more than {MAX_SESSIONS} sessions open"
+            if self._open.get(peer, 0) >= MAX_SESSIONS_PER_PEER:
+                return f"more than {MAX_SESSIONS_PER_PEER} sessions open from {peer}"
+            self._open[peer] = self._open.get(peer, 0) + 1
+        return None
 
     def _write(self, writer, req) -> None:
         """Writes one get's batches to a session, the end message riding on the last one (one

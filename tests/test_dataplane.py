@@ -101,21 +101,22 @@ def test_gets_share_one_session_and_a_bad_request_does_not_end_it(served):
     assert pull(client, layout, keys)[0] == set(keys)  # the same session goes on serving
 
 
-def test_open_sessions_are_bounded(served):
+@pytest.mark.parametrize("bound", ["MAX_SESSIONS", "MAX_SESSIONS_PER_PEER"])
+def test_open_sessions_are_bounded_in_all_and_per_peer(served, monkeypatch, bound):
     layout, store, _ = served
-    server = DataPlaneServer(store, "127.0.0.1", 0, TOKEN, 1 << 30)
-    server._sessions = threading.BoundedSemaphore(2)
-    server.start()
+    monkeypatch.setattr(dataplane, bound, 2)  # the test's clients all come from 127.0.0.1
+    server = DataPlaneServer(store, "127.0.0.1", 0, TOKEN, 1 << 30).start()
     clients = [DataPlaneClient(server.address, TOKEN, timeout_s=20) for _ in range(3)]
     keys = [os.urandom(16)]
     store.put(layout, keys, blocks(layout, keys))
     try:
         for c in clients[:2]:
             assert pull(c, layout, keys)[0] == set(keys)  # each keeps its session open
-        with pytest.raises(TransferError, match="more than .* sessions open"):
+        message = "more than 2 sessions open" + (" from ipv4:127.0.0.1" if bound == "MAX_SESSIONS_PER_PEER" else "")
+        with pytest.raises(TransferError, match=message):
             pull(clients[2], layout, keys)
         clients[0].close_idle(0)
-        wait_for(lambda: server._sessions._value > 0, 10, "the closed session to end on the server")
+        wait_for(lambda: sum(server._open.values()) < 2, 10, "the closed session to end on the server")
         assert pull(clients[2], layout, keys)[0] == set(keys)
         assert server.counters["sessions_refused"] == 1
     finally:
