@@ -116,6 +116,12 @@ def on_node(rc: RayTestCluster, i: int):
     return NodeClient.options(resources={rc.resources[i]: 0.01}).remote()
 
 
+def put_on(rc: RayTestCluster, client, i: int, keys: list[bytes]) -> None:
+    """Puts keys from a client on node i and waits until the cluster's index has them all."""
+    ray.get(on_node(rc, i).put_keys.remote(keys))
+    wait_for(lambda: client.longest_prefix(keys) == len(keys), 10, f"node {i}'s blocks to be indexed")
+
+
 
 def test_three_nodes_each_run_a_node_actor(cluster):
     rc, client = cluster
@@ -212,8 +218,7 @@ def test_a_large_pull_from_one_owner_splits_over_streams(cluster, monkeypatch):
 
     rc, client = cluster
     keys = block_keys(tokens(19, 12), LAYOUT, "split-streams")
-    ray.get(on_node(rc, 1).put_keys.remote(keys))
-    wait_for(lambda: client.longest_prefix(keys) == 12, 10, "the index to learn the blocks")
+    put_on(rc, client, 1, keys)
     streams = []
     real_get = DataPlaneClient.get
     monkeypatch.setattr(DataPlaneClient, "get", lambda self, layout, ks, *a, **kw: (
@@ -299,8 +304,7 @@ def test_a_handoff_is_loaded_from_its_node_without_a_local_copy_and_ends_its_lea
 def test_a_stalled_peer_is_a_miss_within_the_deadline_and_then_left_alone(cluster):
     rc, client = cluster
     keys = block_keys(tokens(16, 2), LAYOUT, "stalled-peer")
-    ray.get(on_node(rc, 1).put_keys.remote(keys))
-    wait_for(lambda: client.longest_prefix(keys) == 2, 10, "the index to learn the blocks")
+    put_on(rc, client, 1, keys)
     pid = next(n["pid"] for n in client.nodes() if n["node_id"] == rc.node_id(1))
     os.kill(pid, signal.SIGSTOP)  # B's node actor stops answering, its sockets stay open
     try:
@@ -571,8 +575,7 @@ def test_http_bad_lookups_get_400_with_a_message(http, body, message):
 def test_the_index_has_at_least_two_shards_and_one_restarted_rebuilds_from_the_nodes(cluster):
     rc, client = cluster
     keys = block_keys(tokens(9, 60), LAYOUT, "shard-restart")
-    ray.get(on_node(rc, 1).put_keys.remote(keys))
-    wait_for(lambda: client.longest_prefix(keys) == 60, 10, "the blocks to be indexed")
+    put_on(rc, client, 1, keys)
     b_id = rc.node_id(1)
     shards = client.stats()["index"]["shards"]
     assert len(shards) >= 2 and sum(s["keys"] for s in shards) >= 60
@@ -599,8 +602,7 @@ def test_the_index_has_at_least_two_shards_and_one_restarted_rebuilds_from_the_n
 def test_controller_restart_rebuilds_the_index(cluster):
     rc, client = cluster
     keys = block_keys(tokens(6, 25), LAYOUT, "restart")
-    ray.get(on_node(rc, 1).put_keys.remote(keys))
-    wait_for(lambda: client.longest_prefix(keys) == 25, 10, "the blocks to be indexed")
+    put_on(rc, client, 1, keys)
     before = client.stats()["index_keys"]
     ray.kill(client._controller, no_restart=False)
     wait_for(lambda: _answers(client), 60, "the controller to restart")
@@ -619,8 +621,7 @@ def _answers(client) -> bool:
 def test_node_death_drops_its_blocks_and_others_keep_serving(cluster):
     rc, client = cluster
     b_keys = block_keys(tokens(7, 20), LAYOUT, "death")
-    ray.get(on_node(rc, 1).put_keys.remote(b_keys))
-    wait_for(lambda: client.longest_prefix(b_keys) == 20, 10, "B's blocks to be indexed")
+    put_on(rc, client, 1, b_keys)
     b_id = rc.node_id(1)
     assert all(h == [(b_id, "CPU")] for h in client.where(b_keys))
 
@@ -649,8 +650,7 @@ def test_node_death_drops_its_blocks_and_others_keep_serving(cluster):
 def test_a_node_that_died_with_the_controller_is_dropped_by_the_next_one(cluster):
     rc, client = cluster
     keys = block_keys(tokens(10, 15), LAYOUT, "died-with-the-controller")
-    ray.get(on_node(rc, 2).put_keys.remote(keys))
-    wait_for(lambda: client.longest_prefix(keys) == 15, 10, "C's blocks to be indexed")
+    put_on(rc, client, 2, keys)
     c_id = rc.node_id(2)
     ray.kill(client._controller, no_restart=True)  # the controller goes down with C...
     rc.kill_node(2)
