@@ -13,7 +13,7 @@ attention backend:
     kernel (`cpu_attn_reshape_and_cache`, ISA "vec"/"vec16") writes, inside one (block, head),
     K *transposed* as `[D, T]` followed by V as `[T, D]`. So per (block, head) the T*2*D
     elements are `K^T (D x T) ++ V (T x D)`. This was checked against the installed kernel, and
-    the connector re-checks it at start-up (`vllm.KVStoreConnector.register_kv_caches` runs the
+    the connector re-checks it at start-up (`vllm_paged_cache.PagedCache.register` runs the
     kernel on a scratch block and refuses to run if it disagrees, e.g. on an AMX or other ISA
     whose packing differs).
 

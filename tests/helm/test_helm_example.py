@@ -41,13 +41,13 @@ MODEL_SHAPE = {"Qwen/Qwen2.5-7B-Instruct": {"num_layers": 28, "num_kv_heads": 4,
 
 
 def connector_settings() -> set[str]:
-    """The connector's kv_connector_extra_config names (_SETTINGS of connectors/vllm.py), read
-    without importing vLLM."""
-    tree = ast.parse((REPO / "connectors" / "vllm.py").read_text())
+    """The connector's kv_connector_extra_config names (_SETTINGS of connectors/vllm_settings.py),
+    read without importing vLLM."""
+    tree = ast.parse((REPO / "connectors" / "vllm_settings.py").read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_SETTINGS" for t in node.targets):
             return set(ast.literal_eval(node.value))
-    raise AssertionError("connectors/vllm.py has no _SETTINGS")
+    raise AssertionError("connectors/vllm_settings.py has no _SETTINGS")
 
 
 @pytest.fixture(scope="module")

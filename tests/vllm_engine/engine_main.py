@@ -77,14 +77,14 @@ def main() -> None:
 def connector_report(returned: list, handoffs: list) -> dict:
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-    from kvstore.connectors import vllm as kvc
+    from kvstore.connectors import vllm_client, vllm_stats
 
     get_kv_transfer_group().wait_idle()  # async saves of this round are in the store
-    client = next(iter(kvc._CLIENTS.values()))
+    client = next(iter(vllm_client._CLIENTS.values()))
     client.flush()  # copies cached by this round's pulls are committed ...
     client.sync()   # ... and in the cluster's index
     keys = [bytes.fromhex(k) for p in returned + handoffs if p for k in p.get("kvstore_keys", [])]
-    return {"totals": dict(kvc.TOTALS), "node_id": client.node_id,
+    return {"totals": dict(vllm_stats.TOTALS), "node_id": client.node_id,
             "worker_verify": get_kv_transfer_group().verification(),
             "where": {k.hex(): sorted(n for n, _ in holders) for k, holders in zip(keys, client.where(keys))}}
 
@@ -93,9 +93,9 @@ def corrupt(keys_hex: list[str]) -> None:
     """Replaces blocks in the store by noise of the same shape (the negative control)."""
     import torch
 
-    from kvstore.connectors import vllm as kvc
+    from kvstore.connectors import vllm_client
 
-    client = next(iter(kvc._CLIENTS.values()))
+    client = next(iter(vllm_client._CLIENTS.values()))
     layout = get_worker_layout()
     keys = [bytes.fromhex(k) for k in keys_hex]
     client.delete(keys)
@@ -108,7 +108,7 @@ def scheduler_report(llm) -> dict:
     """The engine core's scheduler after the round: requests it still tracks, blocks free."""
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
-    return {"sched_requests": len(scheduler.requests), "sched_held": sorted(scheduler.connector._held),
+    return {"sched_requests": len(scheduler.requests), "sched_held": sorted(scheduler.connector.connector_scheduler._held),
             "sched_verify": scheduler.connector.verification(),
             "free_blocks": pool.get_num_free_blocks(), "total_blocks": pool.num_gpu_blocks - 1}
 
@@ -116,7 +116,7 @@ def scheduler_report(llm) -> dict:
 def get_worker_layout():
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-    return get_kv_transfer_group()._layout
+    return get_kv_transfer_group().connector_worker.layout
 
 
 if __name__ == "__main__":

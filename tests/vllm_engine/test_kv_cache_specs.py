@@ -34,7 +34,7 @@ def kv_cache_config(*groups):
 
 
 def derive(*groups):
-    from kvstore.connectors.vllm import derive_layout
+    from kvstore.connectors.vllm_keys import derive_layout
 
     return derive_layout(vllm_config(), kv_cache_config(*groups), 0)
 
@@ -121,7 +121,7 @@ def vllm_extra_keys(request, block_size: int) -> list[tuple]:
 def test_multimodal_extras_are_vllms(seed):
     """Per block, the multimodal inputs the connector folds into the key (identifier, offset
     relative to the block) are exactly those vLLM's own prefix cache hashes into it."""
-    from kvstore.connectors.vllm import cache_extras
+    from kvstore.connectors.vllm_keys import cache_extras
 
     rng = np.random.default_rng(seed)
     block, n = 16, int(rng.integers(40, 120))
@@ -140,7 +140,7 @@ def test_multimodal_extras_are_vllms(seed):
 
 
 def test_lora_and_cache_salt_extras_are_vllms():
-    from kvstore.connectors.vllm import cache_extras
+    from kvstore.connectors.vllm_keys import cache_extras
 
     request = vllm_request(range(3, 40), lora=("adapter", 3, "/adapters/a"), cache_salt="tenant-7")
     extra, block_extra = cache_extras(request, 16)

@@ -93,8 +93,8 @@ def put_blocks(client, connector, tokens: list[int], n: int, extra: bytes = b"",
     """Stores the first n blocks of `tokens` (with key extras) as the producer's worker would have."""
     import kvstore
 
-    layout = connector._layouts[0]
-    keys = kvstore.block_keys(tokens, layout, connector._namespace, extra=extra, block_extra=block_extra)[:n]
+    layout = connector.connector_scheduler.layouts[0]
+    keys = kvstore.block_keys(tokens, layout, connector.connector_scheduler.namespace, extra=extra, block_extra=block_extra)[:n]
     blocks = torch.randn((n, *layout.block_shape)).to(layout.torch_dtype)
     result = client.put(layout, keys, blocks, parents=kvstore.chain_parents(keys), wait_index=True)
     assert not result.rejected, result
@@ -108,7 +108,7 @@ def free_blocks(scheduler) -> int:
 def assert_clean(scheduler, free0: int) -> None:
     assert free_blocks(scheduler) == free0
     assert not scheduler.requests
-    assert not scheduler.connector._reqs and not scheduler.connector._held
+    assert not scheduler.connector.connector_scheduler._reqs and not scheduler.connector.connector_scheduler._held
     assert not scheduler.connector.has_pending_push_work()
 
 
@@ -266,7 +266,7 @@ def save_as_worker(client, connector, so) -> list[bytes]:
     """Commits the saves planned in step `so` as the workers would (random payloads); their keys."""
     import kvstore
 
-    layout = connector._layouts[0]
+    layout = connector.connector_scheduler.layouts[0]
     keys = []
     for save in so.kv_connector_metadata.saves:
         blocks = torch.randn((len(save.block_ids), *layout.block_shape)).to(layout.torch_dtype)
@@ -309,9 +309,9 @@ def test_a_handle_of_another_cache_salt_is_ignored(tiny_model, store):
     c = make_scheduler(tiny_model, address, "kv_consumer", kvstore_load_mode="sync")
     free0 = free_blocks(c)
     assert loads_of_first_step(c, request("b", tokens, kv_transfer_params=handle, cache_salt="tenant-b")) == []
-    assert not c.connector._reqs["b"].handle_leases  # the handle was not taken as its own
-    assert c.connector._reqs["b"].handle_node is None
-    assert all(k not in stored for k in c.connector._reqs["b"].keys[0])
+    assert not c.connector.connector_scheduler._reqs["b"].handle_leases  # the handle was not taken as its own
+    assert c.connector.connector_scheduler._reqs["b"].handle_node is None
+    assert all(k not in stored for k in c.connector.connector_scheduler._reqs["b"].keys[0])
     for _ in range(2):
         step(c)
     # The producer's own salt: the handle is its, the blocks load, the lease is released.
@@ -336,7 +336,7 @@ def test_multimodal_inputs_key_the_blocks_they_overlap(tiny_model, store):
     encoder budget), so the requests that miss are aborted; those that hit load and finish."""
     from vllm.v1.request import RequestStatus
 
-    from kvstore.connectors.vllm import cache_extras
+    from kvstore.connectors.vllm_keys import cache_extras
 
     address, client = store
     s = make_scheduler(tiny_model, address, "kv_consumer")
@@ -387,7 +387,7 @@ def test_a_sampled_load_is_computed_and_checked_block_by_block_and_a_bad_source_
     in chunks of 200 tokens) and each step's metadata names the stored blocks that step completes,
     for the workers to compare. A source a worker reports wrong (kv_connector_worker_meta) is
     quarantined: a later request's blocks from it are neither loaded nor checked."""
-    from kvstore.connectors.vllm import KVStoreWorkerMetadata
+    from kvstore.connectors.vllm_metadata import KVStoreWorkerMetadata
 
     address, client = store
     s = make_scheduler(tiny_model, address, "kv_consumer", kvstore_verify_fraction=1.0, kvstore_verify_first_n=0)

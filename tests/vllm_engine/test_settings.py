@@ -27,7 +27,7 @@ def test_version_pin():
 
 
 def test_settings_defaults_and_names():
-    from kvstore.connectors.vllm import Settings
+    from kvstore.connectors.vllm_settings import Settings
 
     s = Settings.from_vllm(vllm_config("kv_producer", kvstore_address="10.0.0.5:6379",
                                        kvstore_token_file="/etc/kvstore/secret/token"))
@@ -38,7 +38,7 @@ def test_settings_defaults_and_names():
 
 
 def test_bad_settings_are_named():
-    from kvstore.connectors.vllm import Settings
+    from kvstore.connectors.vllm_settings import Settings
 
     with pytest.raises(ValueError, match="kvstore_adress"):
         Settings.from_vllm(vllm_config(kvstore_adress="x"))
@@ -50,7 +50,7 @@ def test_bad_settings_are_named():
 
 def test_verify_settings():
     from kvstore.connectors.verify import VerifySettings
-    from kvstore.connectors.vllm import Settings
+    from kvstore.connectors.vllm_settings import Settings
 
     assert Settings.from_vllm(vllm_config()).verify == VerifySettings()  # verify.py's defaults
     s = Settings.from_vllm(vllm_config(kvstore_verify_fraction="0.5", kvstore_verify_first_n=2,
@@ -66,16 +66,16 @@ def test_the_address_joined_is_never_a_silent_private_kvstore(monkeypatch, tmp_p
     import subprocess
     import sys
 
-    from kvstore.connectors import vllm as kvc
+    from kvstore.connectors import vllm_client as vc
     from kvstore.errors import KVStoreError
 
     for name in ("RAY_ADDRESS", "RAY_RAYLET_PID"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(kvc.ray, "is_initialized", lambda: False)  # as in a process vLLM spawned
-    assert kvc._join_address("10.0.0.5:6379") == "10.0.0.5:6379"
-    assert kvc._join_address("embedded") is None  # asked for: a private one
+    monkeypatch.setattr(vc.ray, "is_initialized", lambda: False)  # as in a process vLLM spawned
+    assert vc.join_address("10.0.0.5:6379") == "10.0.0.5:6379"
+    assert vc.join_address("embedded") is None  # asked for: a private one
     with pytest.raises(KVStoreError, match="no kvstore cluster to join.*kvstore_address"):
-        kvc._join_address("")
+        vc.join_address("")
     # Spawned by a Ray worker: its raylet's command line names the cluster.
     raylet = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--gcs-address=10.0.0.9:6379"])
     try:
@@ -84,9 +84,9 @@ def test_the_address_joined_is_never_a_silent_private_kvstore(monkeypatch, tmp_p
         wait_for(lambda: b"--gcs-address" in open(f"/proc/{raylet.pid}/cmdline", "rb").read(), 10,
                  "the stand-in raylet to exec")
         monkeypatch.setenv("RAY_RAYLET_PID", str(raylet.pid))
-        assert kvc._join_address("") == "10.0.0.9:6379"
+        assert vc.join_address("") == "10.0.0.9:6379"
         monkeypatch.setenv("RAY_ADDRESS", "10.0.0.7:6379")  # wins over the spawner's
-        assert kvc._join_address("") == "10.0.0.7:6379"
+        assert vc.join_address("") == "10.0.0.7:6379"
     finally:
         raylet.kill()
         raylet.wait()
@@ -98,9 +98,11 @@ def test_an_engine_with_no_kvstore_to_join_fails_start_saying_what_to_set():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_RAYLET_PID")}
-    code = ("from kvstore.connectors import vllm as kvc\n"
-            "s = kvc.Settings('', None, None, None, True, False, None, False)\n"
-            "try:\n    kvc._client(s)\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+    code = ("import kvstore.connectors.vllm\n"  # as an engine loads it: nothing it imports starts Ray
+            "from kvstore.connectors.vllm_client import shared_client\n"
+            "from kvstore.connectors.vllm_settings import Settings\n"
+            "s = Settings('', None, None, None, True, False, None, False)\n"
+            "try:\n    shared_client(s)\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
             "import ray\nprint('ray initialized', ray.is_initialized())\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
     assert "KVStoreError" in out and "kvstore_address" in out and "RAY_ADDRESS" in out, out

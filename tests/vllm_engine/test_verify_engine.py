@@ -35,7 +35,7 @@ def cold(tiny_model):
 @pytest.fixture(scope="module")
 def stored(tiny_model, kv_cluster):
     """The producer on node A stores the three prompts; returns their keys and the layout."""
-    from kvstore.connectors.vllm import _BAD_ID_CHARS
+    from kvstore.connectors.vllm_keys import _BAD_ID_CHARS
     from kvstore.layout import Layout
 
     rnd = produce(tiny_model, kv_cluster[0], [RIGHT, WRONG, OTHER])
