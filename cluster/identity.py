@@ -30,8 +30,8 @@ import time
 
 from kvstore.config import Config
 from kvstore.errors import ConfigError, TierIOError
-from kvstore.tiers.base import round_up
-from kvstore.tiers.nvme import _SUPER, _SUPER_MAGIC, _VERSION, FILE_NAME, num_slots_for  # the file's own format
+from kvstore.tiers.geometry import SizeClasses
+from kvstore.tiers.nvme import _VERSION, FILE_NAME, nvme_geometry, read_superblock  # the file's own format
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +49,9 @@ def node_name(config: Config) -> str:
 
 
 def _nvme_superblock(path: str) -> tuple | None:
-    """(version, slot_nbytes, stride, num_slots) of a kvstore NVMe file, None if path is not one."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(_SUPER.size)
-    except OSError:
-        return None
-    if len(head) < _SUPER.size or head[:8] != _SUPER_MAGIC:
-        return None
-    return _SUPER.unpack(head)[1:]
+    """(version, slot_nbytes, chunk_bytes, ids_per_chunk, num_chunks) of a kvstore NVMe file
+    ((version,) alone for a file of another format version), None if path is not one."""
+    return read_superblock(path)
 
 
 def _held(lock_path: str) -> bool:
@@ -190,7 +184,7 @@ def _lock(directory: str, owner: dict, wait_s: float) -> int:
     return fd
 
 
-def _migrate_legacy(nvme_path: str, directory: str, slot_bytes: int, capacity_bytes: int) -> str | None:
+def _migrate_legacy(nvme_path: str, directory: str, classes: SizeClasses, capacity_bytes: int) -> str | None:
     """Moves the one legacy NVMe file (nvme_path/<ray node id[:12]>) into `directory` when that is
     safe; otherwise warns. Returns the legacy directory migrated from, or None."""
     legacy = [d for d in foreign_nvme_dirs(nvme_path, os.path.basename(directory)) if d["legacy"]]
@@ -205,12 +199,14 @@ def _migrate_legacy(nvme_path: str, directory: str, slot_bytes: int, capacity_by
     old = legacy[0]
     geometry = _nvme_superblock(old["path"])
     try:  # the geometry this configuration gives, computed as NVMeTier does
-        expected = (slot_bytes, round_up(slot_bytes), num_slots_for(capacity_bytes, slot_bytes))
+        g = nvme_geometry(classes, capacity_bytes)
+        expected = (classes.slot_nbytes if g.single else 0, g.chunk_bytes, g.ids_per_chunk, g.num_chunks)
     except ConfigError:
         expected = None
     if geometry is None or expected is None or geometry[0] != _VERSION or tuple(geometry[1:]) != expected:
-        log.warning("the NVMe file %s (layout before node names) does not fit slot_bytes/nvme_tier_bytes; "
-                    "not adopted: remove it to free %s", old["path"], _human(old["bytes"]))
+        log.warning("the NVMe file %s (layout before node names) does not fit the configuration (slot_bytes, "
+                    "block_sizes, min_slot_bytes, chunk_bytes, nvme_tier_bytes, format version %d); "
+                    "not adopted: remove it to free %s", old["path"], _VERSION, _human(old["bytes"]))
         return None
     users = _open_by_any_process(old["path"])
     if users or old["in_use"]:
@@ -247,7 +243,7 @@ def claim_nvme_dir(config: Config, owner: dict | None = None, wait_s: float = 15
     claim = NVMeClaim(config.nvme_path, name, directory, fd)
     try:
         if not os.path.exists(os.path.join(directory, FILE_NAME)):
-            claim.migrated_from = _migrate_legacy(config.nvme_path, directory, config.slot_bytes,
+            claim.migrated_from = _migrate_legacy(config.nvme_path, directory, config.size_classes(),
                                                   config.nvme_tier_bytes)
         unused = [d for d in claim.foreign() if not d["in_use"]]
         if unused:

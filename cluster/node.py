@@ -85,6 +85,7 @@ class NodeService:
         host_tier = next((t for t in self.store.tiers if t.name == "host"), None)
         return {"node_id": self.node_id, "address": self.server.address, "tls": self.server.tls, "pid": os.getpid(),
                 "shm_name": getattr(host_tier, "shm_name", None), "slot_bytes": self.store.slot_nbytes,
+                "size_classes": self.store.classes.describe(),
                 "tiers": [t.name for t in self.store.tiers]}
 
     def acquire(self, layout: dict, keys: list[bytes], ttl_s: float | None = None) -> tuple[str, list, list]:

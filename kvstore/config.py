@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import yaml
 
 from kvstore.errors import ConfigError
+from kvstore.tiers.geometry import SizeClasses
 
 ENV_PREFIX = "KVSTORE_"
 
@@ -62,7 +63,10 @@ class Config:
     """All settings of a kvstore node and service. Build with `load_config`, not by hand."""
 
     namespace: str = _setting("default", "Tenant namespace salted into every block key; two namespaces never share a block.")
-    slot_bytes: int = _setting(2 * 1024**2, "Size of one arena slot; a layout whose block is larger is refused. Set it to your model's block size.", "size")
+    block_sizes: str = _setting("auto", "Slot sizes (size classes) of the node's tiers; a block goes to the smallest that fits it. auto: derived from the layouts seen, a new size whenever no size fits a block with at most 25% of its slot left over. A list (64KiB,2MiB,5MiB) declares sizes; with auto in it (64KiB,2MiB,auto) more are derived. Capacity is shared: chunks of chunk_bytes go to sizes on demand, and a size holding less than its share of the bytes recently stored takes a chunk from one holding more.")
+    slot_bytes: int = _setting(0, "One slot size for every block (the setting before block_sizes): a layout whose block is larger is refused, a smaller one wastes the rest of its slot. 0: unset (block_sizes decides). Setting it with a block_sizes other than auto is an error.", "size")
+    min_slot_bytes: int = _setting(16 * 1024, "Smallest slot of a derived size: smaller blocks share it (so the 25% bound holds for blocks of at least 3/4 of it). Per-slot metadata (about 100 bytes in memory, 128 on NVMe) is sized for capacity / min_slot_bytes slots.", "size")
+    chunk_bytes: int = _setting(64 * 1024**2, "Unit in which tier capacity is handed to block sizes; also the largest block a tier takes. A tier smaller than 8 chunks is cut into 8 smaller ones.", "size")
     hbm_tier_bytes: int = _setting(0, "GPU memory for the HBM tier (0 disables it; needs CUDA).", "size")
     host_tier_bytes: int = _setting(1024**3, "Shared-memory host tier per node (/dev/shm must be at least this large).", "size")
     nvme_tier_bytes: int = _setting(0, "Size of the NVMe tier's preallocated file (0 disables it).", "size")
@@ -99,8 +103,10 @@ class Config:
     log_level: str = _setting("INFO", "Logging level.", "str", ("DEBUG", "INFO", "WARNING", "ERROR"))
 
     def __post_init__(self) -> None:
-        if self.slot_bytes <= 0:
-            raise ConfigError(f"slot_bytes={self.slot_bytes!r} must be positive")
+        if self.slot_bytes and self.block_sizes.strip().lower() != "auto":
+            raise ConfigError(f"slot_bytes={self.slot_bytes!r} and block_sizes={self.block_sizes!r} are both set: "
+                              "slot_bytes is one slot size for every block, block_sizes a list of them; set one")
+        self.size_classes()  # raises ConfigError naming a bad size
         if self.nvme_tier_bytes and not self.nvme_path:
             raise ConfigError("nvme_tier_bytes is set but nvme_path is empty; name a directory for the NVMe file")
         if self.node_name and not _NODE_NAME_RE.match(self.node_name):
@@ -126,6 +132,13 @@ class Config:
             raise ConfigError(f"event_batch_ms={self.event_batch_ms!r} must not be negative")
         if not 0 <= self.index_shards <= MAX_INDEX_SHARDS:
             raise ConfigError(f"index_shards={self.index_shards!r} must be within [0, {MAX_INDEX_SHARDS}] (0: by cluster size)")
+
+    def size_classes(self) -> SizeClasses:
+        """The tiers' size classes this configuration asks for (kvstore/tiers/geometry.py)."""
+        if self.slot_bytes:
+            return SizeClasses.one(self.slot_bytes)
+        sizes, auto = _sizes("block_sizes", self.block_sizes)
+        return SizeClasses.of(sizes, auto=auto, min_slot_bytes=self.min_slot_bytes, chunk_bytes=self.chunk_bytes)
 
     def token(self) -> str:
         """The auth token: from auth_token_file when set, else auth_token (may be empty)."""
@@ -172,6 +185,21 @@ def _coerce(name: str, value: Any) -> Any:
     if meta["choices"] and value not in meta["choices"]:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(meta['choices'])}")
     return value
+
+
+def _sizes(name: str, value: str) -> tuple[list[int], bool]:
+    """The sizes and whether `auto` is among them, of a list such as "64KiB,2MiB,auto"."""
+    parts = [p.strip() for p in value.split(",")]
+    if not value.strip() or any(p == "" for p in parts):
+        raise ConfigError(f"{name}={value!r} has an empty entry; use auto or a list of sizes such as 64KiB,2MiB")
+    sizes = []
+    for part in parts:
+        if part.lower() != "auto":
+            size = parse_size(part, name)
+            if size < 1:
+                raise ConfigError(f"{name}={value!r}: {part!r} is not a positive size")
+            sizes.append(size)
+    return sizes, any(p.lower() == "auto" for p in parts)
 
 
 def load_config(

@@ -15,6 +15,15 @@ in, or from the writer of a reserved slot), kept in its entry and in every tier 
 reads always check it; memory reads as the ReadVerifier says (kvstore.integrity). A block that
 fails is dropped and counted in `corrupt_dropped`: a miss, never data.
 
+Size classes (tiers/geometry.py): every tier has the same classes (slot sizes); a layout's
+blocks go to the smallest class that fits them (or, with `auto` classes, to one of their own
+size), in every tier, and each class of each tier has its own eviction policy: a victim is always
+of the class that needs the slot. Chunks of a tier go to classes on demand; a class that holds
+fewer chunks than its share (its part of the bytes recently allocated in that tier, decayed)
+takes a whole chunk from the class most over its share, demoting that chunk's blocks, rather
+than evict its own. Shares by bytes allocated keep every class's blocks about equally long, as
+one LRU over all classes would.
+
 Writers outside the store (`reserve`) are fenced: each slot of a memory tier has a generation,
 and `fence` (a writer's hold expired) bumps it and keeps the slot out of use for `fence_grace_s`,
 so a late writer that checks its generation before each copy can never land in a reused slot.
@@ -32,6 +41,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from kvstore.block import BlockEntry, BlockState
@@ -42,8 +52,9 @@ from kvstore.integrity import ReadVerifier, checksum
 from kvstore.keys import check_key, check_keys
 from kvstore.layout import Layout
 from kvstore.payload import Blocks, block_rows
-from kvstore.policy import make_policy
+from kvstore.policy import EvictionPolicy, make_policy
 from kvstore.tiers.base import SlotMeta, Tier
+from kvstore.tiers.geometry import SizeClasses, rounding_loss
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +117,20 @@ class TieredStore:
     ) -> None:
         if not tiers:
             raise InvalidLayoutError("a store needs at least one tier")
-        sizes = {t.slot_nbytes for t in tiers}
-        if len(sizes) != 1:
-            raise InvalidLayoutError(f"tiers have different slot sizes {sorted(sizes)}; they must be equal")
+        if all(t.classes.single for t in tiers):
+            sizes = {t.slot_nbytes for t in tiers}
+            if len(sizes) != 1:
+                raise InvalidLayoutError(f"tiers have different slot sizes {sorted(sizes)}; they must be equal")
+        elif len({t.classes for t in tiers}) != 1:
+            raise InvalidLayoutError("tiers have different size classes: "
+                                     + "; ".join(f"{t.name}: {t.classes.describe()}" for t in tiers))
         self.tiers = list(tiers)
-        self.slot_nbytes = sizes.pop()
+        self.classes: SizeClasses = tiers[0].classes
+        self.slot_nbytes = self.classes.slot_nbytes  # one class: its slot size; several: 0
+        self._several = not self.classes.single
+        self._largest = min(t.max_stride for t in tiers)  # the largest slot every tier holds
+        self._strides: set[int] = set(self.classes.declared)  # the classes in use
+        self._layout_class: dict[bytes, int] = {}  # layout id -> the class its blocks go to
         self.promote_on_hit = promote_on_hit
         self.verifier = verifier or ReadVerifier()
         self.fence_grace_s = fence_grace_s
@@ -122,7 +142,14 @@ class TieredStore:
         self._visible: set[bytes] = set()  # keys of committed, undeleted blocks (READY or MOVING)
         self._children: dict[bytes, int] = {}
         has_children = self._children.__contains__ if prefix_aware else None
-        self._policies = [make_policy(policy, t.num_slots, has_children) for t in self.tiers]
+        self._policy_name, self._has_children = policy, has_children
+        self._policies: list[dict[int, EvictionPolicy]] = [{} for _ in self.tiers]  # per tier, per class
+        # Per tier and slot: the length of the block in it (for the classes' rounding loss), and
+        # with several classes the block itself (to empty a chunk that goes to another class).
+        self._nbytes = [np.zeros(t.num_slots, dtype=np.uint32) for t in self.tiers]
+        self._occupants: list[dict[int, BlockEntry]] = [{} for _ in self.tiers]
+        self._demand: list[dict[int, float]] = [{} for _ in self.tiers]  # per tier: class -> bytes asked, decayed
+        self._chunks_taken = [0] * len(self.tiers)
         self._tier_counters = [_TierCounters() for _ in self.tiers]
         self._counters = dict.fromkeys(
             ("puts", "put_present", "put_rejected", "gets", "hits", "misses", "deletes", "corrupt_dropped",
@@ -140,13 +167,14 @@ class TieredStore:
 
         tiers: list[Tier] = []
         try:
+            classes = config.size_classes()
             if config.hbm_tier_bytes:
-                tiers.append(HBMTier(config.slot_bytes, config.hbm_tier_bytes))
+                tiers.append(HBMTier(classes, config.hbm_tier_bytes))
             if config.host_tier_bytes:
                 name = shm_name or f"{config.shm_prefix}-{os.getpid()}-{secrets.token_hex(4)}"
-                tiers.append(HostTier(name, config.slot_bytes, config.host_tier_bytes))
+                tiers.append(HostTier(name, classes, config.host_tier_bytes))
             if config.nvme_tier_bytes:
-                tiers.append(NVMeTier(config.nvme_path, config.slot_bytes, config.nvme_tier_bytes,
+                tiers.append(NVMeTier(config.nvme_path, classes, config.nvme_tier_bytes,
                                       io_threads=config.io_threads, direct_io=config.nvme_direct_io))
             return cls(tiers, policy=config.eviction_policy, prefix_aware=config.prefix_aware_eviction,
                        promote_on_hit=config.promote_on_hit, listener=listener,
@@ -168,12 +196,12 @@ class TieredStore:
         than a quarter of the top tier goes in chunks, so earlier chunks can be demoted to make
         room for later ones. Blocks that find no room (everything pinned) are in `rejected`.
         """
-        self.check_layout(layout)
+        stride = self.check_layout(layout)
         keys = check_keys(keys)
         rows = block_rows(layout, blocks, len(keys))
         parents = self._check_parents(parents, len(keys))
         result = PutResult()
-        chunk = max(1, self.tiers[0].num_slots // 4)
+        chunk = max(1, self.tiers[0].geometry.num_chunks * self.tiers[0].geometry.slots_per_chunk(stride) // 4)
         for start in range(0, len(keys), chunk):
             end = start + chunk
             self._put_chunk(layout, keys[start:end], rows[start:end], parents[start:end], result)
@@ -246,7 +274,7 @@ class TieredStore:
                     served[i] = self.tiers[tier].name
                     self._tier_counters[tier].hits += 1
                     if entry.state is BlockState.READY:
-                        self._policies[tier].touch(entry.key)
+                        self._policy_of(entry).touch(entry.key)
                         if tier > 0 and self.promote_on_hit and entry.pins == 0:
                             promote.append((entry, rows[i]))
                 hits = sum(s is not None for s in served)
@@ -427,7 +455,7 @@ class TieredStore:
                     continue
                 tier = self.tiers[entry.tier]
                 self._tier_counters[entry.tier].hits += 1
-                self._policies[entry.tier].touch(entry.key)
+                self._policy_of(entry).touch(entry.key)
                 handles.append(BlockHandle(entry.key, tier.name, entry.slot, entry.nbytes,
                                            tier.view(entry.slot)[:entry.nbytes], entry, entry.checksum))
             hits = sum(h is not None for h in handles)
@@ -457,7 +485,35 @@ class TieredStore:
             tiers = []
             for tier, counters in zip(self.tiers, self._tier_counters):
                 tiers.append({**tier.stats(), **dataclasses.asdict(counters)})
-            return {"blocks": len(self._index), "slot_bytes": self.slot_nbytes, **self._counters, "tiers": tiers}
+            return {"blocks": len(self._index), "slot_bytes": self.slot_nbytes, **self._counters, "tiers": tiers,
+                    **self._class_stats()}
+
+    def _class_stats(self) -> dict:
+        """Per size class: its slots and blocks in every tier, and what rounding loses (the part
+        of its used slots' bytes that no block fills). Vectorized over slots: no walk of the index."""
+        classes: dict[int, dict] = {}
+        for t, tier in enumerate(self.tiers):
+            g = tier.geometry
+            used = self._nbytes[t]
+            per_chunk = np.bincount(np.arange(g.num_slots) // g.ids_per_chunk, weights=used,
+                                    minlength=g.num_chunks) if g.num_slots else np.zeros(0)
+            for stride, row in tier.class_stats().items():
+                out = classes.setdefault(stride, {"slot_bytes": stride, "blocks": 0, "block_bytes": 0, "tiers": {}})
+                mine = g.strides == stride
+                held = np.array([tier.allocator.chunk_class(c) == stride for c in range(g.num_chunks)]) \
+                    if not g.single else mine
+                out["tiers"][tier.name] = row
+                out["blocks"] += row["used_slots"]
+                out["block_bytes"] += int(per_chunk[held].sum())
+        total_slots = total_blocks = 0
+        for out in classes.values():
+            slot_bytes = out["blocks"] * out["slot_bytes"]
+            out["rounding_loss"] = 1 - out["block_bytes"] / slot_bytes if slot_bytes else 0.0
+            total_slots += slot_bytes
+            total_blocks += out["block_bytes"]
+        return {"size_classes": self.classes.describe(),
+                "classes": [classes[s] for s in sorted(classes)],
+                "rounding_loss": 1 - total_blocks / total_slots if total_slots else 0.0}
 
     def close(self) -> None:
         for tier in self.tiers:
@@ -484,14 +540,41 @@ class TieredStore:
             check_keys(keys)
         return flags
 
-    def check_layout(self, layout: Layout) -> None:
-        """Raises InvalidLayoutError unless blocks of `layout` fit this store's slots."""
+    def check_layout(self, layout: Layout) -> int:
+        """The size class (slot stride) blocks of `layout` go to; InvalidLayoutError if none fits.
+
+        A layout keeps the class it first got, so its blocks never change class as others appear."""
         if not isinstance(layout, Layout):
             raise InvalidLayoutError(f"layout must be a Layout, got {type(layout).__name__}")
-        if layout.block_nbytes > self.slot_nbytes:
-            raise InvalidLayoutError(
-                f"layout {layout.model_id} has blocks of {layout.block_nbytes} bytes; this store's slots hold "
-                f"{self.slot_nbytes} (raise slot_bytes)")
+        stride = self._layout_class.get(layout.id)
+        if stride is not None:
+            return stride
+        with self._lock:
+            stride = self._layout_class.get(layout.id)
+            if stride is None:
+                stride = self.classes.class_for(layout.block_nbytes, sorted(self._strides), self._largest)
+                if stride is None:
+                    raise InvalidLayoutError(self._refusal(layout))
+                self._strides.add(stride)
+                self._layout_class[layout.id] = stride
+                loss = rounding_loss(layout.block_nbytes, stride)
+                log.log(logging.WARNING if loss > 0.25 and layout.block_nbytes >= 3 * 4096 else logging.INFO,
+                        "layout %s: blocks of %d bytes go to the size class of %d-byte slots (%.1f%% lost to "
+                        "rounding)", layout.model_id, layout.block_nbytes, stride, 100 * loss)
+            return stride
+
+    def _refusal(self, layout: Layout) -> str:
+        """Why no class takes a layout's blocks, and what to change."""
+        nbytes, c = layout.block_nbytes, self.classes
+        head = f"layout {layout.model_id} has blocks of {nbytes} bytes; "
+        if c.single:
+            return (head + f"this store's slots hold {c.slot_nbytes} (raise slot_bytes, or unset it so that "
+                    "block sizes are derived from the layouts seen)")
+        if nbytes > self._largest:
+            return (head + f"the largest slot this store's tiers hold is {self._largest} bytes (a chunk; "
+                    "raise chunk_bytes, or the tier sizes: a tier smaller than 8 chunks has smaller chunks)")
+        return (head + f"no size class fits them: {c.describe()} (add a size of at least {nbytes} "
+                "to block_sizes, or add auto)")
 
     @staticmethod
     def _check_parents(parents, n: int) -> list[bytes | None]:
@@ -535,33 +618,119 @@ class TieredStore:
             entry.transition("release")
             self._release_slot(entry.tier, entry.slot, erase=True)
 
-    def _reserve(self, t: int, n: int) -> list[int]:
-        """Up to n free slots of tier t, evicting (demoting) as needed. May release the lock."""
+    def _reserve(self, t: int, stride: int, n: int) -> list[int]:
+        """Up to n free slots of class `stride` in tier t, taking a chunk from another class or
+        evicting (demoting) as needed. May release the lock."""
         allocator = self.tiers[t].allocator
         if self._fenced:
             self._reap_fenced()
+        if self._several:
+            self._note_demand(t, stride, n)
         slots: list[int] = []
+        takes = 0
         while len(slots) < n:
-            slot = allocator.alloc()
+            slot = allocator.alloc(stride)
             if slot is not None:
                 slots.append(slot)
                 continue
-            freed = self._evict(t, n - len(slots))
+            if self._several and takes <= n and self._take_chunk(t, stride, starving=False):
+                takes += 1
+                continue
+            freed = self._evict(t, stride, n - len(slots))
             if not freed:
+                if self._several and takes <= n and self._take_chunk(t, stride, starving=True):
+                    takes += 1
+                    continue
                 break
             slots.extend(freed)
         for slot in slots:
             self.tiers[t].begin_write(slot)  # readers of the slot's old bytes must see a change
         return slots
 
-    def _evict(self, t: int, n: int) -> list[int]:
-        """Frees up to n slots of tier t by demoting victims (dropping them from the bottom tier)."""
-        for slot, key in self.tiers[t].take_touched():  # read without the store: a second chance
+    def _class_policy(self, t: int, stride: int) -> EvictionPolicy:
+        policy = self._policies[t].get(stride)
+        if policy is None:
+            g = self.tiers[t].geometry
+            capacity = max(1, g.num_chunks * g.slots_per_chunk(stride))
+            policy = self._policies[t][stride] = make_policy(self._policy_name, capacity, self._has_children)
+        return policy
+
+    def _policy_of(self, entry: BlockEntry) -> EvictionPolicy:
+        """The policy of the block's tier and class (its slot's)."""
+        return self._class_policy(entry.tier, self.tiers[entry.tier].stride_of(entry.slot))
+
+    def _occupy(self, t: int, slot: int, entry: BlockEntry) -> None:
+        self._nbytes[t][slot] = entry.nbytes
+        if self._several:
+            self._occupants[t][slot] = entry
+
+    def _vacate(self, t: int, slot: int) -> None:
+        self._nbytes[t][slot] = 0
+        if self._several:
+            self._occupants[t].pop(slot, None)
+
+    def _note_demand(self, t: int, stride: int, n: int) -> None:
+        """Counts bytes asked of a class in tier t; halves every count once they pass 4x the tier."""
+        demand = self._demand[t]
+        demand[stride] = demand.get(stride, 0.0) + n * stride
+        if sum(demand.values()) > 4 * self.tiers[t].geometry.data_bytes:
+            for s in demand:
+                demand[s] /= 2
+
+    def _take_chunk(self, t: int, stride: int, starving: bool) -> bool:
+        """Empties a chunk of another class of tier t (demoting its blocks) and gives it back to
+        the pool, where class `stride` finds it. Only when `stride` holds less than its share of
+        the tier's chunks and the donor more than its own (the share: a class's part of the
+        bytes recently asked of the tier), or when `stride` has nothing it could evict itself
+        (`starving`: it holds no chunk, or only pinned blocks). Returns whether a chunk was freed."""
+        tier = self.tiers[t]
+        alloc, g = tier.allocator, tier.geometry
+        if stride > g.chunk_bytes:
+            return False
+        held = alloc.classes()
+        demand = self._demand[t]
+        total = sum(demand.values()) or 1.0
+
+        def share(s: int) -> float:
+            return g.num_chunks * demand.get(s, 0.0) / total
+
+        mine = held.get(stride, 0)
+        if not starving and (mine + 1 > share(stride)):
+            return False
+        donors = sorted(((n - share(s), s) for s, n in held.items()
+                         if s != stride and (starving or n - 1 >= share(s))), reverse=True)
+        occupants = self._occupants[t]
+        for _, donor in donors:
+            for chunk in alloc.chunks_held(donor)[:8]:  # the emptiest first; a few tries per donor
+                victims = []
+                for slot in alloc.used_in(chunk):
+                    entry = occupants.get(slot)
+                    if (entry is None or entry.tier != t or entry.slot != slot or not entry.evictable
+                            or self._index.get(entry.key) is not entry):
+                        break  # pinned, being written or moved, or a fenced writer's slot
+                    victims.append(entry)
+                else:
+                    for entry in victims:
+                        self._policy_of(entry).remove(entry.key)
+                    for slot in self._evict_entries(t, donor, victims):
+                        self._release_slot(t, slot)
+                    self._chunks_taken[t] += 1
+                    return True
+        return False
+
+    def _evict(self, t: int, stride: int, n: int) -> list[int]:
+        """Frees up to n slots of class `stride` in tier t by demoting victims (dropping them
+        from the bottom tier)."""
+        tier = self.tiers[t]
+        for slot, key in tier.take_touched():  # read without the store: a second chance
             entry = self._index.get(key)
             if entry is not None and entry.tier == t and entry.slot == slot and entry.state is BlockState.READY:
-                self._policies[t].touch(key)
+                self._policy_of(entry).touch(key)
+        policy = self._policies[t].get(stride)
+        if policy is None:
+            return []
         victims: list[BlockEntry] = []
-        for key in self._policies[t].candidates():
+        for key in policy.candidates():
             entry = self._index[key]
             if entry.evictable:
                 victims.append(entry)
@@ -570,12 +739,19 @@ class TieredStore:
         if not victims:
             return []
         for entry in victims:
-            self._policies[t].remove(entry.key)
+            policy.remove(entry.key)
+        return self._evict_entries(t, stride, victims)
+
+    def _evict_entries(self, t: int, stride: int, victims: list[BlockEntry]) -> list[int]:
+        """Demotes victims of class `stride` out of tier t (drops them from the bottom tier),
+        already out of their policy. Returns their old slots, for the caller."""
         freed = [entry.slot for entry in victims]
+        for slot in freed:
+            self._vacate(t, slot)
         if t + 1 < len(self.tiers):
             for entry in victims:
                 entry.transition("start_move")
-            dst_slots = self._reserve(t + 1, len(victims))
+            dst_slots = self._reserve(t + 1, stride, len(victims))
             self._move(victims[:len(dst_slots)], t + 1, dst_slots)
             unmoved = victims[len(dst_slots):]
             for entry in unmoved:
@@ -630,8 +806,9 @@ class TieredStore:
                 continue
             src_tier.withdraw(entry.key)
             entry.tier, entry.slot = dst, slot
+            self._occupy(dst, slot, entry)
             dst_tier.publish(slot, self._meta(entry))
-            self._policies[dst].insert(entry.key)
+            self._policy_of(entry).insert(entry.key)
             moved.append(entry)
         if dst > src:
             self._tier_counters[src].demotions += len(moved)
@@ -647,15 +824,22 @@ class TieredStore:
         hits = [(e, row) for e, row in hits if e.evictable]
         for entry, _ in hits:
             entry.transition("start_move")
-            self._policies[entry.tier].remove(entry.key)
-        slots = self._reserve(0, len(hits))
+            self._policy_of(entry).remove(entry.key)
+        by_class: dict[int, list[tuple[BlockEntry, torch.Tensor | None]]] = {}
+        for hit in hits:  # a block keeps its class in every tier
+            by_class.setdefault(self.tiers[hit[0].tier].stride_of(hit[0].slot), []).append(hit)
+        for stride, group in by_class.items():
+            self._promote_class(stride, group)
+
+    def _promote_class(self, stride: int, hits: list[tuple[BlockEntry, torch.Tensor | None]]) -> None:
+        slots = self._reserve(0, stride, len(hits))
         for entry, _ in hits[len(slots):]:  # no room up there: stay where they are
             if entry.state is BlockState.DOOMED:
                 entry.transition("release")
                 self._release_slot(entry.tier, entry.slot, erase=True)
             else:
                 entry.transition("finish_move")
-                self._policies[entry.tier].insert(entry.key)
+                self._policy_of(entry).insert(entry.key)
         hits = hits[:len(slots)]
         by_tier: dict[int, list[int]] = {}
         for i, (entry, _) in enumerate(hits):
@@ -678,6 +862,7 @@ class TieredStore:
         concurrent writer of the same key sees them.
         """
         self._counters["puts"] += len(keys)
+        stride = self._layout_class[layout.id]  # check_layout found it
         present = 0
         fresh: list[BlockEntry] = []
         for key, parent in zip(keys, parents):
@@ -687,9 +872,10 @@ class TieredStore:
             entry = BlockEntry(key, layout.id, layout.block_nbytes, 0, -1, parent)
             self._index[key] = entry
             fresh.append(entry)
-        slots = self._reserve(0, len(fresh))
+        slots = self._reserve(0, stride, len(fresh))
         for entry, slot in zip(fresh, slots):
             entry.slot = slot
+            self._occupy(0, slot, entry)
         rejected = fresh[len(slots):]
         for entry in rejected:
             self._settle_unwritten(entry)
@@ -709,7 +895,7 @@ class TieredStore:
             committed.append(entry)
         # Reverse order: a chain's leaf is inserted first, so its root is the most recent.
         for entry in reversed(committed):
-            self._policies[0].insert(entry.key)
+            self._policy_of(entry).insert(entry.key)
             self._visible.add(entry.key)
             self._link(entry)
             self.tiers[0].publish(entry.slot, self._meta(entry))
@@ -752,7 +938,7 @@ class TieredStore:
         if was_visible:
             self.tiers[entry.tier].withdraw(entry.key)
         if entry.state is BlockState.READY:
-            self._policies[entry.tier].remove(entry.key)
+            self._policy_of(entry).remove(entry.key)
         if entry.evictable:
             entry.transition("drop")
             self._release_slot(entry.tier, entry.slot, erase=True)
@@ -788,12 +974,13 @@ class TieredStore:
         """Tells the policy of the parent's tier, if the parent is stored: its eviction order
         depends on it. A parent in no policy now (being written or moved) is asked on insert."""
         entry = self._index.get(parent)
-        if entry is not None:
-            self._policies[entry.tier].set_has_children(parent, has_children)
+        if entry is not None and entry.slot >= 0:
+            self._policy_of(entry).set_has_children(parent, has_children)
 
     def _release_slot(self, t: int, slot: int, erase: bool = False) -> None:
         if slot < 0:
             return
+        self._vacate(t, slot)
         if erase:
             try:
                 self.tiers[t].erase(slot)
@@ -818,7 +1005,9 @@ class TieredStore:
                                    meta.checksum)
                 self._index[meta.key] = entry
                 self._visible.add(meta.key)
-                self._policies[t].insert(meta.key)
+                self._strides.add(tier.stride_of(slot))  # a class found on disk stays a class
+                self._occupy(t, slot, entry)
+                self._policy_of(entry).insert(meta.key)
                 self._link(entry)
                 indexed.append(meta)
             if indexed:

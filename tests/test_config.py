@@ -46,7 +46,8 @@ def test_defaults():
     cfg = load_config(env={})
     assert cfg == Config()
     assert cfg.namespace == "default"
-    assert cfg.slot_bytes == 2 * 1024**2
+    assert cfg.slot_bytes == 0 and cfg.block_sizes == "auto"  # size classes derived from the layouts seen
+    assert cfg.size_classes().auto and not cfg.size_classes().single
     assert cfg.host_tier_bytes == 1024**3
     assert cfg.eviction_policy == "lru"
     assert cfg.nvme_direct_io is True
@@ -136,12 +137,32 @@ def test_bad_env_values_name_the_value(name, value, shown):
     ("flight_port: 70000", "flight_port=70000"),
     ("lease_ttl_s: 0", "lease_ttl_s=0.0"),
     ("event_batch_ms: -1", "event_batch_ms=-1"),
-    ("slot_bytes: 0", "slot_bytes=0"),
+    ("block_sizes: 0", "block_sizes=0"),
+    ("block_sizes: 64KiB, lots", "block_sizes='lots'"),
+    ("block_sizes: 64KiB,,2MiB", "block_sizes='64KiB,,2MiB'"),
+    ("block_sizes: [64KiB, 2MiB]", "block_sizes=['64KiB', '2MiB']"),
+    ("chunk_bytes: 8KiB", "chunk_bytes=8192"),
+    ("min_slot_bytes: 0", "min_slot_bytes=0"),
 ])
 def test_bad_file_values_name_the_value(tmp_path, line, shown):
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, line + "\n"), env={})
     assert shown in str(info.value)
+
+
+def test_block_sizes_spellings_and_slot_bytes_as_one_class(tmp_path):
+    cfg = load_config(write(tmp_path, "block_sizes: 64KiB, 2MiB,5MiB\n"), env={})
+    classes = cfg.size_classes()
+    assert classes.declared == (64 * 1024, 2 * 1024**2, 5 * 1024**2) and not classes.auto
+    assert load_config(env={"KVSTORE_BLOCK_SIZES": "2MiB, auto"}).size_classes().auto
+    one = load_config(env={}, slot_bytes="4KiB").size_classes()  # the setting before size classes
+    assert one.single and one.declared == (4096,) and one.slot_nbytes == 4096
+
+
+def test_slot_bytes_with_block_sizes_is_refused_naming_both():
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, slot_bytes="2MiB", block_sizes="64KiB,2MiB")
+    assert "slot_bytes=2097152" in str(info.value) and "block_sizes='64KiB,2MiB'" in str(info.value)
 
 
 def test_nvme_size_needs_a_path():

@@ -41,16 +41,20 @@ def supports_o_direct(directory) -> bool:
 
 def slot_offsets(path, key: bytes) -> tuple[int, int]:
     """(header offset, payload offset) of the slot holding `key` in the tier's file, found from
-    the headers as the format says: a superblock page, 128-byte headers, page-aligned payloads."""
+    the headers as the format says: a superblock page, the chunk table (a stride per chunk),
+    128-byte headers (ids_per_chunk per chunk), page-aligned chunks of slots."""
     with open(path, "rb") as f:
         data = f.read()
-    _, version, _, stride, num_slots = struct.unpack_from("<8sIQQQ", data, 0)
-    assert version == 2
-    payloads = PAGE + round_up(num_slots * 128)
-    for slot in range(num_slots):
-        off = PAGE + slot * 128
+    _, version, _, chunk_bytes, ids, num_chunks = struct.unpack_from("<8sIQQQQ", data, 0)
+    assert version == 3
+    strides = struct.unpack_from(f"<{num_chunks}Q", data, PAGE)
+    headers = PAGE + round_up(num_chunks * 8)
+    payloads = headers + round_up(num_chunks * ids * 128)
+    for slot in range(num_chunks * ids):
+        off = headers + slot * 128
         if data[off:off + 8] == b"KVBLOCK2" and data[off + 8:off + 24] == key:
-            return off, payloads + slot * stride
+            chunk, i = divmod(slot, ids)
+            return off, payloads + chunk * chunk_bytes + i * strides[chunk]
     raise AssertionError(f"no slot holds {key.hex()}")
 
 
@@ -372,7 +376,7 @@ def test_a_version_1_file_is_refused_with_its_version_named(tmp_path):
     with pytest.raises(TierIOError) as info:
         NVMeTier(str(tmp_path), NBYTES, nvme_capacity(4))
     msg = str(info.value)
-    assert "format version 1" in msg and "version 2" in msg and "remove the file" in msg and str(path) in msg
+    assert "format version 1" in msg and "version 3" in msg and "remove the file" in msg and str(path) in msg
     assert path.exists()  # refused, never deleted
 
 
@@ -416,7 +420,7 @@ def test_open_in_chunks_keeps_the_newest_copy_and_drops_damaged_headers(tmp_path
     headers[[3, 130, 499]] = 0  # never written or erased
     headers[200, 9] ^= 1  # a damaged payload checksum: the header's own checksum fails
     with open(tmp_path / FILE_NAME, "r+b") as f:
-        f.seek(PAGE)
+        f.seek(PAGE + nvme_mod.table_bytes(slots))  # after the superblock and the chunk table
         f.write(headers.tobytes())
     tier = NVMeTier(str(tmp_path), NBYTES, nvme_capacity(slots))
     try:

@@ -209,12 +209,16 @@ class StoreMachine(RuleBasedStateMachine):
             return
         entries = list(self.store._index.values())
         parents = {e.parent for e in entries if e.visible and e.parent is not None}
-        for t, policy in enumerate(self.store._policies):
-            offered = list(policy.candidates())
-            assert sorted(offered) == sorted(e.key for e in entries if e.tier == t and e.state is BlockState.READY)
-            if self.prefix_aware:
-                has_children = [key in parents for key in offered]
-                assert has_children == sorted(has_children), "a parent is offered before a leaf"
+        for t, policies in enumerate(self.store._policies):  # one per size class of each tier
+            tier = self.store.tiers[t]
+            ready = [e for e in entries if e.tier == t and e.state is BlockState.READY]
+            assert sum(len(p) for p in policies.values()) == len(ready)
+            for stride, policy in policies.items():
+                offered = list(policy.candidates())
+                assert sorted(offered) == sorted(e.key for e in ready if tier.stride_of(e.slot) == stride)
+                if self.prefix_aware:
+                    has_children = [key in parents for key in offered]
+                    assert has_children == sorted(has_children), "a parent is offered before a leaf"
 
 
 StoreMachine.TestCase.settings = settings(

@@ -1,9 +1,11 @@
-"""What every storage medium provides to the tiered store: fixed-size slots and copies in and out.
+"""What every storage medium provides to the tiered store: slots by size class, copies in and out.
 
-A tier is an arena of `num_slots` slots of `slot_nbytes` each (every slot starts on a 4 KiB
-boundary, `slot_stride` apart, so direct I/O can use any slot as its buffer). The store owns
-all bookkeeping (which key lives in which slot, states, pins); a tier only allocates slots and
-moves bytes. Tiers never import Ray.
+A tier's capacity is carved into chunks, each handed to one size class (a slot size) on demand
+(tiers/geometry.py); slot numbers are dense over the tier, every slot starts on a 4 KiB boundary
+(direct I/O can use any slot as its buffer). The one-class tier of the `slot_bytes` setting is an
+arena of `num_slots` slots of `slot_nbytes` each, `slot_stride` apart. The store owns all
+bookkeeping (which key lives in which slot, states, pins, which class a block goes to); a tier
+only allocates slots and moves bytes. Tiers never import Ray.
 """
 from __future__ import annotations
 
@@ -16,12 +18,18 @@ import torch
 
 from kvstore.errors import BlockStateError, ConfigError, CorruptBlockError
 from kvstore.integrity import copy_with_checksum
+from kvstore.tiers.geometry import PAGE, ChunkAllocator, Geometry, SizeClasses, mark_claimed, round_up
 
-PAGE = 4096
+__all__ = ["PAGE", "round_up", "SlotMeta", "SlotAllocator", "Tier", "MemoryTier", "slots_for", "size_classes"]
 
 
-def round_up(n: int, to: int = PAGE) -> int:
-    return (n + to - 1) // to * to
+def size_classes(classes: "SizeClasses | int") -> SizeClasses:
+    """A tier's classes from its constructor argument: SizeClasses, or an int (one slot size)."""
+    if isinstance(classes, SizeClasses):
+        return classes
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+        raise ConfigError(f"slot_nbytes={classes!r} must be positive")
+    return SizeClasses.one(classes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,17 +61,7 @@ class SlotAllocator:
     def claim(self, slots: Iterable[int] | np.ndarray) -> None:
         """Marks specific slots used (recovery of a durable tier) in a few array operations over
         the whole tier: a tier of a million slots is claimed at open in milliseconds."""
-        claimed = np.asarray(slots if isinstance(slots, np.ndarray) else list(slots), dtype=np.int64)
-        used = np.frombuffer(self._used, dtype=np.uint8)
-        taken = claimed[used[claimed] != 0]
-        if taken.size:
-            raise BlockStateError(f"slot {int(taken[0])} is already in use")
-        before = int(np.count_nonzero(used))
-        used[claimed] = 1
-        if int(np.count_nonzero(used)) - before != claimed.size:  # a slot named twice
-            used[claimed] = 0
-            values, counts = np.unique(claimed, return_counts=True)
-            raise BlockStateError(f"slot {int(values[counts > 1][0])} is already in use")
+        used = mark_claimed(self._used, slots)
         self._free = np.flatnonzero(used == 0)[::-1].tolist()  # pop() hands out the lowest first
 
     def free(self, slot: int) -> None:
@@ -93,18 +91,34 @@ class Tier(abc.ABC):
     name: str
     medium: str
 
-    def __init__(self, slot_nbytes: int, num_slots: int) -> None:
-        self.slot_nbytes = slot_nbytes
-        self.slot_stride = round_up(slot_nbytes)
-        self.num_slots = num_slots
-        self.allocator = SlotAllocator(num_slots)
+    def __init__(self, classes: SizeClasses, geometry: Geometry) -> None:
+        self.classes = classes
+        self.geometry = geometry
+        self.num_slots = geometry.num_slots  # slot numbers
+        # One class: its slot size and stride; several: 0 (each chunk says its own).
+        self.slot_nbytes = classes.slot_nbytes if geometry.single else 0
+        self.slot_stride = geometry.chunk_bytes if geometry.single else 0
+        self.allocator = ChunkAllocator(geometry, self._reassign)
         # Per slot, bumped when a writer of the slot is fenced (TieredStore.fence).
-        self.generations = np.zeros(num_slots, dtype=np.uint64)
+        self.generations = np.zeros(self.num_slots, dtype=np.uint64)
         self.bytes_written = 0
         self.bytes_read = 0
 
+    @property
+    def max_stride(self) -> int:
+        """The largest slot this tier can hold (a chunk)."""
+        return self.geometry.chunk_bytes
+
+    def stride_of(self, slot: int) -> int:
+        """The size class (slot stride) of a slot."""
+        return self.geometry.stride_of(slot)
+
+    def _reassign(self, chunk: int, stride: int) -> None:
+        """A chunk that last held another class's slots (or none) is handed to class `stride`:
+        the medium forgets the old slots' blocks (the allocator then records the new stride)."""
+
     def view(self, slot: int) -> torch.Tensor | None:
-        """A uint8 tensor of `slot_stride` bytes aliasing the slot, or None for a durable tier."""
+        """A uint8 tensor of the slot's stride aliasing the slot, or None for a durable tier."""
         return None
 
     @abc.abstractmethod
@@ -153,23 +167,47 @@ class Tier(abc.ABC):
         """Releases the medium. The tier is unusable afterwards."""
 
     def stats(self) -> dict:
+        g, alloc = self.geometry, self.allocator
+        if g.single:
+            capacity, used = self.num_slots * self.slot_nbytes, alloc.used_count * self.slot_nbytes
+            slots = self.num_slots
+        else:
+            capacity = g.data_bytes
+            used = sum(alloc.chunk_used(c) * alloc.chunk_class(c) for c in range(g.num_chunks))
+            slots = sum(g.slots_per_chunk(alloc.chunk_class(c)) for c in range(g.num_chunks))
+            slots += alloc.pool_count * g.ids_per_chunk  # the pool's chunks, counted as smallest slots
         return {
             "name": self.name,
             "medium": self.medium,
             "slot_bytes": self.slot_nbytes,
-            "slots": self.num_slots,
-            "used_slots": self.allocator.used_count,
-            "capacity_bytes": self.num_slots * self.slot_nbytes,
-            "used_bytes": self.allocator.used_count * self.slot_nbytes,
+            "slots": slots,
+            "used_slots": alloc.used_count,
+            "capacity_bytes": capacity,
+            "used_bytes": used,
             "bytes_written": self.bytes_written,
             "bytes_read": self.bytes_read,
+            **({} if g.single else {"chunk_bytes": g.chunk_bytes, "chunks": g.num_chunks,
+                                    "free_chunks": alloc.pool_count, "chunks_reassigned": alloc.reassigned}),
         }
+
+    def class_stats(self) -> dict[int, dict]:
+        """Per class (stride): chunks, slots and slots in use."""
+        g, alloc = self.geometry, self.allocator
+        out: dict[int, dict] = {}
+        for c in range(g.num_chunks):
+            stride = alloc.chunk_class(c)
+            if stride:
+                row = out.setdefault(stride, {"chunks": 0, "slots": 0, "used_slots": 0})
+                row["chunks"] += 1
+                row["slots"] += g.slots_per_chunk(stride)
+                row["used_slots"] += alloc.chunk_used(c)
+        return out
 
 
 class MemoryTier(Tier):
     """A tier whose slots are rows of one uint8 tensor (host shared memory, or device memory)."""
 
-    arena: torch.Tensor  # [num_slots, slot_stride], uint8
+    arena: torch.Tensor  # [num_slots, slot_stride] uint8 (one class), or SlotRows over a flat one
 
     def view(self, slot: int) -> torch.Tensor:
         return self.arena[slot]
@@ -210,3 +248,10 @@ def slots_for(capacity_bytes: int, slot_nbytes: int, what: str, overhead: int = 
     if num_slots < 1:
         raise ConfigError(f"{what}: {capacity_bytes} bytes hold no slot of {slot_nbytes} bytes; give it more space")
     return num_slots
+
+
+def memory_geometry(classes: SizeClasses, capacity_bytes: int, what: str) -> Geometry:
+    """A memory tier's geometry: its capacity is all slots (metadata lives beside it)."""
+    if classes.single:
+        slots_for(capacity_bytes, classes.slot_nbytes, what)  # the error message of old
+    return classes.geometry(capacity_bytes, what)

@@ -90,6 +90,16 @@ class SlotDirectory:
             if self._tombstones > self.capacity // 4:
                 self._rebuild()
 
+    def invalidate(self, slots: range) -> None:
+        """The slots' bytes are about to lie elsewhere (their chunk goes to another size class):
+        each sequence is made odd, so a reader that read it before sees a change, and each header
+        is cleared, so a reader that comes later finds no block there. Before the chunk's new
+        stride is written (readers read the sequence and the header before the stride)."""
+        seq = self.seq[slots.start:slots.stop]
+        seq += ~seq & np.uint64(1)
+        self.keys[slots.start:slots.stop] = 0
+        self.lens[slots.start:slots.stop] = 0
+
     def take_touched(self) -> list[tuple[int, bytes]]:
         """(slot, key in its header) of the slots read since the last call; their flags cleared."""
         slots = np.flatnonzero(self.touched)
@@ -139,7 +149,7 @@ class SlotDirectory:
         return None
 
     def read(self, key: bytes, slots, dst, verify: bool) -> str:
-        """Copies key's block out of `slots` (the arena's [num_slots, stride] uint8 tensor) into
+        """Copies key's block out of `slots` (the arena's tensor: `slots[slot, :n]` is a slot's bytes) into
         dst (uint8, the block's length). Returns "hit"; "miss" (not here, or being rewritten: the
         caller asks the owner, which has the final word); or "corrupt" (with `verify`, the bytes
         fail the checksum the block was committed with)."""

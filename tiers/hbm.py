@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.tiers.base import MemoryTier, slots_for
+from kvstore.tiers.base import MemoryTier, memory_geometry, size_classes
+from kvstore.tiers.geometry import SizeClasses, SlotRows
 
 
 class HBMTier(MemoryTier):
     name = "hbm"
     medium = "GPU"
 
-    def __init__(self, slot_nbytes: int, capacity_bytes: int, device: str | torch.device | None = None) -> None:
-        num_slots = slots_for(capacity_bytes, slot_nbytes, "hbm_tier_bytes")
-        super().__init__(slot_nbytes, num_slots)
+    def __init__(self, classes: SizeClasses | int, capacity_bytes: int,
+                 device: str | torch.device | None = None) -> None:
+        classes = size_classes(classes)
+        geometry = memory_geometry(classes, capacity_bytes, "hbm_tier_bytes")
+        super().__init__(classes, geometry)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.arena = torch.zeros((num_slots, self.slot_stride), dtype=torch.uint8, device=self.device)
+        flat = torch.zeros(geometry.data_bytes, dtype=torch.uint8, device=self.device)
+        self.arena = flat.view(self.num_slots, self.slot_stride) if geometry.single else SlotRows(flat, geometry)
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def write_many(self, items, checksums=None):

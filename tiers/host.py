@@ -3,7 +3,8 @@
 The node's owner creates the arena under a name (`/dev/shm/<name>`); engine workers, the data
 plane server and tests open it by that name and read or write slots in place, so handing a
 block between processes on one node copies nothing. The first page holds the geometry, so an
-opener needs only the name; then come the slots' generations (one uint64 each: a writer in
+opener needs only the name; then come the chunks' size classes (a stride per chunk, see
+tiers/geometry.py: an opener finds any slot's bytes from it), the slots' generations (one uint64 each: a writer in
 another process checks its slot's generation before each copy, see TieredStore.fence), the
 directory (which block each slot holds, read by other processes without asking the store: see
 tiers/directory.py), then the slots. With CUDA present the mapping is registered as pinned memory
@@ -25,15 +26,17 @@ import numpy as np
 import torch
 
 from kvstore.errors import ConfigError, TierIOError
-from kvstore.tiers.base import PAGE, MemoryTier, SlotMeta, round_up, slots_for
+from kvstore.tiers.base import PAGE, MemoryTier, SlotMeta, memory_geometry, round_up, size_classes
+from kvstore.tiers.geometry import Geometry, SizeClasses, SlotRows
 from kvstore.tiers.directory import SlotDirectory, directory_bytes
 
 log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 _MAGIC = b"KVSTHOST"
-_SUPER = struct.Struct("<8sIQQQ")  # magic, version, slot_nbytes, slot_stride, num_slots
-_VERSION = 3
+# magic, version, slot_nbytes (one class; 0 for several), chunk_bytes, slot numbers per chunk, chunks
+_SUPER = struct.Struct("<8sIQQQQ")
+_VERSION = 4
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 
 
@@ -44,28 +47,40 @@ def _path(name: str) -> str:
 
 
 class HostArena:
-    """A mapping of one shared-memory arena: `tensor` is [num_slots, slot_stride] uint8."""
+    """A mapping of one shared-memory arena. `tensor` is [num_slots, slot_stride] uint8 for one
+    size class, else `SlotRows` (indexed the same way: `tensor[slot, :nbytes]`) over `flat`."""
 
-    def __init__(self, name: str, mm: mmap.mmap, slot_nbytes: int, slot_stride: int,
-                 num_slots: int, owner: bool) -> None:
+    def __init__(self, name: str, mm: mmap.mmap, slot_nbytes: int, chunk_bytes: int, ids_per_chunk: int,
+                 num_chunks: int, owner: bool) -> None:
         self.name = name
-        self.slot_nbytes = slot_nbytes
-        self.slot_stride = slot_stride
-        self.num_slots = num_slots
         self.owner = owner
         self._mm = mm
-        self.generations = np.frombuffer(mm, dtype=np.uint64, count=num_slots, offset=PAGE)
-        self.directory = SlotDirectory(mm, PAGE + num_slots * 8, num_slots, init=owner)
-        flat = torch.frombuffer(mm, dtype=torch.uint8, offset=_slots_offset(num_slots),
-                                count=num_slots * slot_stride)
-        self.tensor = flat.view(num_slots, slot_stride)
-        self.pinned = _register_pinned(self.tensor)
+        strides = np.frombuffer(mm, dtype=np.uint64, count=num_chunks, offset=PAGE)
+        if slot_nbytes:
+            self.geometry = Geometry(chunk_bytes, 1, num_chunks, strides, single=True)
+        else:
+            self.geometry = Geometry(chunk_bytes, ids_per_chunk, num_chunks, strides)
+        num_slots = self.geometry.num_slots
+        self.slot_nbytes = slot_nbytes
+        self.slot_stride = chunk_bytes if slot_nbytes else 0
+        self.num_slots = num_slots
+        at = PAGE + round_up(num_chunks * 8)
+        self.generations = np.frombuffer(mm, dtype=np.uint64, count=num_slots, offset=at)
+        self.directory = SlotDirectory(mm, at + num_slots * 8, num_slots, init=owner)
+        self.flat = torch.frombuffer(mm, dtype=torch.uint8, offset=_slots_offset(num_chunks, num_slots),
+                                     count=self.geometry.data_bytes)
+        self.tensor = self.flat.view(num_slots, chunk_bytes) if slot_nbytes else SlotRows(self.flat, self.geometry)
+        self.pinned = _register_pinned(self.flat)
 
     @classmethod
-    def create(cls, name: str, slot_nbytes: int, num_slots: int) -> "HostArena":
+    def create(cls, name: str, classes: SizeClasses | int, num_slots: int | None = None,
+               geometry: Geometry | None = None) -> "HostArena":
+        """A new arena: one class of `classes` bytes and `num_slots` slots, or `geometry`."""
+        classes = size_classes(classes)
+        if geometry is None:
+            geometry = Geometry.single(classes.declared[0], num_slots)
         path = _path(name)
-        stride = round_up(slot_nbytes)
-        size = _slots_offset(num_slots) + num_slots * stride
+        size = _slots_offset(geometry.num_chunks, geometry.num_slots) + geometry.data_bytes
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
@@ -80,9 +95,13 @@ class HostArena:
             raise TierIOError(f"cannot create a {size}-byte shared-memory arena at {path}: {e.strerror} "
                               "(is /dev/shm large enough?)") from e
         os.close(fd)
-        mm[:_SUPER.size] = _SUPER.pack(_MAGIC, _VERSION, slot_nbytes, stride, num_slots)
-        arena = cls(name, mm, slot_nbytes, stride, num_slots, owner=True)
-        arena.tensor.zero_()  # prefault every page now, not on the hot path
+        slot_nbytes = classes.slot_nbytes if geometry.single else 0
+        mm[:_SUPER.size] = _SUPER.pack(_MAGIC, _VERSION, slot_nbytes, geometry.chunk_bytes,
+                                       geometry.ids_per_chunk, geometry.num_chunks)
+        arena = cls(name, mm, slot_nbytes, geometry.chunk_bytes, geometry.ids_per_chunk, geometry.num_chunks,
+                    owner=True)
+        arena.geometry.strides[:] = geometry.strides
+        arena.flat.zero_()  # prefault every page now, not on the hot path
         return arena
 
     @classmethod
@@ -103,17 +122,20 @@ class HostArena:
                            mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        magic, version, slot_nbytes, stride, num_slots = _SUPER.unpack_from(mm, 0)
-        if magic != _MAGIC or version != _VERSION or size < _slots_offset(num_slots) + num_slots * stride:
+        magic, version, slot_nbytes, chunk_bytes, ids, num_chunks = _SUPER.unpack_from(mm, 0)
+        ids = 1 if slot_nbytes else ids
+        if (magic != _MAGIC or version != _VERSION or not ids
+                or size < _slots_offset(num_chunks, num_chunks * ids) + num_chunks * chunk_bytes):
             mm.close()
             raise TierIOError(f"{path} is not a kvstore host arena of version {_VERSION}")
-        return cls(name, mm, slot_nbytes, stride, num_slots, owner=False)
+        return cls(name, mm, slot_nbytes, chunk_bytes, ids, num_chunks, owner=False)
 
     def close(self) -> None:
         if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            torch.cuda.cudart().cudaHostUnregister(self.flat.data_ptr())
             self.pinned = False
         self.tensor = None
+        self.flat = None
         self.generations = None
         self.directory = None
         if self.owner:
@@ -128,9 +150,10 @@ class HostArena:
             log.debug("host arena %s still has views; leaving the mapping to the collector", self.name)
 
 
-def _slots_offset(num_slots: int) -> int:
-    """Where the slots start: after the superblock page, the generations and the directory."""
-    return PAGE + round_up(num_slots * 8 + directory_bytes(num_slots))
+def _slots_offset(num_chunks: int, num_slots: int) -> int:
+    """Where the slots start: after the superblock page, the chunks' strides, the generations
+    and the directory."""
+    return PAGE + round_up(num_chunks * 8) + round_up(num_slots * 8 + directory_bytes(num_slots))
 
 
 def remove_stale_arenas(pattern: str) -> list[str]:
@@ -168,12 +191,18 @@ class HostTier(MemoryTier):
     name = "host"
     medium = "CPU"
 
-    def __init__(self, name: str, slot_nbytes: int, capacity_bytes: int) -> None:
-        num_slots = slots_for(capacity_bytes, slot_nbytes, "host_tier_bytes")
-        super().__init__(slot_nbytes, num_slots)
-        self.arena_handle = HostArena.create(name, slot_nbytes, num_slots)
+    def __init__(self, name: str, classes: SizeClasses | int, capacity_bytes: int) -> None:
+        classes = size_classes(classes)
+        geometry = memory_geometry(classes, capacity_bytes, "host_tier_bytes")
+        self.arena_handle = HostArena.create(name, classes, geometry=geometry)
+        super().__init__(classes, self.arena_handle.geometry)
         self.arena = self.arena_handle.tensor
         self.generations = self.arena_handle.generations  # shared: writers elsewhere check them
+
+    def _reassign(self, chunk: int, stride: int) -> None:
+        # Readers in other processes find a slot's bytes from its chunk's stride: every slot
+        # number of the chunk is made unreadable (sequence odd, header cleared) before it changes.
+        self.arena_handle.directory.invalidate(self.geometry.chunk_ids(chunk))
 
     def _sync(self) -> None:
         # Copies to or from a GPU were queued non-blocking on the caller's stream.

@@ -1,8 +1,14 @@
 """The NVMe tier: one preallocated file per node, direct I/O, self-describing slots.
 
-File layout, format version 2 (every part 4 KiB aligned):
+File layout, format version 3 (every part 4 KiB aligned):
 
-    [superblock page][header region: one 128-byte header per slot][payload of slot 0][slot 1]...
+    [superblock page][chunk table: a stride per chunk][header region: one 128-byte header per
+    slot number][chunk 0][chunk 1]...
+
+The payload is carved into chunks, each holding slots of one size class (tiers/geometry.py);
+the chunk table says which (0: never used), so a restart finds every slot again. A chunk that
+goes to another class has its headers erased first, then its table entry rewritten: a crash in
+between leaves an empty chunk of its old class, never a header naming bytes at another place.
 
 A slot header holds the block's key, layout id, parent key, length, a generation number, an
 xxh3-64 checksum of the payload and a checksum of the header itself. The headers lie together so
@@ -18,7 +24,9 @@ block was committed with, so a torn or corrupted block is dropped and counted, n
 read takes the payload alone; the header is read only to tell why a block failed.
 
 Version 1 files (a 4 KiB header page before each payload, which made opening a tier read a page
-per slot) are refused with a message saying so; their blocks cannot be adopted.
+per slot) and version 2 files (one slot size for the whole file, no chunk table) are refused with
+a message saying so; their blocks cannot be adopted. Opening reads the headers of the chunks in
+use only, so open time follows the slots in use, not the slot numbers.
 
 The file is preallocated at open (`posix_fallocate`), so a full disk shows up then, as a clear
 error, never later in the middle of a write. I/O runs on a small thread pool (`pwritev` and
@@ -43,14 +51,18 @@ import torch
 
 from kvstore.errors import ConfigError, CorruptBlockError, TierIOError
 from kvstore.integrity import checksum
-from kvstore.tiers.base import PAGE, SlotMeta, Tier, round_up
+from kvstore.tiers.base import PAGE, SlotMeta, Tier, round_up, size_classes
+from kvstore.tiers.geometry import Geometry, SizeClasses
 
 log = logging.getLogger(__name__)
 
 FILE_NAME = "kvstore-blocks.dat"
 _SUPER_MAGIC = b"KVSTNVME"
-_SUPER = struct.Struct("<8sIQQQ")  # magic, version, slot_nbytes, slot_stride, num_slots
-_VERSION = 2
+# magic, version, slot_nbytes (one class; 0 for several), chunk_bytes, slot numbers per chunk, chunks
+_SUPER = struct.Struct("<8sIQQQQ")
+_SUPER_HEAD = struct.Struct("<8sI")  # what every version starts with
+_VERSION = 3
+_VERSIONS = {1: "a header page before each payload", 2: "one slot size for the whole file, no chunk table"}
 
 # A header is 16 little-endian uint64 words, so numpy reads thousands at once as a 2-D array.
 HEADER_BYTES = 128
@@ -101,34 +113,71 @@ def pack_headers(keys: Sequence[bytes], layout_ids: Sequence[bytes], parents: Se
     return words
 
 
-def pack_superblock(slot_nbytes: int, num_slots: int) -> bytes:
-    """The file's first page: what it is, its format version and its geometry."""
+def pack_superblock(slot_nbytes: int, num_slots: int, geometry: Geometry | None = None) -> bytes:
+    """The file's first page: what it is, its format version and its geometry (one class of
+    `slot_nbytes` and `num_slots` slots, or `geometry`)."""
     page = bytearray(PAGE)
-    _SUPER.pack_into(page, 0, _SUPER_MAGIC, _VERSION, slot_nbytes, round_up(slot_nbytes), num_slots)
+    if geometry is None:
+        geometry = Geometry.single(round_up(slot_nbytes), num_slots)
+    _SUPER.pack_into(page, 0, _SUPER_MAGIC, _VERSION, slot_nbytes if geometry.single else 0,
+                     geometry.chunk_bytes, geometry.ids_per_chunk, geometry.num_chunks)
     return bytes(page)
+
+
+def table_bytes(num_chunks: int) -> int:
+    return round_up(num_chunks * 8)
 
 
 def header_region_bytes(num_slots: int) -> int:
     return round_up(num_slots * HEADER_BYTES)
 
 
+def geometry_bytes(chunk_bytes: int, ids_per_chunk: int, num_chunks: int) -> int:
+    """The size of a tier file: superblock, chunk table, header region, chunks."""
+    return (PAGE + table_bytes(num_chunks) + header_region_bytes(num_chunks * ids_per_chunk)
+            + num_chunks * chunk_bytes)
+
+
 def file_bytes(num_slots: int, slot_nbytes: int) -> int:
-    """The size of a tier file of `num_slots` slots: superblock, header region, payloads."""
-    return PAGE + header_region_bytes(num_slots) + num_slots * round_up(slot_nbytes)
+    """The size of a one-class tier file of `num_slots` slots of `slot_nbytes`."""
+    return geometry_bytes(round_up(slot_nbytes), 1, num_slots)
+
+
+def nvme_geometry(classes: SizeClasses | int, capacity_bytes: int) -> Geometry:
+    """The geometry of a tier file of at most `capacity_bytes`."""
+    classes = size_classes(classes)
+    try:
+        return classes.geometry(capacity_bytes, "nvme_tier_bytes", geometry_bytes)
+    except ConfigError:
+        if classes.single:
+            raise ConfigError(
+                f"nvme_tier_bytes={capacity_bytes} holds no slot of {classes.slot_nbytes} bytes (the file needs "
+                f"{file_bytes(1, classes.slot_nbytes)} bytes for one: superblock, chunk table, header and "
+                "payload)") from None
+        raise
 
 
 def num_slots_for(capacity_bytes: int, slot_nbytes: int) -> int:
-    """How many slots of `slot_nbytes` a tier file of at most `capacity_bytes` holds."""
+    """How many slots of `slot_nbytes` a one-class tier file of at most `capacity_bytes` holds."""
     if slot_nbytes < 1:
         raise ConfigError(f"nvme_tier_bytes: slot_nbytes={slot_nbytes!r} must be positive")
-    n = max(0, (capacity_bytes - PAGE) // (round_up(slot_nbytes) + HEADER_BYTES))
-    while n and file_bytes(n, slot_nbytes) > capacity_bytes:  # the header region's last page
-        n -= 1
-    if n < 1:
-        raise ConfigError(
-            f"nvme_tier_bytes={capacity_bytes} holds no slot of {slot_nbytes} bytes (the file needs "
-            f"{file_bytes(1, slot_nbytes)} bytes for one: superblock, header and payload)")
-    return n
+    return nvme_geometry(slot_nbytes, capacity_bytes).num_slots
+
+
+def read_superblock(path: str) -> tuple | None:
+    """(version, slot_nbytes, chunk_bytes, ids_per_chunk, num_chunks) of a kvstore NVMe file of
+    this version, (version,) of another, None if path is not one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SUPER.size)
+    except OSError:
+        return None
+    if len(head) < _SUPER_HEAD.size or head[:8] != _SUPER_MAGIC:
+        return None
+    version = _SUPER_HEAD.unpack_from(head)[1]
+    if version != _VERSION or len(head) < _SUPER.size:
+        return (version,)
+    return _SUPER.unpack(head)[1:]
 
 
 def aligned_buffer(nbytes: int) -> mmap.mmap:
@@ -146,18 +195,22 @@ class NVMeTier(Tier):
     name = "nvme"
     medium = "DISK"
 
-    def __init__(self, directory: str, slot_nbytes: int, capacity_bytes: int,
+    def __init__(self, directory: str, classes: SizeClasses | int, capacity_bytes: int,
                  io_threads: int = 4, direct_io: bool = True) -> None:
-        super().__init__(slot_nbytes, num_slots_for(capacity_bytes, slot_nbytes))
+        classes = size_classes(classes)
+        super().__init__(classes, nvme_geometry(classes, capacity_bytes))
         self.path = os.path.join(directory, FILE_NAME)
-        self.file_bytes = file_bytes(self.num_slots, slot_nbytes)
-        self._payloads_at = PAGE + header_region_bytes(self.num_slots)
+        g = self.geometry
+        self.file_bytes = geometry_bytes(g.chunk_bytes, g.ids_per_chunk, g.num_chunks)
+        self._headers_at = PAGE + table_bytes(g.num_chunks)
+        self._payloads_at = self._headers_at + header_region_bytes(self.num_slots)
         self.corrupt_dropped = 0
         self._local = threading.local()
         self._generation = itertools.count(1)
         # Direct I/O writes a header's whole page: two slots sharing a page must not interleave.
         self._page_locks = [threading.Lock() for _ in range(_PAGE_LOCKS)]
-        self._found: np.ndarray | None = None  # per slot, at open: holds a block
+        self._table_lock = threading.Lock()
+        self._found: np.ndarray | None = None  # at open: the slots holding a block, sorted
         try:
             os.makedirs(directory, exist_ok=True)
         except OSError as e:
@@ -168,6 +221,8 @@ class NVMeTier(Tier):
         try:
             if existed:
                 self._check_superblock()
+                if not self.geometry.single:  # one class: every chunk is its slot, whatever the table says
+                    self._read_table()
                 self._found = self._scan()
             else:
                 self._format()
@@ -201,74 +256,139 @@ class NVMeTier(Tier):
             raise TierIOError(f"cannot preallocate {self.file_bytes} bytes for the NVMe tier at {self.path}: "
                               f"{e.strerror}; lower nvme_tier_bytes or free space") from e
         page = aligned_buffer(PAGE)
-        page[:] = pack_superblock(self.slot_nbytes, self.num_slots)
+        page[:] = pack_superblock(self.slot_nbytes, self.num_slots, self.geometry)
         os.pwrite(self._fd, page, 0)
+        if self.geometry.single:  # every chunk is the one class's slot from the start
+            table = aligned_buffer(table_bytes(self.geometry.num_chunks))
+            np.frombuffer(table, dtype="<u8", count=self.geometry.num_chunks)[:] = self.geometry.strides
+            os.pwrite(self._fd, table, PAGE)
         os.fsync(self._fd)
+
+    def _read_table(self) -> None:
+        """The chunks' strides, from the chunk table (0: a chunk never used)."""
+        n = self.geometry.num_chunks
+        table = aligned_buffer(table_bytes(n))
+        if os.preadv(self._fd, [table], PAGE) != len(table):
+            raise TierIOError(f"{self.path}: short read of the chunk table")
+        strides = np.frombuffer(table, dtype="<u8", count=n).astype(np.uint64)
+        bad = np.flatnonzero((strides % PAGE != 0) | (strides > self.geometry.chunk_bytes))
+        if bad.size:
+            raise TierIOError(f"{self.path}: the chunk table is damaged (chunk {int(bad[0])} has slots of "
+                              f"{int(strides[bad[0]])} bytes); remove the file to start afresh (its blocks are lost)")
+        self.geometry.strides[:] = strides
+
+    def _reassign(self, chunk: int, stride: int) -> None:
+        # Headers first (a crash after them leaves an empty chunk of the old class), then the table.
+        failed = self._put_headers({slot: bytes(HEADER_BYTES) for slot in self.geometry.chunk_ids(chunk)})
+        if failed:
+            raise next(iter(failed.values()))
+        at = PAGE + chunk * 8
+        page_offset = at - at % PAGE
+        page = self._buffer("header", PAGE)
+        with self._table_lock:
+            if os.preadv(self._fd, [page], page_offset) != PAGE:
+                raise TierIOError(f"{self.path}: short read of the chunk table at byte {page_offset}")
+            struct.pack_into("<Q", page, at - page_offset, stride)
+            if os.pwritev(self._fd, [page], page_offset) != PAGE:
+                raise TierIOError(f"{self.path}: short write of the chunk table at byte {page_offset}")
 
     def _check_superblock(self) -> None:
         page = aligned_buffer(PAGE)
         if os.preadv(self._fd, [page], 0) != PAGE:
             raise TierIOError(f"{self.path} is shorter than one page; remove it to start afresh")
-        magic, version, slot_nbytes, stride, num_slots = _SUPER.unpack_from(page, 0)
+        magic, version = _SUPER_HEAD.unpack_from(page, 0)
         if magic != _SUPER_MAGIC:
             raise TierIOError(f"{self.path} is not a kvstore NVMe tier file")
         if version != _VERSION:
+            what = f" ({_VERSIONS[version]})" if version in _VERSIONS else ""
             raise TierIOError(
-                f"{self.path} is an NVMe tier file of format version {version}; this kvstore reads version "
-                f"{_VERSION} (all slot headers in one region, so that opening reads only them) and cannot "
-                "adopt its blocks: remove the file to start afresh (its blocks are lost)")
+                f"{self.path} is an NVMe tier file of format version {version}{what}; this kvstore reads version "
+                f"{_VERSION} (size classes: chunks of slots, a chunk table; all slot headers in one region) and "
+                "cannot adopt its blocks: remove the file to start afresh (its blocks are lost)")
+        _, _, slot_nbytes, chunk_bytes, ids, num_chunks = _SUPER.unpack_from(page, 0)
         size = os.fstat(self._fd).st_size
-        if size < file_bytes(num_slots, stride):
-            raise TierIOError(f"{self.path} is {size} bytes, shorter than its {num_slots} slots need; it was "
+        if ids < 1 or size < geometry_bytes(chunk_bytes, ids, num_chunks):
+            raise TierIOError(f"{self.path} is {size} bytes, shorter than its {num_chunks} chunks need; it was "
                               "truncated: remove it to start afresh")
-        if (slot_nbytes, num_slots) != (self.slot_nbytes, self.num_slots):
+        g = self.geometry
+        ours = (self.slot_nbytes if g.single else 0, g.chunk_bytes, g.ids_per_chunk, g.num_chunks)
+        if (slot_nbytes, chunk_bytes, ids, num_chunks) != ours:
+            def geometry(one, chunk, count, n):
+                return (f"{n} slots of {one} bytes" if one else
+                        f"{n} chunks of {chunk} bytes ({count} slot numbers each: block_sizes)")
             raise ConfigError(
-                f"{self.path} holds {num_slots} slots of {slot_nbytes} bytes, but the configuration asks for "
-                f"{self.num_slots} slots of {self.slot_nbytes} bytes; restore slot_bytes/nvme_tier_bytes "
-                "or remove the file (its blocks are lost)")
+                f"{self.path} holds {geometry(slot_nbytes, chunk_bytes, ids, num_chunks)}, but the configuration "
+                f"asks for {geometry(*ours)}; restore slot_bytes/block_sizes/min_slot_bytes/chunk_bytes/"
+                "nvme_tier_bytes or remove the file (its blocks are lost)")
 
-    def _header_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
-        """(first slot, header rows) of the whole header region, a chunk at a time, read ahead on
-        the pool while the caller works on a chunk. The rows are a view of a buffer that is read
-        into again: valid until the next chunk."""
-        region = header_region_bytes(self.num_slots)
-        chunk = min(_SCAN_CHUNK, region)
-        offsets = range(0, region, chunk)
-        buffers = [aligned_buffer(chunk) for _ in range(min(_SCAN_AHEAD + 1, len(offsets)))]
+    def _header_runs(self) -> list[tuple[int, int, int]]:
+        """(first slot, count, stride) of the headers worth reading: the slots of the chunks in
+        use, neighbours merged, each run at most `_SCAN_CHUNK` bytes of headers."""
+        g = self.geometry
+        runs: list[list[int]] = []
+        strides = g.strides.tolist()
+        for chunk, stride in enumerate(strides):
+            if not stride:
+                continue
+            first, count = chunk * g.ids_per_chunk, g.slots_per_chunk(stride)
+            if runs and runs[-1][2] == stride and runs[-1][0] + runs[-1][1] == first:
+                runs[-1][1] += count
+            else:
+                runs.append([first, count, stride])
+        most = _SCAN_CHUNK // HEADER_BYTES
+        return [(first + at, min(most, count - at), stride) for first, count, stride in runs
+                for at in range(0, count, most)]
 
-        def read(offset: int, buf: mmap.mmap) -> None:
-            want = min(chunk, region - offset)
-            got = os.preadv(self._fd, [memoryview(buf)[:want]], PAGE + offset)
+    def _header_chunks(self) -> Iterator[tuple[int, np.ndarray, int]]:
+        """(first slot, header rows, stride) of the slots in use, a run at a time, read ahead on
+        the pool while the caller works on a run. The rows are a view of a buffer that is read
+        into again: valid until the next run."""
+        runs = self._header_runs()
+        if not runs:
+            return
+        span = _SCAN_CHUNK + 2 * PAGE
+        buffers = [aligned_buffer(span) for _ in range(min(_SCAN_AHEAD + 1, len(runs)))]
+
+        def extent(first: int, count: int) -> tuple[int, int]:
+            start = self._headers_at + first * HEADER_BYTES
+            aligned = start - start % PAGE
+            return aligned, round_up(start + count * HEADER_BYTES) - aligned
+
+        def read(run: tuple[int, int, int], buf: mmap.mmap) -> None:
+            offset, want = extent(run[0], run[1])
+            got = os.preadv(self._fd, [memoryview(buf)[:want]], offset)
             if got != want:
-                raise TierIOError(f"{self.path}: short read of the slot headers at byte {PAGE + offset}: "
+                raise TierIOError(f"{self.path}: short read of the slot headers at byte {offset}: "
                                   f"{got} of {want} bytes")
 
-        reads = deque(self._pool.submit(read, offsets[i], buffers[i]) for i in range(len(buffers) - 1))
-        for i, offset in enumerate(offsets):
+        reads = deque(self._pool.submit(read, runs[i], buffers[i]) for i in range(len(buffers) - 1))
+        for i, run in enumerate(runs):
             ahead = i + len(buffers) - 1
-            if ahead < len(offsets):
-                reads.append(self._pool.submit(read, offsets[ahead], buffers[ahead % len(buffers)]))
+            if ahead < len(runs):
+                reads.append(self._pool.submit(read, runs[ahead], buffers[ahead % len(buffers)]))
             reads.popleft().result()
-            first = offset // HEADER_BYTES
-            count = min(chunk // HEADER_BYTES, self.num_slots - first)
-            yield first, np.frombuffer(buffers[i % len(buffers)], dtype="<u8", count=count * _WORDS).reshape(
-                count, _WORDS)
+            first, count, stride = run
+            skip = (self._headers_at + first * HEADER_BYTES) % PAGE
+            yield first, np.frombuffer(buffers[i % len(buffers)], dtype="<u8", count=count * _WORDS,
+                                       offset=skip).reshape(count, _WORDS), stride
 
     def _scan(self) -> np.ndarray:
-        """Which slots hold a block, from one pass over the header region; keeps the newest copy
-        of a key and claims the slots. Only a few bytes a slot are kept: `recovered` reads the
-        headers again as the store indexes them, so a tier of many millions of slots never holds
-        all its headers in memory."""
-        found = np.zeros(self.num_slots, dtype=bool)
-        first_words = np.zeros(self.num_slots, dtype=np.uint64)  # of each key: to find copies
+        """Which slots hold a block, from one pass over the headers of the chunks in use; keeps
+        the newest copy of a key and claims the slots. Only a few bytes a block are kept:
+        `recovered` reads the headers again as the store indexes them, so a tier of many millions
+        of slots never holds all its headers in memory."""
+        found_slots: list[np.ndarray] = []
+        found_words: list[np.ndarray] = []  # the first word of each key: to find copies
         max_generation = 0
         damaged: list[np.ndarray] = []
-        for first, words in self._header_chunks():
-            sound = self._sound(words)
-            found[first:first + len(words)] = sound
-            first_words[first:first + len(words)] = words[:, 1]
-            max_generation = max(max_generation, int(np.where(sound, words[:, _GENERATION], 0).max()))
-            if not sound.all():
+        for first, words, stride in self._header_chunks():
+            sound = self._sound(words, stride)
+            rows = np.flatnonzero(sound)
+            if rows.size:
+                found_slots.append(rows + first)
+                found_words.append(words[rows, 1].copy())
+                max_generation = max(max_generation, int(words[rows, _GENERATION].max()))
+            if rows.size != len(words):
                 bad = np.flatnonzero(~sound & (words[:, _MAGIC] != 0))  # all zeros: never written, or erased
                 if bad.size:
                     damaged.append(bad + first)
@@ -278,30 +398,31 @@ class NVMeTier(Tier):
             log.warning("NVMe tier %s: dropping %d damaged slots at open (the header fails its checksum): "
                         "slots %s%s", self.path, bad.size, ", ".join(map(str, bad[:10].tolist())),
                         ", ..." if bad.size > 10 else "")
-        self._drop_older_copies(found, first_words)
+        slots = np.concatenate(found_slots) if found_slots else np.zeros(0, dtype=np.int64)
+        first_words = np.concatenate(found_words) if found_words else np.zeros(0, dtype=np.uint64)
+        slots = self._drop_older_copies(slots, first_words)
         self._generation = itertools.count(max_generation + 1)
-        slots = np.flatnonzero(found)
         self.allocator.claim(slots)
         if slots.size or damaged:
             log.info("NVMe tier %s: recovered %d blocks, dropped %d corrupt slots", self.path, slots.size,
                      self.corrupt_dropped)
-        return found
+        return slots
 
-    def _drop_older_copies(self, found: np.ndarray, first_words: np.ndarray) -> None:
-        """Of slots whose headers name the same key, keeps the one of the highest generation.
+    def _drop_older_copies(self, slots: np.ndarray, first_words: np.ndarray) -> np.ndarray:
+        """Of slots whose headers name the same key, keeps the one of the highest generation;
+        returns the slots kept (sorted).
 
         Copies are rare (a crash between writing a block anew and erasing its old slot): a sort of
         every key's first word tells whether there are any; only slots sharing one are read again
         and compared in full.
         """
-        ordered = np.sort(first_words[found])
-        if not (ordered[1:] == ordered[:-1]).any():
-            return
-        slots = np.flatnonzero(found)
-        order = np.argsort(first_words[slots])
-        ordered = first_words[slots[order]]
+        order = np.argsort(first_words, kind="stable")
+        ordered = first_words[order]
         shared = np.flatnonzero(ordered[1:] == ordered[:-1])
+        if not shared.size:
+            return slots
         newest: dict[bytes, tuple[int, int]] = {}  # key -> (generation, slot)
+        dropped: list[int] = []
         for slot in np.unique(slots[order[np.concatenate([shared, shared + 1])]]).tolist():
             meta, generation = self._read_header(slot)  # sound at the scan, just now
             held = newest.get(meta.key)
@@ -309,37 +430,40 @@ class NVMeTier(Tier):
                 newest[meta.key] = (generation, slot)
                 continue
             older, newer = sorted([held, (generation, slot)])
-            found[older[1]] = False
+            dropped.append(older[1])
             newest[meta.key] = newer
+        return np.setdiff1d(slots, np.array(dropped, dtype=slots.dtype)) if dropped else slots
 
-    def _sound(self, headers: np.ndarray) -> np.ndarray:
-        """Per header row: well-formed, its checksum holds, and its length fits a slot."""
+    def _sound(self, headers: np.ndarray, stride: int) -> np.ndarray:
+        """Per header row: well-formed, its checksum holds, and its length fits the slot."""
+        limit = self.slot_nbytes if self.geometry.single else stride
         return ((headers[:, _MAGIC] == _SLOT_MAGIC) & (header_sums(headers) == headers[:, _HEADER_SUM])
-                & (headers[:, _NBYTES] <= self.slot_nbytes))
+                & (headers[:, _NBYTES] <= limit))
 
     def recovered(self) -> Iterator[tuple[int, SlotMeta]]:
         """The blocks found at open, their headers read again a chunk at a time; to be taken
         once, before the tier is written."""
         found, self._found = self._found, None
-        if found is None:
+        if found is None or not found.size:
             return
-        for first, words in self._header_chunks():
-            rows = np.flatnonzero(found[first:first + len(words)])
-            if rows.size:
+        for first, words, _ in self._header_chunks():
+            lo, hi = np.searchsorted(found, [first, first + len(words)])
+            if hi > lo:
+                rows = found[lo:hi] - first
                 yield from _metas(rows + first, words[rows])
 
     # -- slots ---------------------------------------------------------------------------
 
     def header_offset(self, slot: int) -> int:
-        return PAGE + slot * HEADER_BYTES
+        return self._headers_at + slot * HEADER_BYTES
 
     def payload_offset(self, slot: int) -> int:
-        return self._payloads_at + slot * self.slot_stride
+        return self._payloads_at + self.geometry.offset(slot)
 
     def _buffer(self, kind: str, nbytes: int) -> mmap.mmap:
         """A per-thread aligned buffer, allocated and prefaulted once per thread."""
         buf = getattr(self._local, kind, None)
-        if buf is None:
+        if buf is None or len(buf) < nbytes:  # the bounce buffer grows to the largest class used
             buf = aligned_buffer(nbytes)
             setattr(self._local, kind, buf)
         return buf
@@ -386,7 +510,7 @@ class NVMeTier(Tier):
         words = np.frombuffer(page, dtype="<u8", count=_WORDS, offset=at).reshape(1, _WORDS)
         if not words[0, _MAGIC]:
             return None
-        if not self._sound(words)[0]:
+        if not self._sound(words, self.stride_of(slot))[0]:
             raise CorruptBlockError(f"slot {slot} of {self.path}: the header fails its checksum")
         _, meta = next(_metas(np.array([slot]), words.copy()))
         return meta, int(words[0, _GENERATION])
@@ -403,7 +527,7 @@ class NVMeTier(Tier):
         length = round_up(meta.nbytes)
         payload = self._payload_target(src, length)
         if payload is None:
-            bounce = self._buffer("bounce", self.slot_stride)
+            bounce = self._buffer("bounce", length)
             np.frombuffer(bounce, dtype=np.uint8, count=meta.nbytes)[:] = src[:meta.nbytes].cpu().numpy()
             payload = memoryview(bounce)[:length]
         # A block moving down keeps the checksum it was committed with: if its bytes were damaged
@@ -419,7 +543,7 @@ class NVMeTier(Tier):
         payload = self._payload_target(dst, length)
         direct = payload is not None
         if not direct:
-            payload = memoryview(self._buffer("bounce", self.slot_stride))[:length]
+            payload = memoryview(self._buffer("bounce", length))[:length]
         got = os.preadv(self._fd, [payload], self.payload_offset(slot))
         if got != length:
             raise TierIOError(f"short read from slot {slot} of {self.path}: {got} of {length} bytes")
