@@ -309,6 +309,8 @@ def main(argv=None) -> int:
         figures["shard_rebuild_s_10m_in_process"] = rebuild_10m_in_process(rng)
     figures.update(storage_figures())  # <- storage figures: NVMe open, eviction per victim (bench/scale_storage.py)
     targets = {"index_bytes_per_block": ("<=", 64.0)}
+    if "block_size_rounding_loss_max" in figures:
+        targets["block_size_rounding_loss_max"] = ("<=", 0.25)  # several block sizes, bench/scale_storage.py
     if "shard_rebuild_s_1m" in figures:
         targets["shard_rebuild_s_1m"] = ("<=", 2.0)
     return report("scale", figures, targets, args.json, notes={

@@ -21,6 +21,15 @@
   evict_growth_vs_dict_growth: how much more a victim costs at 10^6 than at 10^4 (the worse of
   the two policies), over how much more that dict operation costs (<= 1.5 targeted: the cost per
   victim grows no faster than one dict operation's, so it does not depend on the tier's size).
+- block_size_rounding_loss_max: the most of a slot any block leaves unused when the layouts of
+  MODELS and 200 random layouts arrive in random orders at one node with block_sizes=auto
+  (<= 0.25 targeted); _mean is the bytes-weighted mean. single_slot_*: the same layouts with the
+  old one slot_bytes=2MiB: the fraction refused (larger than the slot) and the loss of the rest.
+- block_size_capacity_use: a store over a 16 GiB tier (no bytes moved) fed a mix of 64 KiB,
+  2 MiB and 5 MiB blocks until it has evicted twice its size: block bytes held over the tier's
+  bytes (what rounding, chunk tails and free slots leave). block_size_chunks_taken: chunks that
+  went from one class to another meanwhile; block_size_share_error: the largest gap between a
+  class's part of the chunks and its part of the bytes put.
 """
 from __future__ import annotations
 
@@ -41,6 +50,7 @@ from kvstore import Layout, TieredStore
 from kvstore.policy import EvictionPolicy, make_policy
 from kvstore.tiers import nvme
 from kvstore.tiers.base import PAGE, Tier
+from kvstore.tiers.geometry import MAX_ROUNDING_LOSS, Geometry, SizeClasses, rounding_loss
 
 SLOT = 2 * 1024**2  # a Llama-3-8B block of 16 tokens in fp16
 CHAIN = 512  # blocks per prompt: an 8k-token prompt
@@ -70,6 +80,7 @@ def _write_full_tier(directory: str, num_slots: int) -> int:
     path = os.path.join(directory, nvme.FILE_NAME)
     with open(path, "wb") as f:
         f.write(nvme.pack_superblock(SLOT, num_slots))
+        f.write(np.full(num_slots, SLOT, dtype="<u8").tobytes().ljust(nvme.table_bytes(num_slots), b"\0"))
         f.write(headers.tobytes())
         f.truncate(nvme.file_bytes(num_slots, SLOT))
         os.fsync(f.fileno())
@@ -87,7 +98,7 @@ def _raw_header_read(directory: str, num_slots: int, buf) -> bool:
         region = nvme.header_region_bytes(num_slots)
         for offset in range(0, region, len(buf)):
             want = min(len(buf), region - offset)
-            os.preadv(fd, [memoryview(buf)[:want]], PAGE + offset)
+            os.preadv(fd, [memoryview(buf)[:want]], PAGE + nvme.table_bytes(num_slots) + offset)
     finally:
         os.close(fd)
     return direct
@@ -215,6 +226,13 @@ class _NoBytesTier(Tier):
     name = "host"
     medium = "CPU"
 
+    def __init__(self, slot_nbytes: int | SizeClasses, num_slots: int = 0, capacity_bytes: int = 0) -> None:
+        if isinstance(slot_nbytes, SizeClasses):
+            super().__init__(slot_nbytes, slot_nbytes.geometry(capacity_bytes, "bench"))
+        else:
+            classes = SizeClasses.one(slot_nbytes)
+            super().__init__(classes, Geometry.single(classes.declared[0], num_slots))
+
     def write_many(self, items, checksums=None):
         if checksums is not None:
             checksums.extend(0 for _ in items)
@@ -261,6 +279,91 @@ def bench_eviction(sizes: dict[str, int], repeats: int) -> dict:
     return figures
 
 
+# -- size classes ---------------------------------------------------------------------------------
+
+MiB = 1024**2
+# (name, layers, kv heads, head dim, dtype, tokens per block, tp size): blocks of real models.
+MODELS = [
+    ("llama-3-8b", 32, 8, 128, "bfloat16", 16, 1), ("llama-3-70b", 80, 8, 128, "bfloat16", 16, 1),
+    ("llama-3-70b-tp8", 80, 8, 128, "bfloat16", 16, 8), ("llama-3-70b-fp8-tp4", 80, 8, 128, "float8_e4m3fn", 16, 4),
+    ("qwen2-0.5b", 24, 2, 64, "bfloat16", 16, 1), ("qwen2-7b-128tok", 28, 4, 128, "bfloat16", 128, 1),
+    ("gemma-2b", 18, 1, 256, "bfloat16", 16, 1), ("mistral-7b-32tok", 32, 8, 128, "float16", 32, 1),
+    ("phi-3-mini", 32, 32, 96, "bfloat16", 16, 1), ("mixtral-8x7b-tp2", 32, 8, 128, "bfloat16", 16, 2),
+    ("small-64k", 2, 2, 64, "bfloat16", 64, 1),
+]
+
+
+def _model_layouts(rng: np.random.Generator, extra: int) -> list[Layout]:
+    layouts = [Layout(name, layers, max(1, heads // tp), dim, dtype, tokens)
+               for name, layers, heads, dim, dtype, tokens, tp in MODELS]
+    for i in range(extra):
+        layouts.append(Layout(f"random-{i}", int(rng.integers(4, 97)), int(rng.choice([1, 2, 4, 8, 16])),
+                              int(rng.choice([64, 80, 96, 128, 256])), str(rng.choice(["bfloat16", "float8_e4m3fn"])),
+                              int(rng.choice([16, 32, 64, 128]))))
+    return [layout for layout in layouts if 12 * 1024 <= layout.block_nbytes <= 64 * MiB]
+
+
+def bench_rounding(trials: int = 50) -> dict:
+    """Rounding loss of auto classes when many layouts (a node's lifetime of models) arrive in random
+    orders at one node, against the one 2 MiB slot of old. Up to MAX_CLASSES classes a node; a node
+    sees far fewer layouts than this."""
+    rng = np.random.default_rng(12)
+    classes = SizeClasses.of([], auto=True, min_slot_bytes=16 * 1024, chunk_bytes=64 * MiB)
+    worst, lost, held, classes_made = 0.0, 0, 0, []
+    for _ in range(trials):
+        layouts = _model_layouts(rng, 20)
+        rng.shuffle(layouts)
+        existing: list[int] = []
+        for layout in layouts:
+            stride = classes.class_for(layout.block_nbytes, existing, 64 * MiB)
+            if stride not in existing:
+                existing.append(stride)
+            worst = max(worst, rounding_loss(layout.block_nbytes, stride))
+            lost += stride - layout.block_nbytes
+            held += stride
+        classes_made.append(len(existing))
+    layouts = _model_layouts(rng, 200)
+    fits = [layout.block_nbytes for layout in layouts if layout.block_nbytes <= SLOT]
+    return {"block_size_rounding_loss_max": worst, "block_size_rounding_loss_mean": lost / held,
+            "block_size_classes_per_node": float(np.mean(classes_made)),
+            "single_slot_refused_fraction": 1 - len(fits) / len(layouts),
+            "single_slot_rounding_loss_mean": 1 - sum(fits) / (len(fits) * SLOT)}
+
+
+def bench_capacity_use(tier_bytes: int = 16 * 1024**3) -> dict:
+    """A store of several classes under a mixed load (no bytes moved): how much of the tier holds
+    block bytes once it is full and evicting, and how the chunks follow the bytes put."""
+    layouts = [Layout("mix-64k", 2, 2, 64, "bfloat16", 64), Layout("mix-2m", 32, 8, 128, "bfloat16", 16),
+               Layout("mix-5m", 80, 8, 128, "bfloat16", 16)]
+    weights = [0.2, 0.5, 0.3]  # of the bytes put
+    classes = SizeClasses.of([], auto=True, min_slot_bytes=16 * 1024, chunk_bytes=64 * MiB)
+    store = TieredStore([_NoBytesTier(classes, capacity_bytes=tier_bytes)], policy="lru")
+    rows = {layout: torch.zeros(max(1, 4 * MiB // layout.block_nbytes), layout.block_nbytes, dtype=torch.uint8)
+            for layout in layouts}
+    rng = np.random.default_rng(3)
+    put = dict.fromkeys(layouts, 0)
+    n = 0
+    while sum(put.values()) < 3 * tier_bytes:
+        layout = layouts[rng.choice(3, p=weights)]
+        count = max(1, int(4 * MiB // layout.block_nbytes))
+        keys = _keys(count, seed=n)
+        n += 1
+        store.put(layout, keys, rows[layout])
+        put[layout] += count * layout.block_nbytes
+    stats = store.stats()
+    tier = stats["tiers"][0]
+    held = sum(c["block_bytes"] for c in stats["classes"])
+    chunks = store.tiers[0].allocator.classes()
+    total_chunks = sum(chunks.values())
+    share_error = max(abs(chunks.get(store.check_layout(layout), 0) / total_chunks - w)
+                      for layout, w in zip(layouts, weights))
+    return {"block_size_capacity_use": held / tier["capacity_bytes"],
+            "block_size_slot_use": tier["used_bytes"] / tier["capacity_bytes"],
+            "block_size_rounding_loss_store": stats["rounding_loss"],
+            "block_size_chunks_taken": tier["chunks_reassigned"],
+            "block_size_share_error": share_error}
+
+
 def measure(repeats: int = 5, nvme_dir: str | None = None) -> dict:
     """Every figure of this suite, as a flat dict (bench.scale merges it into its own)."""
     parent_dir = nvme_dir or tempfile.gettempdir()
@@ -273,12 +376,15 @@ def measure(repeats: int = 5, nvme_dir: str | None = None) -> dict:
         figures[f"{what}_1e6_vs_1e4"] = figures[f"{what}_1e6"] / figures[f"{what}_1e4"]
     growth = max(figures["evict_us_per_victim_lru_1e6_vs_1e4"], figures["evict_us_per_victim_s3fifo_1e6_vs_1e4"])
     figures["evict_growth_vs_dict_growth"] = growth / figures["dict_us_per_op_1e6_vs_1e4"]
+    figures.update(bench_rounding())
+    figures.update(bench_capacity_use())
     return figures
 
 
 TARGETS = {
     "nvme_open_vs_raw_header_read_1m": ("<=", 2.0),
     "evict_growth_vs_dict_growth": ("<=", 1.5),
+    "block_size_rounding_loss_max": ("<=", MAX_ROUNDING_LOSS),
 }
 
 

@@ -100,6 +100,16 @@ def render(stats: dict, rates: dict[str, dict[str, float]] | None = None) -> str
                 w.sample(f"kvstore_tier_{key}", "gauge", doc, tier.get(key, 0), **labels)
             for key, doc in _TIER_COUNTERS.items():
                 w.sample(f"kvstore_tier_{key}_total", "counter", doc, tier.get(key, 0), **labels)
+        for cls in store.get("classes", []):  # size classes (tiers/geometry.py)
+            labels = {"node": node_label, "slot_bytes": str(cls["slot_bytes"])}
+            w.sample("kvstore_class_blocks", "gauge", "Blocks in a size class, all tiers.", cls["blocks"], **labels)
+            w.sample("kvstore_class_block_bytes", "gauge", "Block bytes in a size class, all tiers.",
+                     cls["block_bytes"], **labels)
+            w.sample("kvstore_class_rounding_loss", "gauge", "Part of a size class's used slot bytes no block fills.",
+                     cls["rounding_loss"], **labels)
+            for tier_name, row in cls.get("tiers", {}).items():
+                w.sample("kvstore_class_chunks", "gauge", "Chunks of a tier held by a size class.", row["chunks"],
+                         tier=tier_name, **labels)
         for key, doc in _DATAPLANE_COUNTERS.items():
             w.sample(f"kvstore_dataplane_{key}_total", "counter", doc, node.get("dataplane", {}).get(key, 0),
                      node=node_label)

@@ -293,3 +293,17 @@ def test_nvme_geometry_change_is_refused(tmp_path):
     with pytest.raises(Exception, match="block_sizes"):
         NVMeTier(str(tmp_path), SizeClasses.of([], auto=True, min_slot_bytes=64 * KiB, chunk_bytes=8 * MiB),
                  64 * MiB)
+
+
+def test_metrics_per_class(stores):
+    from kvstore.metrics import render
+
+    store = stores(host_bytes=48 * MiB)
+    for layout, n in ((L64K, 5), (L2M, 2)):
+        keys = keys_of(n)
+        store.put(layout, keys, blocks(layout, keys))
+    text = render({"nodes": {"node0123456789": {"store": store.stats(), "holds": 0}}})
+    assert 'kvstore_class_blocks{node="node01234567",slot_bytes="65536"} 5' in text
+    assert 'kvstore_class_blocks{node="node01234567",slot_bytes="2097152"} 2' in text
+    assert 'kvstore_class_chunks{tier="host",node="node01234567",slot_bytes="2097152"} 1' in text
+    assert 'kvstore_class_rounding_loss{node="node01234567",slot_bytes="65536"} 0' in text
