@@ -37,7 +37,7 @@ from kvstore.cluster.dataplane import SESSION_IDLE_S, DataPlaneClient
 from kvstore.cluster.locations import LocationCache, PeerBreaker
 from kvstore.cluster.lookups import IndexReader
 from kvstore.cluster.shardmap import shard_actor_name
-from kvstore.cluster.pulled import PulledBlocks
+from kvstore.cluster.pulled import Landing, PulledBlocks
 from kvstore.cluster.node import node_actor_name
 from kvstore.config import Config, load_config
 from kvstore.errors import ConfigError, KVStoreError, LeaseError, TransferError
@@ -288,7 +288,8 @@ class Client:
         return PutResult(stored=stored, present=sum(hold.present), rejected=rejected)
 
     def get(self, layout: Layout, keys: Sequence[bytes], out: Blocks, cache: bool | None = None,
-            owner: str | None = None, lease: "Lease | str | None" = None) -> ClusterGetResult:
+            owner: str | None = None, lease: "Lease | str | None" = None,
+            landing: Landing | None = None) -> ClusterGetResult:
         """Fills `out` with every block found anywhere in the cluster.
 
         Blocks on this node are copied straight from the arena. Others are pulled from their
@@ -297,8 +298,18 @@ class Client:
         node's arena, so the next get is local. `owner`: a node known to hold the blocks (a
         handoff handle's), tried without asking the controller. `lease`: one this get ends (a
         handoff's): released by the owner as part of the pull, or else right after it.
+        `landing`: told how far each block has landed in `out` (cluster/pulled.py), while blocks
+        from other nodes come layer-major, so another thread can use `out` layer by layer before
+        this returns; which blocks are right is only known once it has.
         """
-        keys = check_keys(keys)
+        try:
+            return self._get(layout, check_keys(keys), out, cache, owner, lease, landing)
+        finally:
+            if landing is not None:
+                landing.end()
+
+    def _get(self, layout: Layout, keys: list[bytes], out: Blocks, cache: bool | None, owner: str | None,
+             lease: "Lease | str | None", landing: Landing | None) -> ClusterGetResult:
         rows = block_rows(layout, out, len(keys), "out")
         sources: list[tuple[str, str] | None] = [None] * len(keys)
         corrupt = self._read_directory(keys, rows, sources)
@@ -307,13 +318,17 @@ class Client:
         if rest and self._node_has_durable_tier:
             self._read_through_node(layout, keys, rows, rest, sources)  # the node counts these itself
         missing = [i for i, source in enumerate(sources) if source is None]
+        if landing is not None:
+            for i, source in enumerate(sources):
+                if source is not None:
+                    landing.landed(keys[i], layout.block_nbytes)
         if owner is not None and owner != self.node_id:
             for i in missing:
                 self._locations.learn(keys[i], owner)
         release = _lease_parts(lease) if lease is not None else None
         if missing:
             if self._pull(layout, keys, rows, missing, sources,
-                          self.config.cache_pulled_blocks if cache is None else cache, release):
+                          self.config.cache_pulled_blocks if cache is None else cache, release, landing):
                 release = None
         if release is not None:
             try:
@@ -376,7 +391,7 @@ class Client:
             self.release(hold)
 
     def _pull(self, layout: Layout, keys: list[bytes], rows, missing: list[int], sources, cache: bool,
-              release: tuple[str, str] | None = None) -> bool:
+              release: tuple[str, str] | None = None, landing: Landing | None = None) -> bool:
         """Pulls keys[missing] from the nodes holding them into `rows`: one Flight stream per
         owner, the owners in parallel. Returns whether the lease `release` (hold id, node id)
         was given back by its node as part of the pull.
@@ -386,7 +401,8 @@ class Client:
         checked and copied into `rows` as it arrives (cluster/pulled.py), and its receive buffer
         is let go at once (fresh pages cost ~10x a copy here). With `cache`, it is also copied
         into a slot reserved in this node's arena, so the next get is local; the commit that
-        makes those copies visible is not waited for (`flush` waits).
+        makes those copies visible is not waited for (`flush` waits). With `landing`, the owners
+        send layer-major and each landed piece is reported to it.
         """
         wanted = [keys[i] for i in missing]
         reserved: dict[bytes, tuple[int, int]] = {}  # key -> (slot, generation) of its local copy
@@ -395,14 +411,15 @@ class Client:
             hold, slots, _, generations = self._call_node("reserve", layout.to_dict(), wanted)
             reserved = {k: (s, g) for k, s, g in zip(wanted, slots, generations) if s is not None}
         sink = PulledBlocks({keys[i]: rows[i] for i in missing}, layout.block_nbytes, self._copier,
-                            self._arena.tensor.numpy(), self._arena.generations, reserved)
+                            self._arena.tensor.numpy(), self._arena.generations, reserved, landing)
         delivered: dict[bytes, str] = {}  # key -> the node it came from
         released = False
         try:
             todo = list(missing)
             for refresh in (False, True):
                 by_owner, looked_up = self._owners(keys, todo, refresh)
-                got, done = self._stream(layout, keys, by_owner, sink, None if released else release)
+                got, done = self._stream(layout, keys, by_owner, sink, None if released else release,
+                                         landing is not None)
                 delivered.update(got)
                 released |= done
                 # A cached owner that no longer had a block: forget it and ask once more.
@@ -448,7 +465,7 @@ class Client:
         return by_owner, set(unknown)
 
     def _stream(self, layout: Layout, keys: list[bytes], by_owner: dict[str, list[int]], sink,
-                release: tuple[str, str] | None) -> tuple[dict[bytes, str], bool]:
+                release: tuple[str, str] | None, by_layer: bool) -> tuple[dict[bytes, str], bool]:
         """Flight streams to every owner at once (a large pull from one owner split over up to
         `pull_streams` of them); returns key -> owner of the blocks received, and whether the
         lease `release` was given back (it rides on the pull from its node, if that is one
@@ -460,7 +477,8 @@ class Client:
             if address is None:
                 return owner, set(), False
             try:
-                got = self._peer(address).get(layout, [keys[i] for i in idx], sink, verify=False, release=hold_id)
+                got = self._peer(address).get(layout, [keys[i] for i in idx], sink, verify=False, release=hold_id,
+                                              by_layer=by_layer)
                 self._breaker.succeeded(owner)
                 return owner, got, hold_id is not None
             except TransferError as e:  # the owner died, stalled or refused: those blocks are misses

@@ -140,7 +140,7 @@ class DataPlaneServer(flight.FlightServerBase):
             req = self._get_request(ticket.ticket)
         except ProtocolError as e:
             raise flight.FlightServerError(str(e)) from None
-        return flight.GeneratorStream(BLOCK_SCHEMA, self._stream(req.layout, req.keys, req.release))
+        return flight.GeneratorStream(BLOCK_SCHEMA, self._stream(req))
 
     def do_exchange(self, context, descriptor, reader, writer):
         """A session: gets one after another, each a metadata-only request answered by its
@@ -193,7 +193,7 @@ class DataPlaneServer(flight.FlightServerBase):
         message fewer per get). Its own frame, so no reference to the last batch, which owns a
         pin, outlives the get."""
         sent, previous = 0, None
-        for batch in self._stream(req.layout, req.keys, req.release):
+        for batch in self._stream(req):
             if previous is not None:
                 writer.write_batch(previous)
             sent += batch.num_rows
@@ -204,19 +204,22 @@ class DataPlaneServer(flight.FlightServerBase):
         else:
             writer.write_with_metadata(previous, reply)
 
-    def _stream(self, layout: Layout, keys: list[bytes], release: str | None = None):
-        """The blocks of `keys` this node has, as record batches; then gives back the hold
-        `release` (a lease the get ends), whether or not its blocks were all sent."""
+    def _stream(self, req):
+        """The blocks of a get request this node has, as record batches; then gives back the hold
+        `req.release` (a lease the get ends), whether or not its blocks were all sent."""
         try:
-            yield from self._stream_blocks(layout, keys)
+            if req.by_layer:
+                yield from self._by_layer(req.layout, req.keys)
+            elif req.layout.block_nbytes < PACK_BELOW:
+                yield from self._packed(req.layout, req.keys)
+            else:
+                yield from self._whole(req.layout, req.keys)
         finally:
-            if release is not None and self._release_hold is not None:
-                self._release_hold(release)
+            if req.release is not None and self._release_hold is not None:
+                self._release_hold(req.release)
 
-    def _stream_blocks(self, layout: Layout, keys: list[bytes]):
-        if layout.block_nbytes < PACK_BELOW:
-            yield from self._packed(layout, keys)
-            return
+    def _whole(self, layout: Layout, keys: list[bytes]):
+        """Large blocks, each in pieces straight out of its pinned slot (no copy)."""
         for start in range(0, len(keys), ACQUIRE_CHUNK):
             pending = [h for h in self._store.acquire(layout, keys[start:start + ACQUIRE_CHUNK]) if h is not None]
             try:
@@ -230,30 +233,60 @@ class DataPlaneServer(flight.FlightServerBase):
 
     def _packed(self, layout: Layout, keys: list[bytes]):
         """Small blocks, several per record batch: each costs gRPC and Python about as much as a
-        large one, so they are copied out of the arena (and unpinned at once) into a pooled
-        buffer of up to PACK_BYTES, sent as one batch, and the buffer goes back to the pool when
-        gRPC lets go of it."""
+        large one, so they are copied out of the arena, and unpinned at once."""
         n = layout.block_nbytes
         per = max(1, PACK_BYTES // n)
         for start in range(0, len(keys), per):
             handles = [h for h in self._store.acquire(layout, keys[start:start + per]) if h is not None]
-            if not handles:
-                continue
-            buffer = self._pack_pool.take()
             try:
-                for j, handle in enumerate(handles):
-                    buffer[j * n:(j + 1) * n] = handle.view.numpy()
+                batches = list(self._pack((h.key, h.checksum, h.view.numpy(), 0, n) for h in handles))
             finally:
                 self._store.release(handles)
-            m = len(handles)
-            payload = buffer[:m * n]
-            weakref.finalize(payload, self._pack_pool.give_back, buffer)
-            offsets = pa.py_buffer(np.arange(0, (m + 1) * n, n, dtype=np.int64))
-            data = pa.LargeBinaryArray.from_buffers(pa.large_binary(), m, [None, offsets, pa.py_buffer(payload)])
-            self._count(blocks_sent=m, bytes_sent=m * n)
-            yield pa.RecordBatch.from_arrays([pa.array([h.key for h in handles], pa.binary(16)),
-                                              pa.array([h.checksum for h in handles], pa.uint64()),
-                                              pa.array(np.zeros(m, dtype=np.uint64)), data], schema=BLOCK_SCHEMA)
+            self._count(blocks_sent=len(handles))
+            yield from batches
+
+    def _by_layer(self, layout: Layout, keys: list[bytes]):
+        """Layer-major (cluster/protocol.py): layer 0 of every block, then layer 1, ...; a layer
+        of a block is a small piece, so the pieces of several blocks share a batch. Every block
+        stays pinned until the stream ends."""
+        handles = [h for h in self._store.acquire(layout, keys) if h is not None]
+        try:
+            views = [(h.key, h.checksum, h.view.numpy()) for h in handles]
+            size = layout.layer_nbytes
+            yield from self._pack((key, block_sum, view, start, min(start + PACK_BYTES, (layer + 1) * size))
+                                  for layer in range(layout.num_layers) for key, block_sum, view in views
+                                  for start in range(layer * size, (layer + 1) * size, PACK_BYTES))
+            self._count(blocks_sent=len(handles))
+        finally:
+            self._store.release(handles)
+
+    def _pack(self, parts):
+        """Parts of pinned blocks, (key, checksum, bytes, start, end), copied one after another
+        into pooled buffers of up to PACK_BYTES, a record batch per buffer (a row per part). A
+        buffer goes back to the pool when gRPC lets go of it."""
+        rows: list[tuple[bytes, int, int, int]] = []  # (key, checksum, start in the block, start in the buffer)
+        buffer, used = None, 0
+        for key, block_sum, view, start, end in parts:
+            if buffer is not None and used + end - start > PACK_BYTES:
+                yield self._packed_batch(buffer, rows, used)
+                buffer = None
+            if buffer is None:
+                buffer, rows, used = self._pack_pool.take(), [], 0
+            buffer[used:used + end - start] = view[start:end]
+            rows.append((key, block_sum, start, used))
+            used += end - start
+        if buffer is not None:
+            yield self._packed_batch(buffer, rows, used)
+
+    def _packed_batch(self, buffer: np.ndarray, rows: list[tuple[bytes, int, int, int]], used: int) -> pa.RecordBatch:
+        payload = buffer[:used]
+        weakref.finalize(payload, self._pack_pool.give_back, buffer)
+        offsets = pa.py_buffer(np.array([r[3] for r in rows] + [used], dtype=np.int64))
+        data = pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(rows), [None, offsets, pa.py_buffer(payload)])
+        self._count(bytes_sent=used)
+        return pa.RecordBatch.from_arrays([pa.array([r[0] for r in rows], pa.binary(16)),
+                                           pa.array([r[1] for r in rows], pa.uint64()),
+                                           pa.array([r[2] for r in rows], pa.uint64()), data], schema=BLOCK_SCHEMA)
 
     def _pieces(self, handle: BlockHandle) -> list[pa.RecordBatch]:
         """A pinned block as batches of up to PIECE_BYTES, each wrapping its part of the slot
@@ -440,20 +473,21 @@ class DataPlaneClient:
         self._idle_lock = threading.Lock()
 
     def get(self, layout: Layout, keys: Sequence[bytes], sink: Callable[[bytes, memoryview, int, int], None],
-            verify: bool = True, release: str | None = None) -> set[bytes]:
+            verify: bool = True, release: str | None = None, by_layer: bool = False) -> set[bytes]:
         """Streams the blocks the peer has to `sink(key, bytes, checksum, offset)`; returns the
         keys delivered. With `verify`, each block is checked against its checksum first (a
         damaged one is left out and counted) and reaches the sink whole (offset 0); without, the
-        sink gets a large block's pieces in order as they arrive and must check the block (the
-        client does, fused with its copy, off the thread that reads the stream). `release`: a
-        hold on the peer (a handoff's lease) that it gives back once the blocks are out."""
+        sink gets a block's pieces in order as they arrive and must check the block (the client
+        does, fused with its copy, off the thread that reads the stream). `release`: a hold on
+        the peer (a handoff's lease) that it gives back once the blocks are out. `by_layer`: the
+        blocks come layer-major (cluster/protocol.py), each layer of a block a piece."""
         nbytes = layout.block_nbytes
         requested = set(keys)
         received: set[bytes] = set()
         partial: dict[bytes, int] = {}  # key -> bytes of it received, while its pieces arrive
         assembling: dict[bytes, bytearray] = {}  # with verify: large blocks, while their pieces arrive
         delivered: set[bytes] = set()
-        request = encode_request("get", layout, list(keys), release=release)
+        request = encode_request("get", layout, list(keys), release=release, by_layer=by_layer)
         session = None
         try:
             session = self._take_session(transfer_deadline(self._timeout_s, len(keys) * nbytes))

@@ -5,7 +5,8 @@ on a session) is
 
     {"v": 1, "op": "get" | "put", "layout": {Layout fields}, "keys": [16-byte bin, ...],
      "parents": [16-byte bin | nil, ...],           # put only, optional
-     "release": "hold id"}                           # get only, optional: unpin it when streamed
+     "release": "hold id",                           # get only, optional: unpin it when streamed
+     "by_layer": true}                               # get only, optional: layer-major order (below)
 
 A session (do_exchange, opened with the command `SESSION_COMMAND`) carries one get after
 another on one open stream: the client writes a request, the server answers with the blocks'
@@ -15,7 +16,9 @@ which the session goes on).
 Block payloads travel as Arrow record batches of `BLOCK_SCHEMA`, one block (or one piece of a
 large block: `offset` says where it goes, and a block's pieces come in order, one after
 another) per row, each with the checksum its whole block was committed with
-(kvstore.integrity): the receiver checks it once the block is whole. Nothing
+(kvstore.integrity): the receiver checks it once the block is whole. A get `by_layer` is answered
+layer-major: layer 0 of every block, then layer 1 of every block, and so on (each block's pieces
+still in order), so the reader can use layer i while later layers are on the way. Nothing
 here is pickle: a peer can only send maps, lists, strings, integers and bytes, and every length
 is capped (msgpack refuses oversize arrays and strings before allocating them).
 """
@@ -50,15 +53,18 @@ class Request:
     keys: list[bytes]
     parents: list[bytes | None] | None = None
     release: str | None = None
+    by_layer: bool = False
 
 
 def encode_request(op: str, layout: Layout, keys: list[bytes], parents: list[bytes | None] | None = None,
-                   release: str | None = None) -> bytes:
+                   release: str | None = None, by_layer: bool = False) -> bytes:
     body = {"v": VERSION, "op": op, "layout": layout.to_dict(), "keys": list(keys)}
     if parents is not None:
         body["parents"] = list(parents)
     if release is not None:
         body["release"] = release
+    if by_layer:
+        body["by_layer"] = True
     return msgpack.packb(body, use_bin_type=True)
 
 
@@ -99,7 +105,7 @@ def decode_request(data: bytes, op: str, max_payload_bytes: int) -> Request:
         raise ProtocolError(f"request version {body.get('v')!r} is not {VERSION}")
     if body.get("op") != op:
         raise ProtocolError(f"request op {body.get('op')!r} is not {op!r}")
-    unknown = set(body) - {"v", "op", "layout", "keys", "parents", "release"}
+    unknown = set(body) - {"v", "op", "layout", "keys", "parents", "release", "by_layer"}
     if unknown:
         raise ProtocolError(f"request has unknown fields {sorted(unknown)!r}")
     try:
@@ -118,6 +124,9 @@ def decode_request(data: bytes, op: str, max_payload_bytes: int) -> Request:
                                     or not 0 < len(release) <= MAX_HOLD_ID_CHARS):
             raise ProtocolError(f"release={release!r} must be a hold id of at most {MAX_HOLD_ID_CHARS} "
                                 "characters, on a get")
+        by_layer = body.get("by_layer", False)
+        if by_layer is not False and (op != "get" or by_layer is not True):
+            raise ProtocolError(f"by_layer={by_layer!r} must be true, on a get")
     except ProtocolError:
         raise
     except KVStoreError as e:
@@ -125,4 +134,4 @@ def decode_request(data: bytes, op: str, max_payload_bytes: int) -> Request:
     if len(keys) * layout.block_nbytes > max_payload_bytes:
         raise ProtocolError(f"request for {len(keys)} blocks of {layout.block_nbytes} bytes exceeds "
                             f"max_request_bytes={max_payload_bytes}")
-    return Request(op, layout, keys, parents, release)
+    return Request(op, layout, keys, parents, release, by_layer)

@@ -8,11 +8,18 @@ flow control does not stall) while it is checked and copied; a small one on the 
 where a thread hop would cost more than the copy. A block that fails its checksum is a miss; a
 cached copy is only reported (for the commit that makes it visible) once its whole block passed,
 and only if its slot was not fenced meanwhile.
+
+A `Landing` follows how far every block of one get has landed in the caller's rows, so a reader
+can use layer i of every block while later layers are still on the way (a pull asked for
+layer-major order). What has landed is not yet checked: a block is only right once the get
+returns and names it found.
 """
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import Executor, Future
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -25,17 +32,52 @@ log = logging.getLogger(__name__)
 INLINE_COPY_BELOW = 1024 * 1024  # blocks smaller than this are copied on the stream's thread
 
 
+class Landing:
+    """How far each block of one get has landed: `landed(key, end)` as bytes arrive (in order
+    per block), `end()` when the get is over; `wait_layer(i)` returns once layer i of every
+    block has landed or the get is over (then the get's result says which blocks are right)."""
+
+    def __init__(self, keys: Sequence[bytes], layer_nbytes: int, num_layers: int) -> None:
+        self._layer_nbytes = layer_nbytes
+        self._landed = dict.fromkeys(keys, 0)  # key -> bytes of it in the caller's row
+        self._blocks_with_layer = [0] * num_layers  # per layer: blocks that have it whole
+        self._ended = False
+        self._changed = threading.Condition()
+
+    def landed(self, key: bytes, end: int) -> None:
+        """Block `key` has its first `end` bytes in the caller's row."""
+        with self._changed:
+            before, self._landed[key] = self._landed[key], end
+            for layer in range(before // self._layer_nbytes, end // self._layer_nbytes):
+                self._blocks_with_layer[layer] += 1
+                if self._blocks_with_layer[layer] == len(self._landed):
+                    self._changed.notify_all()
+
+    def end(self) -> None:
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    def wait_layer(self, layer: int, timeout_s: float | None = None) -> bool:
+        """Waits until layer `layer` of every block has landed (True) or the get is over (False)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._ended or self._blocks_with_layer[layer] == len(self._landed),
+                                   timeout_s)
+            return self._blocks_with_layer[layer] == len(self._landed)
+
+
 class PulledBlocks:
     """The sink of one pull: `self(key, bytes, checksum, offset)` per block or piece, then `wait()`."""
 
     def __init__(self, rows: dict[bytes, torch.Tensor], nbytes: int, copier: Executor,
                  arena: np.ndarray | None = None, generations: np.ndarray | None = None,
-                 reserved: dict[bytes, tuple[int, int]] | None = None) -> None:
+                 reserved: dict[bytes, tuple[int, int]] | None = None, landing: Landing | None = None) -> None:
         self._rows = rows  # key -> the caller's uint8 row for it
         self._nbytes = nbytes
         self._copier = copier
         self._arena, self._generations = arena, generations
         self._reserved = reserved or {}  # key -> (slot, generation) of its local copy
+        self._landing = landing
         self._hashing: dict[bytes, xxhash.xxh3_64] = {}  # running checksums of blocks arriving in pieces
         self._copies: list[Future] = []
         self.cached: dict[bytes, int] = {}  # key -> checksum, of the blocks copied into the local arena
@@ -62,6 +104,8 @@ class PulledBlocks:
         slot = self._slot(key)
         if slot is not None:
             np.copyto(self._arena[slot, offset:end], row.numpy())
+        if self._landing is not None:
+            self._landing.landed(key, end)
         if end < self._nbytes:
             return
         self._hashing.pop(key, None)

@@ -19,6 +19,13 @@ Decode side (consumer):
     loaded.num_tokens                  # the prefix it may use; everything after is recomputed
     k_i, v_i = loaded.layer(i)         # [num_tokens, kv_heads, head_dim] each
 
+or layer by layer while the blocks arrive (they come layer-major), so building the engine's cache
+overlaps the transfer:
+
+    loading = start_load(client, handle)
+    k_i, v_i = loading.layer(i)        # as soon as layer i of every block is here, unchecked
+    loaded = loading.result()          # checked: use only loaded.num_tokens of what layer() gave
+
 Only the leading run of blocks that arrived whole is usable: a block missing (evicted, its node
 dead, its lease expired) ends the usable prefix there, and `loaded.missing` names every block
 from that point on, so the engine recomputes exactly those tokens. A decode never runs on wrong
@@ -34,6 +41,7 @@ from typing import Sequence
 
 import torch
 
+from kvstore.cluster.pulled import Landing
 from kvstore.errors import KVStoreError, LeaseError, PayloadError
 from kvstore.keys import block_keys, chain_parents, check_keys
 from kvstore.layout import Layout
@@ -177,13 +185,45 @@ class Loaded:
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's keys and values over the usable prefix: [num_tokens, kv_heads, head_dim] each."""
-        lay = self.layout
-        L = lay.layer_nbytes
-        parts = self.blocks[:, i * L:(i + 1) * L].contiguous().view(lay.torch_dtype)
-        parts = parts.view(self.num_blocks, 2, lay.block_tokens, lay.num_kv_heads, lay.head_dim)
-        k = parts[:, 0].reshape(self.num_tokens, lay.num_kv_heads, lay.head_dim)
-        v = parts[:, 1].reshape(self.num_tokens, lay.num_kv_heads, lay.head_dim)
-        return k, v
+        return _layer(self.layout, self.blocks, i)
+
+
+def _layer(layout: Layout, blocks: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer i's keys and values of `blocks` (uint8 rows): [blocks x block_tokens, kv_heads, head_dim] each."""
+    size = layout.layer_nbytes
+    parts = blocks[:, i * size:(i + 1) * size].contiguous().view(layout.torch_dtype)
+    parts = parts.view(blocks.shape[0], 2, layout.block_tokens, layout.num_kv_heads, layout.head_dim)
+    tokens = blocks.shape[0] * layout.block_tokens
+    return (parts[:, 0].reshape(tokens, layout.num_kv_heads, layout.head_dim),
+            parts[:, 1].reshape(tokens, layout.num_kv_heads, layout.head_dim))
+
+
+class Loading:
+    """A load in flight (start_load): its blocks arrive layer-major in the background."""
+
+    def __init__(self, layout: Layout, keys: list[bytes], out: torch.Tensor, landing: Landing | None) -> None:
+        self.layout = layout
+        self.keys = keys
+        self.seconds = 0.0  # how long the pull took, once it is over
+        self._out = out
+        self._landing = landing
+        self._result: Future = Future()
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's keys and values over every block asked for, [len(keys) x block_tokens,
+        kv_heads, head_dim] each, as soon as layer i of every block is here (or the load is
+        over). Not yet checked, and a block may be missing: only the first
+        `result().num_tokens` tokens may be used, once `result()` has returned."""
+        if self._landing is not None:
+            self._landing.wait_layer(i)
+        return _layer(self.layout, self._out, i)
+
+    def result(self) -> Loaded:
+        """Waits for the whole load: what arrived whole and right, as `load` returns it."""
+        return self._result.result()
+
+
+_LOADS = ThreadPoolExecutor(4, thread_name_prefix="kvstore-load")  # the pulls of start_load
 
 
 def load(client, handle: Handle | None = None, *, token_ids: Sequence[int] | None = None,
@@ -195,6 +235,14 @@ def load(client, handle: Handle | None = None, *, token_ids: Sequence[int] | Non
     decode side of a handoff does not prefill, so a local copy would cost a copy and a slot on
     the TTFT path and serve no one. A prefix load follows the setting (the next request with
     that prefix may come here)."""
+    return start_load(client, handle, token_ids=token_ids, layout=layout, namespace=namespace,
+                      max_tokens=max_tokens).result()
+
+
+def start_load(client, handle: Handle | None = None, *, token_ids: Sequence[int] | None = None,
+               layout: Layout | None = None, namespace: str = "default", max_tokens: int | None = None) -> Loading:
+    """`load`, returning as soon as the pull has started: the blocks arrive layer-major, and
+    `Loading.layer(i)` gives layer i while later layers are still on the way."""
     if handle is not None:
         keys, layout = handle.keys, handle.layout
     elif token_ids is not None and layout is not None:
@@ -204,19 +252,31 @@ def load(client, handle: Handle | None = None, *, token_ids: Sequence[int] | Non
         raise KVStoreError("load needs a handle, or token_ids with a layout")
     if max_tokens is not None:
         keys = keys[:max(0, max_tokens) // layout.block_tokens]
+    keys = list(keys)
     out = torch.empty((len(keys), layout.block_nbytes), dtype=torch.uint8)
     # A handle's blocks are pulled from its node without a lookup, and the pull ends its lease.
     owner, lease = (handle.node_id, handle.lease_id) if handle is not None else (None, None)
+    loading = Loading(layout, keys, out, Landing(keys, layout.layer_nbytes, layout.num_layers) if keys else None)
+    if not keys:
+        if lease is not None:
+            try:
+                client.release_lease(lease)
+            except Exception as e:  # LeaseError (expired already), or its node is gone: nothing is pinned
+                log.info("lease %s: %s", lease, e)
+        loading._result.set_result(Loaded(layout, keys, out, []))
+        return loading
     cache = False if handle is not None else None
-    result = client.get(layout, keys, out, cache=cache, owner=owner, lease=lease) if keys else None
-    if lease is not None and not keys:
-        try:
-            client.release_lease(lease)
-        except Exception as e:  # LeaseError (expired already), or its node is gone: nothing is pinned
-            log.info("lease %s: %s", lease, e)
-    found = result.found if result else []
-    usable = next((i for i, ok in enumerate(found) if not ok), len(found))
-    if usable < len(keys):
-        log.info("loaded %d of %d blocks; %d tokens from block %d on are recomputed", usable, len(keys),
-                 (len(keys) - usable) * layout.block_tokens, usable)
-    return Loaded(layout, list(keys), out[:usable], result.sources if result else [])
+    started = time.perf_counter()
+
+    def pull() -> Loaded:
+        result = client.get(layout, keys, out, cache=cache, owner=owner, lease=lease, landing=loading._landing)
+        loading.seconds = time.perf_counter() - started
+        found = result.found
+        usable = next((i for i, ok in enumerate(found) if not ok), len(found))
+        if usable < len(keys):
+            log.info("loaded %d of %d blocks; %d tokens from block %d on are recomputed", usable, len(keys),
+                     (len(keys) - usable) * layout.block_tokens, usable)
+        return Loaded(layout, keys, out[:usable], result.sources)
+
+    loading._result = _LOADS.submit(pull)
+    return loading

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import ray
 import torch
 
-from kvstore.connectors.handoff import Handle, Loaded, SaveSession, load
+from kvstore.connectors.handoff import Handle, Loaded, Loading, SaveSession, start_load
 from kvstore.connectors.verify import CheckResult, VerifySettings, verifier as as_verifier
 from kvstore.errors import InvalidLayoutError
 from kvstore.layout import Layout
@@ -61,6 +61,29 @@ def cache_from(loaded: Loaded | None, config) -> "DynamicCache":  # noqa: F821
     return cache
 
 
+def cache_while_loading(loading: Loading, config) -> tuple["DynamicCache", Loaded]:  # noqa: F821
+    """A DynamicCache built layer by layer as the load's blocks arrive, so the build overlaps the
+    transfer; then, once the load is over, cut to the tokens that arrived whole and right."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    for i in range(loading.layout.num_layers):
+        k, v = loading.layer(i)
+        cache.update(k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), i)
+    loaded = loading.result()
+    return _cut(cache, loaded.num_tokens, config), loaded
+
+
+def _cut(cache: "DynamicCache", tokens: int, config) -> "DynamicCache":  # noqa: F821
+    """The cache's first `tokens` tokens (an empty cache for none)."""
+    held = cache.get_seq_length()
+    if tokens == 0:
+        return cache_from(None, config)
+    if tokens < held:
+        cache.crop(tokens - held)
+    return cache
+
+
 @dataclasses.dataclass
 class Restored:
     """A load made ready for the engine: the cache to continue from, and what happened on the way."""
@@ -72,16 +95,21 @@ class Restored:
 
 
 @torch.no_grad()
-def restore(model, input_ids: torch.Tensor, client, loaded: Loaded, verify=None) -> Restored:
+def restore(model, input_ids: torch.Tensor, client, loaded: Loaded | Loading, verify=None) -> Restored:
     """A cache from a load, through the verifier: blocks from a quarantined source are a miss,
     and a load picked for a check has its prefix recomputed and compared; on a mismatch the
-    recomputed KV is used (the bad blocks are gone from the store, their source quarantined)."""
+    recomputed KV is used (the bad blocks are gone from the store, their source quarantined).
+    A load still in flight (`start_load`) has its cache built while its blocks arrive."""
     v = as_verifier(verify)
+    built = None
+    if isinstance(loaded, Loading):
+        built, loaded = cache_while_loading(loaded, model.config)
     admission = v.admit(client, loaded)
     loaded = admission.loaded
     n = loaded.num_tokens
     if not admission.verify:
-        return Restored(cache_from(loaded, model.config), n, n, None)
+        cache = cache_from(loaded, model.config) if built is None else _cut(built, n, model.config)
+        return Restored(cache, n, n, None)
     start = time.perf_counter()
     fresh = cache_from(None, model.config)
     model(input_ids[:, :n], past_key_values=fresh, use_cache=True, logits_to_keep=1)
@@ -116,7 +144,7 @@ def prefill(model, input_ids: torch.Tensor, client, layout: Layout, namespace: s
     ids = input_ids[0].tolist()
     check = None
     if reuse:
-        loaded = load(client, token_ids=ids, layout=layout, namespace=namespace, max_tokens=len(ids) - 1)
+        loaded = start_load(client, token_ids=ids, layout=layout, namespace=namespace, max_tokens=len(ids) - 1)
         # Before the save session: blocks a check deletes are then written again, right.
         r = restore(model, input_ids, client, loaded, verify)
         cache, done, reused, check = r.cache, r.num_tokens, r.loaded_tokens, r.check
@@ -162,10 +190,10 @@ class DecodeResult:
 def decode(model, input_ids: torch.Tensor, first_token: int, client, handle: Handle,
            max_new_tokens: int, verify=None) -> DecodeResult:
     """Continues a request prefilled elsewhere: its KV from the store, then greedy decoding."""
-    start = time.perf_counter()
-    loaded = load(client, handle)
-    load_seconds = time.perf_counter() - start
-    r = restore(model, input_ids, client, loaded, verify)
+    loading = start_load(client, handle)
+    r = restore(model, input_ids, client, loading, verify)
+    loaded = loading.result()
+    load_seconds = loading.seconds
     cache = r.cache
     n = input_ids.shape[1]
     if r.num_tokens < n:  # the tail block, or everything after a lost block
@@ -194,8 +222,9 @@ def _first_token(model, input_ids, client, layout, namespace, verify) -> tuple[i
     if client is None:
         r, cache, done = None, cache_from(None, model.config), 0
     else:
-        loaded = load(client, token_ids=input_ids[0].tolist(), layout=layout, namespace=namespace, max_tokens=n - 1)
-        r = restore(model, input_ids, client, loaded, verify)
+        loading = start_load(client, token_ids=input_ids[0].tolist(), layout=layout, namespace=namespace,
+                             max_tokens=n - 1)
+        r = restore(model, input_ids, client, loading, verify)
         cache, done = r.cache, r.num_tokens
     logits = model(input_ids[:, done:], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
     return int(logits.argmax()), logits, r

@@ -179,3 +179,38 @@ def test_a_get_that_names_a_hold_has_it_given_back(served):
     finally:
         client.close()
         server.shutdown()
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["checked-whole", "pieces"])
+def test_a_get_by_layer_sends_every_blocks_layer_before_the_next_layer(served, verify):
+    layout, store, client = served
+    keys = [os.urandom(16) for _ in range(9)]
+    data = blocks(layout, keys)
+    store.put(layout, keys, data)
+    arrivals, got = [], {k: bytearray(layout.block_nbytes) for k in keys}
+
+    def sink(key, piece, block_sum, offset):
+        arrivals.append((key, offset, len(piece)))
+        got[key][offset:offset + len(piece)] = piece
+
+    assert client.get(layout, keys + [os.urandom(16)], sink, verify=verify, by_layer=True) == set(keys)
+    assert all(bytes(got[k]) == data[i].numpy().tobytes() for i, k in enumerate(keys))
+    if verify:  # the client hands over each block whole, once it is checked
+        assert [offset for _, offset, _ in arrivals] == [0] * len(keys)
+        return
+    layers = [offset // layout.layer_nbytes for _, offset, _ in arrivals]
+    assert layers == sorted(layers) and set(layers) == set(range(layout.num_layers))  # layer-major
+    assert all(n <= layout.layer_nbytes for _, _, n in arrivals)
+    assert [k for k, offset, _ in arrivals if offset == 0] == keys  # each layer in the order asked
+    assert all(store._index[k].pins == 0 for k in keys)
+
+
+def test_a_get_by_layer_of_a_damaged_block_leaves_it_out(served):
+    layout, store, client = served
+    keys = [os.urandom(16) for _ in range(3)]
+    store.put(layout, keys, blocks(layout, keys))
+    store.tiers[0].arena[store._index[keys[1]].slot, layout.block_nbytes - 1] ^= 0xFF  # in its last layer
+    got = {}
+    assert client.get(layout, keys, lambda k, d, s, offset: got.__setitem__(k, bytes(d)), by_layer=True) == \
+        {keys[0], keys[2]}
+    assert client.corrupt_received == 1 and set(got) == {keys[0], keys[2]}

@@ -301,6 +301,24 @@ def test_a_handoff_is_loaded_from_its_node_without_a_local_copy_and_ends_its_lea
     assert again.sources == [(rc.node_id(1), "remote")] * 3 and torch.equal(out, loaded.blocks)  # no copy kept here
 
 
+def test_a_load_in_flight_gives_every_layer_and_its_result_cuts_at_a_missing_block(cluster):
+    from kvstore.connectors.handoff import Handle, start_load
+
+    rc, client = cluster
+    handle = Handle.from_dict(ray.get(on_node(rc, 1).handoff.remote(23, 3)))
+    node_b = ray.get_actor(f"kvstore-node-{rc.node_id(1)}", namespace="kvstore")
+    assert ray.get(node_b.delete.remote(handle.keys[1:2])) == 1  # evicted before the decode side came
+    loading = start_load(client, handle)
+    T = LAYOUT.block_tokens
+    for layer in range(LAYOUT.num_layers):  # each layer is given, although a block never comes
+        k, v = loading.layer(layer)
+        assert k.shape[0] == 3 * T and torch.all(k[:T] == 23.0 + layer) and torch.all(v[:T] == -23.0 - layer)
+    loaded = loading.result()
+    assert loaded.num_blocks == 1 and loaded.missing == handle.keys[1:]  # only what came whole before the gap
+    assert torch.all(loaded.layer(1)[0] == 24.0)
+    wait_for(lambda: ray.get(node_b.stats.remote())["holds"] == 0, 10, "the pull to end the handoff's lease")
+
+
 def test_a_stalled_peer_is_a_miss_within_the_deadline_and_then_left_alone(cluster):
     rc, client = cluster
     keys = block_keys(tokens(16, 2), LAYOUT, "stalled-peer")
