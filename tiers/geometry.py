@@ -366,7 +366,7 @@ class ChunkAllocator:
         self._chunk_free = [None] * g.num_chunks
         self._pool = np.flatnonzero(~held)[::-1].tolist()
         self._open, self._chunks_of = {}, {}
-        for stride in np.unique(strides[held]).tolist():
+        for stride in [g.chunk_bytes] if g.single else np.unique(strides[held]).tolist():
             mine = held & (strides == stride)
             self._chunks_of[stride] = int(mine.sum())
             open_chunks = np.flatnonzero(mine & (counts < g.slots_per_chunk(stride)))

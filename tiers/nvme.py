@@ -325,17 +325,18 @@ class NVMeTier(Tier):
         """(first slot, count, stride) of the headers worth reading: the slots of the chunks in
         use, neighbours merged, each run at most `_SCAN_CHUNK` bytes of headers."""
         g = self.geometry
+        most = _SCAN_CHUNK // HEADER_BYTES
+        if g.single:  # every chunk is one slot of the one class: one run
+            return [(first, min(most, self.num_slots - first), g.chunk_bytes)
+                    for first in range(0, self.num_slots, most)]
         runs: list[list[int]] = []
-        strides = g.strides.tolist()
-        for chunk, stride in enumerate(strides):
-            if not stride:
-                continue
+        used = np.flatnonzero(g.strides)
+        for chunk, stride in zip(used.tolist(), g.strides[used].tolist()):
             first, count = chunk * g.ids_per_chunk, g.slots_per_chunk(stride)
             if runs and runs[-1][2] == stride and runs[-1][0] + runs[-1][1] == first:
                 runs[-1][1] += count
             else:
                 runs.append([first, count, stride])
-        most = _SCAN_CHUNK // HEADER_BYTES
         return [(first + at, min(most, count - at), stride) for first, count, stride in runs
                 for at in range(0, count, most)]
 
@@ -416,11 +417,12 @@ class NVMeTier(Tier):
         every key's first word tells whether there are any; only slots sharing one are read again
         and compared in full.
         """
+        ordered = np.sort(first_words)
+        if not (ordered[1:] == ordered[:-1]).any():
+            return slots
         order = np.argsort(first_words, kind="stable")
         ordered = first_words[order]
         shared = np.flatnonzero(ordered[1:] == ordered[:-1])
-        if not shared.size:
-            return slots
         newest: dict[bytes, tuple[int, int]] = {}  # key -> (generation, slot)
         dropped: list[int] = []
         for slot in np.unique(slots[order[np.concatenate([shared, shared + 1])]]).tolist():
