@@ -10,8 +10,9 @@ brings them into the arena. A block held only by other nodes is pulled over Arro
 stream per owner, straight into the caller's buffer (and, if `cache_pulled_blocks`, into the
 local arena). Owners are remembered (cluster/locations.py); the index shards are asked
 (directly, not through the controller) only about keys the client has not seen. A put reserves
-slots through the node actor, copies into them in place, and commits through it; the index
-learns the blocks with the node's next event batch (at once with `wait_index`).
+slots through the node actor, copies into them in place, and sends the commit without waiting
+for it: this client reads its own writes at once, other processes once the node has run the
+commit (cluster/commits.py), the index with the node's next event batch (at once with `wait_index`).
 
 Integrity: a block read from the arena is checked against its checksum as `verify_reads` says,
 a pulled block always (kvstore.integrity); a block that fails is a miss. A writer of reserved
@@ -32,6 +33,7 @@ from typing import Sequence
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from kvstore.cluster.commits import PendingCommits
 from kvstore.cluster.controller import CONTROLLER_NAME, ControllerActor
 from kvstore.cluster.dataplane import SESSION_IDLE_S, DataPlaneClient
 from kvstore.cluster.locations import LocationCache, PeerBreaker
@@ -147,6 +149,7 @@ class Client:
         self._directory_reads = [0, 0]  # hits, misses
         self._reported_at = time.monotonic()
         self._background: list = []  # commits of blocks cached by earlier gets (see flush)
+        self._commits = PendingCommits(RPC_TIMEOUT_S)  # of puts, not waited for (cluster/commits.py)
         # Sessions to peers that go unused are closed, so a peer shutting down need not wait for them.
         self._closing = threading.Event()
         self._reaper = threading.Thread(target=self._close_idle_sessions, name="kvstore-sessions", daemon=True)
@@ -251,6 +254,7 @@ class Client:
 
     def sync(self) -> None:
         """Returns once the cluster's index has everything this node stored so far."""
+        self._commits.settle()
         self._call_node("sync")
 
     def abort(self, hold: "WriteHold") -> None:
@@ -260,6 +264,7 @@ class Client:
         """Pins blocks held by this node for reading in place: `hold.views[i]` or None (not here).
         Give them back with `release(hold)`; the node does so itself after `ttl_s`."""
         keys = check_keys(keys)
+        self._commits.settle(keys)
         hold_id, slots, sums = self._call_node("acquire", layout.to_dict(), keys, ttl_s)
         arena = self._arena.tensor
         return ReadHold(hold_id, keys, [None if slot is None else arena[slot, :layout.block_nbytes] for slot in slots],
@@ -270,8 +275,10 @@ class Client:
 
     def put(self, layout: Layout, keys: Sequence[bytes], blocks: Blocks,
             parents: Sequence[bytes | None] | None = None, wait_index: bool = False) -> PutResult:
-        """Writes blocks into this node's host arena in place; present keys are skipped. See the
-        class doc for when other nodes see them (`wait_index`)."""
+        """Writes blocks into this node's host arena in place; present keys are skipped. Returns
+        once the bytes are in the arena: one call to the node actor (reserve); the commit that
+        makes them visible is sent without waiting (cluster/commits.py says who sees them when:
+        this client at once). With `wait_index`, it returns once the cluster's index has them."""
         keys = check_keys(keys)
         rows = block_rows(layout, blocks, len(keys))
         hold = self.reserve(layout, keys, parents)
@@ -283,7 +290,15 @@ class Client:
         except BaseException:
             self._node.abort.remote(hold.hold_id)
             raise
-        stored = self.commit(hold, wait_index)
+        written = [k for k, view in zip(keys, hold.views) if view is not None]
+        if wait_index:
+            stored = self.commit(hold, wait_index=True)
+        elif written:
+            self._commits.add(written, self._node.commit.remote(hold.hold_id, None, None, False))
+            stored = len(written)
+        else:
+            self._node.abort.remote(hold.hold_id)
+            stored = 0
         rejected = [k for k, view, here in zip(keys, hold.views, hold.present) if view is None and not here]
         return PutResult(stored=stored, present=sum(hold.present), rejected=rejected)
 
@@ -302,8 +317,10 @@ class Client:
         from other nodes come layer-major, so another thread can use `out` layer by layer before
         this returns; which blocks are right is only known once it has.
         """
+        keys = check_keys(keys)
+        self._commits.settle(keys)  # this client's own puts of them are visible first
         try:
-            return self._get(layout, check_keys(keys), out, cache, owner, lease, landing)
+            return self._get(layout, keys, out, cache, owner, lease, landing)
         finally:
             if landing is not None:
                 landing.end()
@@ -508,7 +525,8 @@ class Client:
                 peer.close_idle()
 
     def flush(self) -> None:
-        """Waits until blocks pulled by earlier gets are visible in this node's cache."""
+        """Waits until blocks put, and blocks pulled by earlier gets, are visible in this node's cache."""
+        self._commits.settle()
         refs, self._background = self._background, []
         ray.get(refs, timeout=RPC_TIMEOUT_S)
 
@@ -540,7 +558,9 @@ class Client:
         return ray.get(self._controller.best_node.remote(check_keys(keys)), timeout=RPC_TIMEOUT_S)
 
     def delete(self, keys: Sequence[bytes]) -> int:
-        return ray.get(self._controller.delete.remote(check_keys(keys)), timeout=RPC_TIMEOUT_S)
+        keys = check_keys(keys)
+        self._commits.settle(keys)  # a commit of this client's that came later would bring them back
+        return ray.get(self._controller.delete.remote(keys), timeout=RPC_TIMEOUT_S)
 
     def lease(self, layout: Layout, keys: Sequence[bytes], ttl_s: float | None = None,
               node_id: str | None = None) -> Lease:
@@ -551,6 +571,7 @@ class Client:
             raise LeaseError(f"ttl_s={ttl!r} must be positive")
         node_id = node_id or self.node_id
         keys = check_keys(keys)
+        self._commits.settle(keys)
         hold_id, slots, _ = self._call_node("acquire", layout.to_dict(), keys, ttl, node_id=node_id)
         return Lease(f"{hold_id}@{node_id}", node_id, [k for k, s in zip(keys, slots) if s is not None], ttl)
 

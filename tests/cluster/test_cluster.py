@@ -189,6 +189,52 @@ def test_a_same_node_get_calls_no_actor(cluster):
         client._node = counting.handle
 
 
+@ray.remote(num_cpus=0)
+def _commit_later(node, args):
+    time.sleep(2)
+    return ray.get(node.commit.remote(*args))
+
+
+class DelayedCommits:
+    """A node actor handle whose commits run 2 s after they are sent (a slow node actor)."""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.refs = handle, []
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    @property
+    def commit(self):
+        sent = self
+
+        class Later:
+            def remote(self, *args):
+                sent.refs.append(_commit_later.remote(sent.handle, args))
+                return sent.refs[-1]
+        return Later()
+
+
+def test_a_put_does_not_wait_for_its_commit_and_its_client_reads_and_deletes_it_at_once(cluster):
+    _, client = cluster
+    keys = block_keys(tokens(31, 3), LAYOUT, "own-writes")
+    delayed = client._node = DelayedCommits(client._node)
+    try:
+        assert client.put(LAYOUT, keys, payload(keys)).stored == 3
+        assert ray.wait(delayed.refs, timeout=0)[0] == []  # it returned before its commit ran
+        out = torch.zeros((3, LAYOUT.block_nbytes), dtype=torch.uint8)
+        result = client.get(LAYOUT, keys, out)
+        assert result.sources == [(client.node_id, "local")] * 3 and torch.equal(out, payload(keys))
+        # A delete right after a put is not undone by the put's commit coming later.
+        more = block_keys(tokens(32, 2), LAYOUT, "own-writes")
+        client.put(LAYOUT, more, payload(more))
+        assert client.delete(more) == 2
+        assert ray.wait(delayed.refs, num_returns=2, timeout=0)[0] == delayed.refs
+        assert pull(client, more).hits == 0
+    finally:
+        client._node = delayed.handle
+
+
 def test_pulls_from_several_owners_at_once_and_cache_their_locations(cluster):
     rc, client = cluster
     keys = block_keys(tokens(11, 12), LAYOUT, "several-owners")
