@@ -11,6 +11,9 @@ really crosses) and computing the rest, against computing the whole prompt. The 
 - ttft_speedup_2k, ttft_speedup_8k: recompute TTFT / store TTFT (>= 10 targeted at 8k);
 - ttft_remote_vs_local_2k, _8k: the decode worker's store TTFT (KV from A) over the same-model
   worker on A loading the same KV from its own node's arena (<= 1.5 targeted at 8k);
+- ttft_layerwise_gain_2k, _8k: the store TTFT when the cache is built only once the whole load is
+  in (ttft_remote_whole_ms) over the store TTFT when each layer is built as it lands (the
+  default: blocks come layer-major), in the same rounds;
 - tokens_identical: true only if every handoff generated exactly the single-process tokens and
   every store-based first token equalled the recomputed one.
 """
@@ -65,24 +68,30 @@ def main(argv=None) -> int:
             ref = ray.get(decode_w.reference.remote(ids, NEW_TOKENS))
             identical &= dec["tokens"] == ref["tokens"]
             figures.setdefault("first_load_verified", dec["verified"] and dec["mismatched_blocks"] == 0)
-            store_s, recompute_s, local_s = [], [], []
+            store_s, recompute_s, local_s, whole_s = [], [], [], []
             for _ in range(args.repeats):
                 ray.get(node_b.delete.remote(keys))  # the next load must come from A
+                whole = ray.get(decode_w.first_token.remote(ids, True, False))  # the cache built after the load
+                ray.get(node_b.delete.remote(keys))
                 with_store = ray.get(decode_w.first_token.remote(ids, True))
                 without = ray.get(decode_w.first_token.remote(ids, False))
                 local = ray.get(prefill_w.first_token.remote(ids, True))  # A's own arena
-                identical &= with_store["token"] == without["token"] == local["token"] == ref["tokens"][0]
+                identical &= with_store["token"] == without["token"] == local["token"] == whole["token"] == \
+                    ref["tokens"][0]
                 assert with_store["loaded_tokens"] >= n - 2 * 16, with_store["loaded_tokens"]
                 assert local["loaded_tokens"] == with_store["loaded_tokens"], local
                 store_s.append(with_store["seconds"])
                 recompute_s.append(without["seconds"])
                 local_s.append(local["seconds"])
+                whole_s.append(whole["seconds"])
             tag = f"{n // 1024}k"
             figures[f"ttft_store_ms_{tag}"] = statistics.median(store_s) * 1e3
             figures[f"ttft_recompute_ms_{tag}"] = statistics.median(recompute_s) * 1e3
             figures[f"ttft_speedup_{tag}"] = statistics.median(recompute_s) / statistics.median(store_s)
             figures[f"ttft_local_ms_{tag}"] = statistics.median(local_s) * 1e3
             figures[f"ttft_remote_vs_local_{tag}"] = statistics.median(store_s) / statistics.median(local_s)
+            figures[f"ttft_remote_whole_ms_{tag}"] = statistics.median(whole_s) * 1e3
+            figures[f"ttft_layerwise_gain_{tag}"] = statistics.median(whole_s) / statistics.median(store_s)
             figures[f"kv_mib_{tag}"] = len(keys) * Handle.from_dict(pre["handle"]).layout.block_nbytes / 2**20
         figures["tokens_identical"] = identical
         ray.kill(prefill_w)

@@ -33,7 +33,7 @@ import torch
 
 from kvstore.connectors.handoff import Handle, Loaded, Loading, SaveSession, start_load
 from kvstore.connectors.verify import CheckResult, VerifySettings, verifier as as_verifier
-from kvstore.errors import InvalidLayoutError
+from kvstore.errors import InvalidLayoutError, KVStoreError
 from kvstore.layout import Layout
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -104,7 +104,11 @@ def restore(model, input_ids: torch.Tensor, client, loaded: Loaded | Loading, ve
     built = None
     if isinstance(loaded, Loading):
         built, loaded = cache_while_loading(loaded, model.config)
-    admission = v.admit(client, loaded)
+    return _restore_admitted(model, input_ids, client, v.admit(client, loaded), v, built)
+
+
+def _restore_admitted(model, input_ids: torch.Tensor, client, admission, v, built=None) -> Restored:
+    """`restore` once the verifier has admitted the load; `built`: its cache, if built already."""
     loaded = admission.loaded
     n = loaded.num_tokens
     if not admission.verify:
@@ -118,6 +122,44 @@ def restore(model, input_ids: torch.Tensor, client, loaded: Loaded | Loading, ve
     if result.ok:
         return Restored(cache_from(loaded, model.config), n, n, result)
     return Restored(fresh, n, 0, result)
+
+
+@torch.no_grad()
+def forward_while_loading(model, input_ids: torch.Tensor, client, loading: Loading,
+                          verify=None) -> tuple[torch.Tensor | None, Restored]:
+    """Runs the prompt's tokens after the load's prefix while the load's blocks still arrive:
+    decoder layer i waits only for layer i of every block (they come layer-major), so the
+    transfer overlaps the forward itself. Its result is used only if, once the load is over,
+    every block arrived whole and right and the verifier lets the load through unchecked;
+    otherwise the forward is thrown away and the load restored as `restore` does (cut, or
+    checked against a recompute), for the caller to run the forward again.
+
+    Returns (logits of the last token, restored) when the forward stands, else (None, restored).
+    The load must cover less than the whole prompt (the engine computes at least one token)."""
+    from transformers import DynamicCache
+
+    v = as_verifier(verify)
+    done = len(loading.keys) * loading.layout.block_tokens
+    if not 0 < done < input_ids.shape[1]:
+        raise KVStoreError(f"a load of {done} tokens leaves nothing of a {input_ids.shape[1]}-token prompt to compute")
+    cache = DynamicCache(config=model.config)
+
+    def add_layer(i: int) -> None:
+        k, v_ = loading.layer(i)
+        cache.update(k.transpose(0, 1).unsqueeze(0), v_.transpose(0, 1).unsqueeze(0), i)
+
+    add_layer(0)  # the forward takes the prefix's length from layer 0, before any layer runs
+    hooks = [layer.register_forward_pre_hook(lambda module, args, i=i: add_layer(i))
+             for i, layer in enumerate(_decoder_layers(model)) if i > 0]
+    try:
+        logits = model(input_ids[:, done:], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    admission = v.admit(client, loading.result())
+    if not admission.verify and admission.loaded.num_tokens == done:
+        return logits, Restored(cache, done, done, None)
+    return None, _restore_admitted(model, input_ids, client, admission, v)
 
 
 def _decoder_layers(model) -> Sequence[torch.nn.Module]:
@@ -191,12 +233,15 @@ def decode(model, input_ids: torch.Tensor, first_token: int, client, handle: Han
            max_new_tokens: int, verify=None) -> DecodeResult:
     """Continues a request prefilled elsewhere: its KV from the store, then greedy decoding."""
     loading = start_load(client, handle)
-    r = restore(model, input_ids, client, loading, verify)
+    n = input_ids.shape[1]
+    if 0 < handle.num_tokens < n:  # the tail block's forward overlaps the load
+        ran, r = forward_while_loading(model, input_ids, client, loading, verify)
+    else:
+        ran, r = None, restore(model, input_ids, client, loading, verify)
     loaded = loading.result()
     load_seconds = loading.seconds
     cache = r.cache
-    n = input_ids.shape[1]
-    if r.num_tokens < n:  # the tail block, or everything after a lost block
+    if ran is None and r.num_tokens < n:  # the tail block, or everything after a lost block
         model(input_ids[:, r.num_tokens:], past_key_values=cache, use_cache=True, logits_to_keep=1)
     tokens, logits = [first_token], []
     for _ in range(max_new_tokens - 1):
@@ -217,14 +262,20 @@ def first_token(model, input_ids: torch.Tensor, client=None, layout: Layout | No
     return token, logits, restored.loaded_tokens if restored else 0
 
 
-def _first_token(model, input_ids, client, layout, namespace, verify) -> tuple[int, torch.Tensor, Restored | None]:
+def _first_token(model, input_ids, client, layout, namespace, verify,
+                 layerwise: bool = True) -> tuple[int, torch.Tensor, Restored | None]:
     n = input_ids.shape[1]
     if client is None:
         r, cache, done = None, cache_from(None, model.config), 0
     else:
         loading = start_load(client, token_ids=input_ids[0].tolist(), layout=layout, namespace=namespace,
                              max_tokens=n - 1)
-        r = restore(model, input_ids, client, loading, verify)
+        if layerwise and loading.keys:
+            logits, r = forward_while_loading(model, input_ids, client, loading, verify)
+            if logits is not None:
+                return int(logits.argmax()), logits, r
+        else:
+            r = restore(model, input_ids, client, loading.result(), verify)
         cache, done = r.cache, r.num_tokens
     logits = model(input_ids[:, done:], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
     return int(logits.argmax()), logits, r
@@ -284,11 +335,12 @@ class Worker:
                    verify=self.verifier)
         return dataclasses.asdict(r) | {"node_id": self.node_id}
 
-    def first_token(self, token_ids: list[int], use_store: bool = True) -> dict:
-        """`seconds` includes a verification's recompute when this load was checked (`verified`)."""
+    def first_token(self, token_ids: list[int], use_store: bool = True, layerwise: bool = True) -> dict:
+        """`seconds` includes a verification's recompute when this load was checked (`verified`).
+        `layerwise=False` builds the cache only once the whole load is in (to measure the overlap)."""
         start = time.perf_counter()
         token, logits, r = _first_token(self.model, torch.tensor([token_ids]), self.client if use_store else None,
-                                        self.layout, self.namespace, self.verifier)
+                                        self.layout, self.namespace, self.verifier, layerwise)
         return {"token": token, "logits": logits, "loaded_tokens": r.loaded_tokens if r else 0,
                 "seconds": time.perf_counter() - start, "verified": bool(r and r.check),
                 "mismatched_blocks": len(r.check.mismatches) if r and r.check else 0}

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 import kvstore
+from kvstore.cluster.pulled import Landing
 from kvstore.connectors.verify import Verifier
 from kvstore.connectors.vllm_metadata import KVStoreConnectorMetadata, KVStoreWorkerMetadata, Transfer
 from kvstore.connectors.vllm_paged_cache import PagedCache
@@ -58,6 +59,9 @@ class KVStoreWorker:
         self._lock = threading.Lock()
         # One thread each: the staging buffer of a direction is reused job after job.
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvstore-vllm-load")
+        # The pulls of loads (a sync one and an async one at once at most), while their layers are
+        # put into vLLM's cache on the loading thread.
+        self._puller = ThreadPoolExecutor(2, thread_name_prefix="kvstore-vllm-pull")
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvstore-vllm-save")
         self._loads: dict[str, Future] = {}    # req id -> async load -> failed block ids
         self._saves: dict[str, list[Future]] = {}
@@ -102,12 +106,17 @@ class KVStoreWorker:
                 self._client.delete(keys)
             staging = self.cache.buffer(buffer, n)
             handoff = load.handoff_node is not None
-            found = self._client.get(self.layout, keys, staging, owner=load.handoff_node,
-                                     cache=False if handoff else None).found
+            landing = Landing(keys, self.layout.layer_nbytes, self.layout.num_layers)
+            pull = self._puller.submit(self._client.get, self.layout, keys, staging, owner=load.handoff_node,
+                                       cache=False if handoff else None, landing=landing)
+            # Each layer goes into vLLM's blocks once it has landed in every block, while later
+            # layers still arrive (they come layer-major). Blocks that then turn out missing or
+            # damaged are reported below as failed, and vLLM recomputes them over what was put there.
+            for layer in range(self.layout.num_layers):
+                landing.wait_layer(layer)
+                self.cache.scatter_layer(layer, load.block_ids[:n], staging[:, layer])
+            found = pull.result().found
             usable = next((i for i, ok in enumerate(found) if not ok), n)
-            if usable:
-                for layer in range(len(self.cache.caches)):
-                    self.cache.scatter_layer(layer, load.block_ids[:usable], staging[:usable, layer])
         except Exception as e:
             log.warning("kvstore load of %d blocks for request %s failed: %s", n, load.req_id, e)
             usable = 0
@@ -251,6 +260,6 @@ class KVStoreWorker:
 
     def shutdown(self) -> None:
         """For `KVStoreConnector.shutdown`: returns once the transfers and checks in flight are done."""
-        for pool in (self._loader, self._saver):
+        for pool in (self._loader, self._puller, self._saver):
             pool.shutdown(wait=True)
         self._checks.shutdown()

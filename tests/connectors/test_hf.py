@@ -157,3 +157,22 @@ def test_negative_control_corrupted_kv_changes_the_tokens(cluster, workers):
         ray.kill(b)
     assert dec["loaded_tokens"] == 96 and not dec["verified"]
     assert dec["tokens"] != ref["tokens"], "a decode on garbage KV must not match: the test would prove nothing"
+
+
+def test_a_forward_run_while_its_prefix_arrives_equals_a_recompute(cluster):
+    rc, _ = cluster
+    factory = functools.partial(tiny_llama, seed=0, **CONFIGS["gqa"])
+    unchecked = {"first_n": 0, "fraction": 0.0}  # so the forward run during the load stands
+    a, b = (WorkerActor.options(resources={rc.resources[i]: 0.01}).remote(factory, "test/tiny-llama-overlap",
+                                                                         verify=unchecked) for i in (0, 1))
+    try:
+        ids = prompt(21, 200)
+        ray.get(a.prefill.remote(ids))  # 12 blocks saved on A
+        recomputed = ray.get(b.first_token.remote(ids, False))
+        overlapped = ray.get(b.first_token.remote(ids, True))  # layer i of A's blocks arrives as layer i runs
+        assert overlapped["loaded_tokens"] == 192 and not overlapped["verified"]
+        assert overlapped["token"] == recomputed["token"]
+        assert torch.allclose(overlapped["logits"], recomputed["logits"], atol=1e-4)
+    finally:
+        ray.kill(a)
+        ray.kill(b)
