@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 ACQUIRE_CHUNK = 16  # blocks pinned at a time per do_get stream
 PACK_BELOW = 1024 * 1024  # blocks smaller than this travel several per record batch
 PACK_BYTES = 4 * 1024 * 1024  # of one such batch
+MIN_LAYER_PIECE = 64 * 1024  # a get by layer sends a block's layers in pieces of at least this much
 # Larger blocks travel in pieces of this much, one per batch: the receiver checks and copies a
 # piece while the next arrives, instead of waiting for (and gRPC reassembling) a 32 MiB message.
 PIECE_BYTES = 4 * 1024 * 1024
@@ -247,15 +248,19 @@ class DataPlaneServer(flight.FlightServerBase):
 
     def _by_layer(self, layout: Layout, keys: list[bytes]):
         """Layer-major (cluster/protocol.py): layer 0 of every block, then layer 1, ...; a layer
-        of a block is a small piece, so the pieces of several blocks share a batch. Every block
-        stays pinned until the stream ends."""
+        of a block is a small piece, so the pieces of several blocks share a batch. Layers
+        smaller than MIN_LAYER_PIECE travel a few at a time (each piece costs the receiver as
+        much as its bytes). Every block stays pinned until the stream ends."""
         handles = [h for h in self._store.acquire(layout, keys) if h is not None]
         try:
             views = [(h.key, h.checksum, h.view.numpy()) for h in handles]
             size = layout.layer_nbytes
-            yield from self._pack((key, block_sum, view, start, min(start + PACK_BYTES, (layer + 1) * size))
-                                  for layer in range(layout.num_layers) for key, block_sum, view in views
-                                  for start in range(layer * size, (layer + 1) * size, PACK_BYTES))
+            per = -(-MIN_LAYER_PIECE // size)  # layers per piece
+            groups = [(first * size, min(first + per, layout.num_layers) * size)
+                      for first in range(0, layout.num_layers, per)]
+            yield from self._pack((key, block_sum, view, start, min(start + PACK_BYTES, group_end))
+                                  for group_start, group_end in groups for key, block_sum, view in views
+                                  for start in range(group_start, group_end, PACK_BYTES))
             self._count(blocks_sent=len(handles))
         finally:
             self._store.release(handles)
