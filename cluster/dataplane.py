@@ -13,15 +13,15 @@ writes incoming blocks into slots reserved in the store and commits them at the 
 stream; a stream that does not end within `put_deadline_s` has its slots fenced and is refused.
 Every block travels with its checksum, and the receiving side (the client for a get, the server
 for a put) checks it: a block that arrives damaged is not delivered, never data.
-Every call must carry `authorization: Bearer <token>` (checked in a middleware, in constant
-time); a malformed, oversize or unauthorised request gets a Flight error that says why, and the
-server goes on serving. Sessions are bounded in number (MAX_SESSIONS, and MAX_SESSIONS_PER_PEER
+Every call must carry `authorization: Bearer <token>`: the admin token or a tenant's (checked in
+a middleware, kvstore/tenants.py). A tenant's gets and puts name keys in its own scope only, so
+another tenant's block is a miss like any absent one. A malformed, oversize or unauthorised
+request gets a Flight error that says why, and the server goes on serving. Sessions are bounded in number (MAX_SESSIONS, and MAX_SESSIONS_PER_PEER
 from one address, so one client cannot take them all) and in age (the client's
 transfer deadline), so a stalled peer ends a get within that deadline.
 """
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 import time
@@ -36,10 +36,11 @@ import torch
 
 from kvstore.cluster.protocol import (BLOCK_SCHEMA, SESSION_COMMAND, ProtocolError, decode_reply, decode_request,
                                      encode_reply, encode_request)
-from kvstore.errors import AuthError, KVStoreError, TransferError
+from kvstore.errors import KVStoreError, TransferError
 from kvstore.integrity import checksum, copy_with_checksum
 from kvstore.layout import Layout
 from kvstore.store import BlockHandle, TieredStore
+from kvstore.tenants import Tenant, Tenants
 from kvstore.tls import TLS
 
 log = logging.getLogger(__name__)
@@ -66,29 +67,41 @@ def transfer_deadline(base_s: float, nbytes: int) -> float:
     return base_s * max(1.0, nbytes / DEADLINE_SCALE_BYTES)
 
 
+class _Caller(flight.ServerMiddleware):
+    """Who made a call: the tenant (or admin) its credential belongs to."""
+
+    def __init__(self, tenant: Tenant) -> None:
+        self.tenant = tenant
+
+
 class _TokenAuth(flight.ServerMiddlewareFactory):
-    def __init__(self, token: str) -> None:
-        if not token:
-            raise AuthError("the data plane needs a non-empty token")
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, tenants: Tenants) -> None:
+        self._tenants = tenants
 
     def start_call(self, info, headers):
         for value in headers.get("authorization", []):
-            if hmac.compare_digest(value.encode() if isinstance(value, str) else value, self._expected):
-                return None
+            value = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+            if value.startswith(b"Bearer "):
+                tenant = self._tenants.authenticate(value[len(b"Bearer "):])
+                if tenant is not None:
+                    return _Caller(tenant)
         raise flight.FlightUnauthenticatedError("missing or wrong token (send 'authorization: Bearer <token>')")
+
+
+def _tenant(context) -> Tenant:
+    return context.get_middleware("auth").tenant
 
 
 class DataPlaneServer(flight.FlightServerBase):
     """Serves one store's blocks over Flight. Start with `start()`, stop with `shutdown()`."""
 
-    def __init__(self, store: TieredStore, host: str, port: int, token: str, max_request_bytes: int,
+    def __init__(self, store: TieredStore, host: str, port: int, token: "str | Tenants", max_request_bytes: int,
                  put_deadline_s: float = 30.0, release_hold: Callable[[str], None] | None = None,
                  tls: TLS | None = None) -> None:
         # With TLS the server listens for TLS only: a plaintext client's handshake fails.
         super().__init__(f"grpc+tls://{host}:{port}" if tls else f"grpc+tcp://{host}:{port}",
                          tls_certificates=[flight.CertKeyPair(tls.cert_chain, tls.private_key)] if tls else None,
-                         middleware={"auth": _TokenAuth(token)})
+                         middleware={"auth": _TokenAuth(token if isinstance(token, Tenants) else Tenants(token))})
         self.host = host
         self.tls = tls is not None
         self._store = store
@@ -141,7 +154,7 @@ class DataPlaneServer(flight.FlightServerBase):
             req = self._get_request(ticket.ticket)
         except ProtocolError as e:
             raise flight.FlightServerError(str(e)) from None
-        return flight.GeneratorStream(BLOCK_SCHEMA, self._stream(req))
+        return flight.GeneratorStream(BLOCK_SCHEMA, self._stream(req, _tenant(context)))
 
     def do_exchange(self, context, descriptor, reader, writer):
         """A session: gets one after another, each a metadata-only request answered by its
@@ -172,7 +185,7 @@ class DataPlaneServer(flight.FlightServerBase):
                 except ProtocolError as e:
                     writer.write_metadata(pa.py_buffer(encode_reply(error=str(e))))
                     continue
-                self._write(writer, req)
+                self._write(writer, req, _tenant(context))
         finally:
             with self._counters_lock:
                 self._open[peer] -= 1
@@ -189,12 +202,12 @@ class DataPlaneServer(flight.FlightServerBase):
             self._open[peer] = self._open.get(peer, 0) + 1
         return None
 
-    def _write(self, writer, req) -> None:
+    def _write(self, writer, req, tenant: Tenant) -> None:
         """Writes one get's batches to a session, the end message riding on the last one (one
         message fewer per get). Its own frame, so no reference to the last batch, which owns a
         pin, outlives the get."""
         sent, previous = 0, None
-        for batch in self._stream(req):
+        for batch in self._stream(req, tenant):
             if previous is not None:
                 writer.write_batch(previous)
             sent += batch.num_rows
@@ -205,16 +218,22 @@ class DataPlaneServer(flight.FlightServerBase):
         else:
             writer.write_with_metadata(previous, reply)
 
-    def _stream(self, req):
+    def _stream(self, req, tenant: Tenant):
         """The blocks of a get request this node has, as record batches; then gives back the hold
-        `req.release` (a lease the get ends), whether or not its blocks were all sent."""
+        `req.release` (a lease the get ends), whether or not its blocks were all sent. A tenant's
+        keys are looked up in its scope (kvstore/tenants.py), and its blocks go out under the keys
+        it asked for."""
+        stored = tenant.stored(req.keys)
+        asked = None if tenant.is_admin else dict(zip(stored, req.keys))
         try:
             if req.by_layer:
-                yield from self._by_layer(req.layout, req.keys)
+                batches = self._by_layer(req.layout, stored)
             elif req.layout.block_nbytes < PACK_BELOW:
-                yield from self._packed(req.layout, req.keys)
+                batches = self._packed(req.layout, stored)
             else:
-                yield from self._whole(req.layout, req.keys)
+                batches = self._whole(req.layout, stored)
+            for batch in batches:
+                yield batch if asked is None else _renamed(batch, asked)
         finally:
             if req.release is not None and self._release_hold is not None:
                 self._release_hold(req.release)
@@ -309,17 +328,27 @@ class DataPlaneServer(flight.FlightServerBase):
                                                       schema=BLOCK_SCHEMA))
         return batches
 
+    def do_action(self, context, action):
+        raise flight.FlightServerError(f"no action {action.type!r}: this server offers do_get, do_exchange "
+                                       "and do_put only")
+
+    def list_actions(self, context):
+        return []
+
     def do_put(self, context, descriptor, reader, writer):
         """Writes a stream of blocks into reserved slots; replies {stored, present, rejected,
         corrupt}: present already, no room (rejected), or arrived damaged (corrupt)."""
         req = self._request(descriptor.command, "put")
+        tenant = _tenant(context)  # its blocks are stored in its scope (kvstore/tenants.py)
+        stored = tenant.stored(req.keys)
+        parents = None if req.parents is None else [None if p is None else tenant.stored([p])[0] for p in req.parents]
         try:
-            handles = self._store.reserve(req.layout, req.keys, req.parents)
+            handles = self._store.reserve(req.layout, stored, parents)
         except KVStoreError as e:
             self._count(errors=1)
             raise flight.FlightServerError(f"bad put request: {e}") from None
-        wanted = {h.key: h for h in handles if h is not None}
-        present = sum(h is None and here for h, here in zip(handles, self._store.contains(req.keys)))
+        wanted = {key: h for key, h in zip(req.keys, handles) if h is not None}  # by the key the stream names
+        present = sum(h is None and here for h, here in zip(handles, self._store.contains(stored)))
         # A stalled sender must not hold its slots forever: past the deadline they are fenced, and
         # the copy below checks the fence before writing each block.
         put_deadline_s = transfer_deadline(self._put_deadline_s, len(req.keys) * req.layout.block_nbytes)
@@ -398,6 +427,12 @@ class _BufferPool:
         with self._lock:
             if len(self._free) < 16:  # as many as streams in flight; more are let go
                 self._free.append(buffer)
+
+
+def _renamed(batch: pa.RecordBatch, names: dict[bytes, bytes]) -> pa.RecordBatch:
+    """The batch with each row's key replaced by names[key] (the same payload, not copied)."""
+    keys = pa.array([names[k] for k in batch.column(0).to_pylist()], pa.binary(16))
+    return pa.RecordBatch.from_arrays([keys, *batch.columns[1:]], schema=BLOCK_SCHEMA)
 
 
 def _rows(batch: pa.RecordBatch, block_nbytes: int):

@@ -25,6 +25,7 @@ from kvstore.errors import LeaseError
 from kvstore.events import Event
 from kvstore.layout import Layout
 from kvstore.store import BlockHandle, TieredStore
+from kvstore.tenants import Tenants
 from kvstore.tls import TLS
 from kvstore.tiers.host import remove_stale_arenas
 
@@ -70,7 +71,8 @@ class NodeService:
         self._expired: dict[str, None] = {}  # ids of holds that expired, oldest first
         self._holds_lock = threading.Lock()
         host = config.flight_host or ray.util.get_node_ip_address()
-        self.server = DataPlaneServer(self.store, host, config.flight_port, token, config.max_request_bytes,
+        self.server = DataPlaneServer(self.store, host, config.flight_port, Tenants(token, config.tenants_file),
+                                      config.max_request_bytes,
                                       config.transfer_timeout_s, release_hold=self._release_after_get,
                                       tls=TLS.from_config(config)).start()
         self._feed.resync()  # this node's content, to every shard, as new streams

@@ -24,6 +24,7 @@ import urllib.request
 
 from kvstore.config import Config, load_config, markdown_table
 from kvstore.errors import KVStoreError
+from kvstore.tenants import Tenants
 from kvstore.tls import TLS
 
 log = logging.getLogger("kvstore")
@@ -71,7 +72,7 @@ def _run_service(client, config: Config, generated_token: bool, what: str) -> in
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve(Service(client, token), config.http_host, config.http_port, stop,
+        await serve(Service(client, Tenants(token, config.tenants_file)), config.http_host, config.http_port, stop,
                     tls.server_context() if tls else None)
 
     try:

@@ -86,6 +86,7 @@ class Config:
     http_port: int = _setting(8470, "Port of the HTTP service.", "int")
     auth_token: str = _setting("", "Shared secret for Flight and HTTP; empty generates one at start (printed once).")
     auth_token_file: str = _setting("", "File holding the auth token (a mounted Secret); wins over auth_token.")
+    tenants_file: str = _setting("", "YAML file of tenants (name, token, optional key_secret), reread when it changes: each tenant's credential opens Flight and HTTP for its own blocks only (kvstore/tenants.py). Empty: only the admin token (auth_token).")
     tls_cert_file: str = _setting("", "PEM certificate chain the node's Flight server and the HTTP service present; with tls_key_file, turns TLS on (plaintext is then refused). Empty: no TLS.")
     tls_key_file: str = _setting("", "PEM private key of tls_cert_file.")
     tls_ca_file: str = _setting("", "PEM CA a peer's certificate must chain to (the cluster's own CA); empty: the system's roots.")

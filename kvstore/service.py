@@ -10,7 +10,8 @@
 
 Auth: `Authorization: Bearer <token>`, or HTTP Basic auth with the token as the password (a
 browser opening the page asks for it): never a credential in the URL, where logs and browser
-histories keep it.
+histories keep it. The admin token opens everything; a tenant's (kvstore/tenants.py) opens
+/v1/lookup, in its own key scope, and gets 403 on the cluster-wide views.
 The service talks to the cluster through `backend`, any object with the cluster client's
 `stats()`, `nodes()`, `where(keys)`, `longest_prefix(keys)` and `best_node(keys)` (so this module
 does not import Ray). Backend calls block, so they run in worker threads; stats are cached for
@@ -21,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hmac
 import html
 import json
 import logging
@@ -33,20 +33,22 @@ from kvstore.errors import KVStoreError
 from kvstore.keys import KEY_BYTES, block_keys
 from kvstore.layout import Layout
 from kvstore.metrics import dataplane_rates, render
+from kvstore.tenants import Tenant, Tenants
 
 log = logging.getLogger(__name__)
 
 STATS_TTL_S = 1.0
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_LOOKUP_KEYS = 65536
+TENANT_PATHS = {"/v1/lookup"}  # what a tenant's credential opens; the rest is the admin's
 
 
 class Service:
-    def __init__(self, backend, token: str) -> None:
+    def __init__(self, backend, token: "str | Tenants") -> None:
         if not token:
             raise KVStoreError("the HTTP service needs a non-empty token")
         self.backend = backend
-        self._token = token.encode()
+        self._tenants = token if isinstance(token, Tenants) else Tenants(token)
         self._stats: dict | None = None
         self._stats_at = 0.0
         self._rates: dict = {}
@@ -70,13 +72,21 @@ class Service:
             return await handler(request)
         # A header that is not UTF-8 arrives with surrogates standing in for its bytes: compare
         # those bytes (they never match), rather than fail to encode them.
-        given = _credential(request.headers.get("Authorization", "")).encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(given, self._token):
+        tenant = self._caller(request)
+        if tenant is None:
             raise web.HTTPUnauthorized(
                 text=json.dumps({"error": "missing or wrong token: send 'Authorization: Bearer <token>' (or Basic "
                                           "auth with the token as the password)"}),
                 content_type="application/json", headers={"WWW-Authenticate": 'Basic realm="kvstore"'})
+        if not tenant.is_admin and request.path not in TENANT_PATHS:
+            raise web.HTTPForbidden(text=json.dumps({"error": f"{request.path} shows the whole cluster: it needs the "
+                                                             "admin token, not a tenant's"}),
+                                    content_type="application/json")
         return await handler(request)
+
+    def _caller(self, request: web.Request) -> Tenant | None:
+        """The tenant (or admin) the request's credential belongs to."""
+        return self._tenants.authenticate(_credential(request.headers.get("Authorization", "")))
 
     async def _snapshot(self) -> dict:
         async with self._lock:
@@ -109,7 +119,8 @@ class Service:
             raise _bad("body must be JSON") from None
         except RecursionError:
             raise _bad("body is nested too deeply") from None
-        keys = _lookup_keys(body)
+        asked = _lookup_keys(body)
+        keys = self._caller(request).stored(asked)  # a tenant looks in its own scope only
         where, best = await asyncio.gather(asyncio.to_thread(self.backend.where, keys),
                                            asyncio.to_thread(self.backend.best_node, keys))
         prefix = next((i for i, holders in enumerate(where) if not holders), len(keys))
@@ -118,7 +129,7 @@ class Service:
             "prefix_blocks": prefix,
             "best_node": best,
             "locations": [{"key": k.hex(), "holders": [{"node_id": n, "medium": m} for n, m in h]}
-                          for k, h in zip(keys, where)],
+                          for k, h in zip(asked, where)],
         })
 
     async def page(self, request: web.Request) -> web.Response:

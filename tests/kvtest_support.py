@@ -183,3 +183,45 @@ class EventLog:
 
     def of(self, kind) -> list:
         return [e for e in self.events if isinstance(e, kind)]
+
+
+def http_call(url: str, body=None, token: str | None = None) -> tuple[int | None, str]:
+    """(status, text) of a GET (or a POST of `body`: JSON, or bytes as they are) with a Bearer
+    token; (None, "") if nothing listens there yet."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return None, ""
+
+
+def http_service(backend, credentials):
+    """The HTTP service over `backend` on a loopback port, in a thread: yields its base URL
+    (a generator for a fixture to `yield from`)."""
+    import asyncio
+    import socket
+    import threading
+
+    from kvstore.service import Service, serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        port = s.getsockname()[1]
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    thread = threading.Thread(target=loop.run_until_complete,
+                              args=(serve(Service(backend, credentials), "127.0.0.2", port, stop),), daemon=True)
+    thread.start()
+    base = f"http://127.0.0.2:{port}"
+    wait_for(lambda: http_call(base + "/healthz")[0] == 200, 10, "the HTTP service")
+    yield base
+    loop.call_soon_threadsafe(stop.set)
+    thread.join(timeout=10)

@@ -22,7 +22,7 @@ import kvstore
 from kvstore import Layout, block_keys, chain_parents
 from kvstore.cluster.localcluster import RayTestCluster
 from kvstore.cluster.shardmap import shard_actor_name
-from kvtest_support import wait_for
+from kvtest_support import http_call, http_service, wait_for
 
 pytestmark = pytest.mark.cluster
 # Ray workers cannot import this test module: ship its classes and functions by value.
@@ -530,42 +530,10 @@ def test_load_eight_clients_no_corruption(cluster):
 @pytest.fixture(scope="module")
 def http(cluster):
     """The HTTP service over the real cluster client, on a loopback port, in a thread."""
-    import asyncio
-    import socket
-    import threading
-
-    from kvstore.service import Service, serve
-
-    _, client = cluster
-    with socket.socket() as s:
-        s.bind(("127.0.0.2", 0))
-        port = s.getsockname()[1]
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    thread = threading.Thread(target=loop.run_until_complete,
-                              args=(serve(Service(client, TOKEN), "127.0.0.2", port, stop),), daemon=True)
-    thread.start()
-    base = f"http://127.0.0.2:{port}"
-    wait_for(lambda: _http(base + "/healthz")[0] == 200, 10, "the HTTP service")
-    yield base
-    loop.call_soon_threadsafe(stop.set)
-    thread.join(timeout=10)
+    yield from http_service(cluster[1], TOKEN)
 
 
-def _http(url, body=None, token=None):
-    import json
-    import urllib.error
-    import urllib.request
-
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=30) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-    except OSError:
-        return None, ""
+_http = http_call
 
 
 def test_http_health_needs_no_token_everything_else_does(http):

@@ -35,7 +35,7 @@ from .fake_apiserver import FakeAPIServer
 CHART_OWNED = {
     "http_host", "http_port", "flight_host", "flight_port",
     "nvme_path", "ray_address", "auth_token", "auth_token_file", "node_name",
-    "tls_cert_file", "tls_key_file", "tls_ca_file",  # to be mounted from a Secret (issue 10)
+    "tls_cert_file", "tls_key_file", "tls_ca_file", "tenants_file",  # to be mounted from Secrets (issue 10)
 }
 TOKEN_PATH = "/etc/kvstore/secret/token"
 CONFIG_PATH = "/etc/kvstore/config.yaml"

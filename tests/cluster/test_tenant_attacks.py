@@ -1,0 +1,204 @@
+"""Tenants on a real two-node cluster: the attack matrix of the network surfaces.
+
+Tenant A stores blocks over Flight with its own credential. Tenant B, with its own valid
+credential, and callers with no, a wrong or an expired (rotated away) credential then go after
+A's blocks through every network surface: Flight tickets, sessions, puts and actions, and every
+HTTP endpoint. Every case must be refused or answered as a miss, and A's bytes must be unchanged;
+the test prints the table. Positive controls show each surface does serve A itself (and the
+admin), so a "miss" is the boundary, not a broken path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import pyarrow.flight as flight
+import pytest
+import torch
+
+from kvstore import Layout, block_keys
+from kvstore.cluster.dataplane import DataPlaneClient
+from kvstore.cluster.protocol import encode_request
+from kvstore.errors import TransferError
+from kvstore.tenants import RELOAD_EVERY_S, Tenants
+from kvtest_support import http_call, http_service, wait_for
+
+pytestmark = pytest.mark.cluster
+
+LAYOUT = Layout("test/tenants", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16", block_tokens=16)
+ADMIN = "admin-" + os.urandom(8).hex()
+A_TOKEN, A_ROTATED, B_TOKEN = ("tenant-a-" + os.urandom(8).hex(), "tenant-a2-" + os.urandom(8).hex(),
+                               "tenant-b-" + os.urandom(8).hex())
+TENANTS_FILE = os.path.join(tempfile.mkdtemp(prefix="kvstore-tenants-"), "tenants.yaml")
+
+
+def write_tenants(a_token: str) -> None:
+    """A keeps its key_secret across a rotation, so its blocks stay its own under the new token."""
+    tmp = TENANTS_FILE + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"tenants:\n  - name: a\n    token: {a_token}\n    key_secret: a-keys-{ADMIN}\n"
+                f"  - name: b\n    token: {B_TOKEN}\n")
+    os.replace(tmp, TENANTS_FILE)
+
+
+write_tenants(A_TOKEN)
+KV_CLUSTER = {"nodes": 2, "settings": dict(auth_token=ADMIN, tenants_file=TENANTS_FILE, host_tier_bytes="16MiB",
+                                           event_batch_ms=10)}
+
+
+@pytest.fixture(scope="module")
+def cluster(kv_cluster):
+    return kv_cluster
+
+
+@pytest.fixture(scope="module")
+def http(cluster):
+    yield from http_service(cluster[1], Tenants(ADMIN, TENANTS_FILE))
+
+
+_http = http_call
+
+
+def payload(seed: int, n: int) -> list[torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    return [torch.from_numpy(rng.integers(0, 256, LAYOUT.block_nbytes, dtype=np.uint8)) for _ in range(n)]
+
+
+def pull(address: str, token: str, keys: list[bytes]) -> dict[bytes, bytes]:
+    peer = DataPlaneClient(address, token, timeout_s=10)
+    got: dict[bytes, bytes] = {}
+    try:
+        peer.get(LAYOUT, keys, lambda k, data, s, offset: got.__setitem__(k, bytes(data)))
+    finally:
+        peer.close()
+    return got
+
+
+def ticket_rows(address: str, token: str | None, keys: list[bytes]) -> int:
+    fc = flight.FlightClient(f"grpc+tcp://{address}")
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token is not None else []
+    try:
+        ticket = flight.Ticket(encode_request("get", LAYOUT, keys))
+        return fc.do_get(ticket, flight.FlightCallOptions(headers=headers, timeout=10)).read_all().num_rows
+    finally:
+        fc.close()
+
+
+def test_every_surface_refuses_or_misses_another_tenants_blocks(cluster, http):
+    _, client = cluster
+    address = sorted(n["address"] for n in client.nodes())[1]
+    tokens_a = np.random.default_rng(7).integers(0, 50_000, 4 * LAYOUT.block_tokens).tolist()
+    keys = block_keys(tokens_a, LAYOUT, "a-private")  # B knows the namespace and the prompt: the same keys
+    original = payload(1, 4)
+    peer_a = DataPlaneClient(address, A_TOKEN, timeout_s=10)
+    assert peer_a.put(LAYOUT, keys, original)["stored"] == 4
+    peer_a.close()
+    want = {k: bytes(o.numpy()) for k, o in zip(keys, original)}
+    wait_for(lambda: json.loads(_http(http + "/v1/lookup", {"keys": [k.hex() for k in keys]}, A_TOKEN)[1])
+             ["prefix_blocks"] == 4, 10, "A's blocks in the index")
+
+    # Positive controls: each surface serves A's blocks to A.
+    assert pull(address, A_TOKEN, keys) == want
+    assert ticket_rows(address, A_TOKEN, keys) == 4
+    lookup = {"token_ids": tokens_a, "layout": LAYOUT.to_dict(), "namespace": "a-private"}
+    assert json.loads(_http(http + "/v1/lookup", lookup, A_TOKEN)[1])["prefix_blocks"] == 4
+    for path in ("/metrics", "/v1/stats", "/v1/nodes", "/"):
+        assert _http(http + path, token=ADMIN)[0] == 200
+
+    rotated_away = A_TOKEN
+    write_tenants(A_ROTATED)  # A's token rotated: the old one is now an expired credential
+    time.sleep(RELOAD_EVERY_S + 0.2)
+    bad = {"no credential": None, "wrong credential": "x" * 32, "expired credential": rotated_away}
+
+    table: list[tuple[str, str, str]] = []
+
+    def case(surface: str, who: str, outcome: str, ok: bool) -> None:
+        table.append((surface, who, outcome))
+        assert ok, f"{surface} as {who}: {outcome}"
+
+    # Flight, do_get tickets and sessions.
+    case("flight do_get", "tenant B", f"{ticket_rows(address, B_TOKEN, keys)} rows",
+         ticket_rows(address, B_TOKEN, keys) == 0)
+    got = pull(address, B_TOKEN, keys)
+    case("flight session get", "tenant B", f"{len(got)} blocks", got == {})
+    for who, token in bad.items():
+        try:
+            ticket_rows(address, token, keys)
+            case("flight do_get", who, "served", False)
+        except flight.FlightUnauthenticatedError:
+            case("flight do_get", who, "unauthenticated", True)
+        if token is not None:
+            try:
+                pull(address, token, keys)
+                case("flight session get", who, "served", False)
+            except TransferError as e:
+                case("flight session get", who, "refused", "token" in str(e))
+    # HTTP: B's lookup by keys and by tokens finds nothing.
+    for body in ({"keys": [k.hex() for k in keys]}, lookup):
+        status, text = _http(http + "/v1/lookup", body, B_TOKEN)
+        found = json.loads(text)["prefix_blocks"] if status == 200 else None
+        case("http /v1/lookup", "tenant B", f"{status}, prefix {found}", status == 200 and found == 0)
+    # Flight, do_put: B's bytes under A's keys land in B's own space only.
+    garbage = payload(2, 4)
+    peer_b = DataPlaneClient(address, B_TOKEN, timeout_s=10)
+    counts = peer_b.put(LAYOUT, keys, garbage)
+    peer_b.close()
+    case("flight do_put", "tenant B", f"stored {counts['stored']} in its own scope", counts["stored"] == 4)
+    for who, token in bad.items():
+        if token is None:
+            continue
+        try:
+            DataPlaneClient(address, token, timeout_s=10).put(LAYOUT, keys, garbage)
+            case("flight do_put", who, "stored", False)
+        except TransferError as e:
+            case("flight do_put", who, "refused", "token" in str(e))
+    # Flight actions: none are offered, to anyone.
+    for who, token in {"tenant B": B_TOKEN, **bad}.items():
+        fc = flight.FlightClient(f"grpc+tcp://{address}")
+        headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+        try:
+            list(fc.do_action(flight.Action("delete", b"".join(keys)), flight.FlightCallOptions(headers=headers,
+                                                                                             timeout=10)))
+            case("flight do_action", who, "performed", False)
+        except flight.FlightError as e:
+            case("flight do_action", who, type(e).__name__, True)
+        finally:
+            fc.close()
+    # HTTP: the cluster-wide views are the admin's.
+    for path in ("/metrics", "/v1/stats", "/v1/nodes", "/"):
+        status, _ = _http(http + path, token=B_TOKEN)
+        case(f"http {path}", "tenant B", str(status), status == 403)
+        for who, token in bad.items():
+            status, _ = _http(http + path, token=token)
+            case(f"http {path}", who, str(status), status == 401)
+    for who, token in bad.items():
+        status, _ = _http(http + "/v1/lookup", {"keys": [k.hex() for k in keys]}, token)
+        case("http /v1/lookup", who, str(status), status == 401)
+
+    # A's bytes are unchanged, read with its rotated token (its key_secret kept its scope); B reads
+    # back what it put, in its own space.
+    assert pull(address, A_ROTATED, keys) == want
+    assert pull(address, B_TOKEN, keys) == {k: bytes(g.numpy()) for k, g in zip(keys, garbage)}
+    print("\nattack matrix (tenant A's blocks)")
+    for surface, who, outcome in table:
+        print(f"  {surface:<20} {who:<20} {outcome}")
+    assert len(table) >= 30
+
+
+def test_a_tenants_file_that_breaks_keeps_the_tenants_it_had(cluster):
+    tenants = Tenants(ADMIN, TENANTS_FILE)
+    assert tenants.authenticate(B_TOKEN).name == "b"
+    with open(TENANTS_FILE) as f:
+        good = f.read()
+    try:
+        with open(TENANTS_FILE, "w") as f:
+            f.write("tenants: [{name: b, token: short}]\n")
+        time.sleep(RELOAD_EVERY_S + 0.2)
+        assert tenants.authenticate(B_TOKEN).name == "b"  # the bad file is logged and not taken
+        assert tenants.authenticate(ADMIN).is_admin
+    finally:
+        with open(TENANTS_FILE, "w") as f:
+            f.write(good)

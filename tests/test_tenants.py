@@ -1,0 +1,52 @@
+"""The tenants file and key scopes (kvstore/tenants.py), without a cluster."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from kvstore.errors import ConfigError
+from kvstore.tenants import Tenant, Tenants, load_tenants
+
+ADMIN = "admin-token-0123456789"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("tenants: {a: 1}", "'tenants' must be a list"),
+    ("other: []", "one key, 'tenants'"),
+    ("tenants: [{name: a, token: short}]", "at least 16 characters"),
+    ("tenants: [{name: 'a b', token: aaaaaaaaaaaaaaaaaaaa}]", "must be 1-64 letters"),
+    ("tenants: [{name: admin, token: aaaaaaaaaaaaaaaaaaaa}]", "is taken"),
+    ("tenants: [{name: a, token: aaaaaaaaaaaaaaaaaaaa}, {name: a, token: bbbbbbbbbbbbbbbbbbbb}]", "is taken"),
+    ("tenants: [{name: a, token: aaaaaaaaaaaaaaaaaaaa}, {name: b, token: aaaaaaaaaaaaaaaaaaaa}]", "another's"),
+    (f"tenants: [{{name: a, token: {ADMIN}}}]", "another's"),
+    ("tenants: [{name: a, token: aaaaaaaaaaaaaaaaaaaa, quota: 1}]", "mapping of name, token"),
+    ("tenants: [unclosed", "not valid YAML"),
+])
+def test_a_bad_tenants_file_is_refused_with_what_is_wrong(text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_tenants(text, ADMIN)
+
+
+def test_scopes_keep_tenants_apart_and_a_key_secret_keeps_a_scope_across_tokens():
+    keys = [os.urandom(16) for _ in range(3)]
+    a, b = Tenant.make("a", "token-a-0123456789"), Tenant.make("b", "token-b-0123456789")
+    assert a.stored(keys) != b.stored(keys) and a.stored(keys) != keys
+    assert all(len(k) == 16 for k in a.stored(keys)) and a.stored(keys) == Tenant.make("a", "token-a-0123456789").stored(keys)
+    assert Tenant.make("a", "rotated-token-0123").stored(keys) != a.stored(keys)  # a fresh cache, without a key secret
+    kept = Tenant.make("a", "token-a-0123456789", "secret"), Tenant.make("a", "rotated-token-0123", "secret")
+    assert kept[0].stored(keys) == kept[1].stored(keys)
+    assert Tenant.make("b", "token-a-0123456789", "secret").stored(keys) != kept[0].stored(keys)  # the name counts too
+
+
+def test_credentials_resolve_to_their_tenant_or_none(tmp_path):
+    path = tmp_path / "tenants.yaml"
+    path.write_text("tenants: [{name: a, token: aaaaaaaaaaaaaaaaaaaa}]\n")
+    tenants = Tenants(ADMIN, str(path))
+    assert tenants.authenticate(ADMIN).is_admin and tenants.authenticate(ADMIN).stored([b"k" * 16]) == [b"k" * 16]
+    assert tenants.authenticate("aaaaaaaaaaaaaaaaaaaa").name == "a"
+    for wrong in ("", "aaaaaaaaaaaaaaaaaaab", "\udcff" * 20, b"\xff" * 20):
+        assert tenants.authenticate(wrong) is None
+    assert tenants.names() == ["a"]
+    with pytest.raises(ConfigError, match="cannot be read"):
+        Tenants(ADMIN, str(tmp_path / "absent.yaml"))
