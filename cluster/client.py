@@ -559,7 +559,10 @@ class Client:
 
     def delete(self, keys: Sequence[bytes]) -> int:
         keys = check_keys(keys)
-        self._commits.settle(keys)  # a commit of this client's that came later would bring them back
+        # The controller deletes where the index says the keys are: this client's own recent puts
+        # must be committed (a commit coming later would bring them back) and indexed first.
+        if self._commits.settle(keys):
+            self._call_node("sync")
         return ray.get(self._controller.delete.remote(keys), timeout=RPC_TIMEOUT_S)
 
     def lease(self, layout: Layout, keys: Sequence[bytes], ttl_s: float | None = None,

@@ -34,17 +34,19 @@ class PendingCommits:
         if full:
             self._prune()
 
-    def settle(self, keys: Iterable[bytes] | None = None) -> None:
-        """Returns once the commits of `keys` (None: of every put so far) have run on the node."""
+    def settle(self, keys: Iterable[bytes] | None = None) -> bool:
+        """Returns once the commits of `keys` (None: of every put so far) have run on the node;
+        whether there were any to wait for."""
         with self._lock:
             if not self._by_key:
-                return
+                return False
             if keys is None:
                 refs = set(self._by_key.values())
             else:
                 refs = {self._by_key[k] for k in keys if k in self._by_key}
         if refs:
             self._collect(list(refs))
+        return bool(refs)
 
     def _prune(self) -> None:
         with self._lock:
