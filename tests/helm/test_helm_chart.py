@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from kvstore.config import FIELDS, Config, load_config, parse_size
+from kvstore.tenants import Tenant, load_tenants
 
 from .conftest import (
     CHART,
@@ -29,13 +30,15 @@ from .conftest import (
 )
 from .fake_apiserver import FakeAPIServer
 
-# Settings the chart sets itself (from `ports`, `auth`, a group's `nvme`, the environment) and
-# therefore refuses in a `config` block. Every other setting of kvstore/config.py must be in the
-# schema's kvstoreConfig, so a setting added to the service shows up here until the chart has it.
+# Settings the chart sets itself (from `ports`, `auth`, `tenants`, `tls`, a group's `nvme`, the
+# environment) and therefore refuses in a `config` block. Every other setting of kvstore/config.py
+# must be in the schema's kvstoreConfig, so a setting added to the service shows up here until the
+# chart has it.
 CHART_OWNED = {
     "http_host", "http_port", "flight_host", "flight_port",
     "nvme_path", "ray_address", "auth_token", "auth_token_file", "node_name",
-    "tls_cert_file", "tls_key_file", "tls_ca_file", "tenants_file",  # to be mounted from Secrets (issue 10)
+    "tenants_file",  # from `tenants`, a Secret mounted at /etc/kvstore/tenants
+    "tls_cert_file", "tls_key_file", "tls_ca_file",  # from `tls`, a Secret mounted at /etc/kvstore/tls
 }
 TOKEN_PATH = "/etc/kvstore/secret/token"
 CONFIG_PATH = "/etc/kvstore/config.yaml"
@@ -157,7 +160,9 @@ def test_head_runs_ray_then_the_kvstore_service(case):
     assert env_of(service)["KVSTORE_RAY_ADDRESS"]["value"] == "127.0.0.1:6379"
     assert {p["name"]: p["containerPort"] for p in service["ports"]} == {"http": values["ports"]["http"]}
     for probe in ("readinessProbe", "livenessProbe"):
-        assert service[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+        # With TLS the service speaks https only, and so must the kubelet's probes.
+        scheme = {"scheme": "HTTPS"} if values["tls"]["enabled"] else {}
+        assert service[probe]["httpGet"] == {"path": "/healthz", "port": "http", **scheme}
         for key, value in values["head"]["serviceContainer"][probe].items():
             assert service[probe][key] == value
 
@@ -284,6 +289,12 @@ def test_config_files_load_with_the_service_loader(case, tmp_path):
         assert config.nvme_path == ("" if nvme["type"] == "none" else nvme["mountPath"])
         # The service reads the token from the mounted Secret, never from the ConfigMap.
         assert config.auth_token == ""
+        tenants = values["tenants"]
+        has_tenants = bool(tenants["existingSecret"] or tenants["list"])
+        assert config.tenants_file == (f"/etc/kvstore/tenants/{tenants['secretKey']}" if has_tenants else "")
+        tls = values["tls"]["enabled"]
+        assert (config.tls_cert_file, config.tls_key_file, config.tls_ca_file) == (
+            ("/etc/kvstore/tls/tls.crt", "/etc/kvstore/tls/tls.key", "/etc/kvstore/tls/ca.crt") if tls else ("", "", ""))
     # The head's service container gets ray_address from the environment, with that file.
     head_env = {e["name"]: e.get("value") for e in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][1]["env"]}
     path = tmp_path / "head.yaml"
@@ -349,8 +360,9 @@ def test_service_selects_the_head_pod(case):
     docs, values = case
     service = one(docs, "Service")
     assert service["spec"]["type"] == values["service"]["type"]
+    app_protocol = {"appProtocol": "https"} if values["tls"]["enabled"] else {}
     assert service["spec"]["ports"] == [
-        {"name": "http", "port": values["service"]["port"], "targetPort": "http", "protocol": "TCP"}]
+        {"name": "http", "port": values["service"]["port"], "targetPort": "http", "protocol": "TCP", **app_protocol}]
     templates = cluster_pod_templates(one(docs, "RayCluster")["spec"])
     selector = service["spec"]["selector"].items()
     assert selector <= templates.pop("head")["metadata"]["labels"].items()
@@ -655,6 +667,207 @@ def test_network_policy_disabled_cleanly(helm_bin, rendered_default):
     assert strip(docs) == strip(rendered_default)
 
 
+# --- tenants and TLS from Secrets (issue 10) ---------------------------------------------------
+
+TENANT_TOKENS = {"acme": "acme-token-0123456789abcdef", "globex": "globex-token-0123456789abcdef"}
+TENANTS_LIST = (
+    "tenants:\n  list:\n"
+    f"    - {{name: acme, token: {TENANT_TOKENS['acme']}, key_secret: acme-scope-secret-0123456789}}\n"
+    f"    - {{name: globex, token: {TENANT_TOKENS['globex']}}}\n"
+)
+TLS_ON = "tls: {enabled: true, existingSecret: kvstore-tls}\n"
+
+
+@pytest.fixture
+def rendered_tenants(helm_bin, tmp_path):
+    return template(helm_bin, "--values", write_values(tmp_path, TENANTS_LIST))
+
+
+def mounted_file(pod_template, container, path):
+    """The (Secret name, key) a container sees at `path`, through the volumes it mounts; None if
+    none. Follows projected and plain Secret volumes; a subPath mount is refused outright, since
+    the kubelet never updates one."""
+    vols = volumes(pod_template)
+    for mount in container["volumeMounts"]:
+        assert "subPath" not in mount, mount
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        if not path.startswith(prefix):
+            continue
+        rest = path[len(prefix):]
+        volume = vols[mount["name"]]
+        sources = volume["projected"]["sources"] if "projected" in volume else [volume]
+        for source in sources:
+            secret = source.get("secret")
+            if not secret:
+                continue
+            for item in secret.get("items", []):
+                if item["path"] == rest:
+                    assert mount.get("readOnly") is True, mount
+                    return secret.get("name") or secret.get("secretName"), item["key"]
+    return None
+
+
+def node_configs(docs, tmp_path):
+    """Group name -> that group's config file, loaded by kvstore.config.load_config."""
+    out = {}
+    for key, text in one(docs, "ConfigMap")["data"].items():
+        path = tmp_path / key
+        path.write_text(text)
+        out[key.removesuffix(".yaml")] = load_config(path, env={})
+    return out
+
+
+def test_tenants_list_becomes_a_secret_the_service_loads(rendered_tenants, kubernetes_validate):
+    secret = secret_named(rendered_tenants, "kvstore-tenants")
+    kubernetes_validate.validate(secret, KUBERNETES_VERSION, strict=True)
+    assert secret["type"] == "Opaque"
+    assert set(secret["data"]) == {"tenants.yaml"}
+    text = base64.b64decode(secret["data"]["tenants.yaml"]).decode()
+    tenants = load_tenants(text, admin_token="x" * 48)
+    assert {t.name: t.token for t in tenants} == TENANT_TOKENS
+    # acme's scope derives from its key_secret (survives a token rotation), globex's from its token.
+    by_name = {t.name: t for t in tenants}
+    assert by_name["acme"].scope == Tenant.make("acme", "other-token-0123456789", "acme-scope-secret-0123456789").scope
+    assert by_name["globex"].scope == Tenant.make("globex", TENANT_TOKENS["globex"]).scope
+    assert yaml.safe_load(text)["tenants"][1] == {"name": "globex", "token": TENANT_TOKENS["globex"]}
+
+
+def test_tenants_file_is_mounted_in_every_kvstore_container(rendered_tenants, tmp_path):
+    """The HTTP service (container kvstore) and every node actor's Flight server (the Ray containers)
+    check tenants' credentials: each sees the tenants file where its config says, from the Secret,
+    through a projected volume (no subPath, so a changed Secret reaches the running pod)."""
+    cluster = one(rendered_tenants, "RayCluster")
+    configs = node_configs(rendered_tenants, tmp_path)
+    seen = set()
+    for name, pod_template in cluster_pod_templates(cluster["spec"]).items():
+        assert configs[name].tenants_file == "/etc/kvstore/tenants/tenants.yaml"
+        for container in pod_template["spec"]["containers"]:
+            seen.add(container["name"])
+            assert mounted_file(pod_template, container, configs[name].tenants_file) == (
+                "kvstore-tenants", "tenants.yaml"), (name, container["name"])
+        source = volumes(pod_template)["kvstore-etc"]["projected"]["sources"][2]["secret"]
+        assert source["items"] == [{"key": "tenants.yaml", "path": "tenants/tenants.yaml", "mode": 0o440}]
+    assert seen == {"ray-head", "kvstore", "ray-worker"}
+
+
+def test_no_tenant_token_outside_the_secret(rendered_tenants):
+    """Tokens are credentials: not in a ConfigMap, an environment variable, or anything but the
+    tenants Secret."""
+    for doc in rendered_tenants:
+        text = yaml.safe_dump(doc)
+        for token in TENANT_TOKENS.values():
+            encoded = base64.b64encode(token.encode()).decode()
+            if doc["kind"] == "Secret" and doc["metadata"]["name"] == "kvstore-tenants":
+                continue
+            assert token not in text and encoded not in text, (doc["kind"], doc["metadata"]["name"])
+    for _, container in all_containers(one(rendered_tenants, "RayCluster")):
+        for env in container.get("env", []):
+            assert env.get("value") not in TENANT_TOKENS.values(), env
+            assert "secretKeyRef" not in env.get("valueFrom", {}), env
+    for config_map in by_kind(rendered_tenants, "ConfigMap"):
+        for name, text in config_map["data"].items():
+            assert "token:" not in text and "tenants:" not in text, name
+
+
+def test_a_tenant_change_touches_only_the_secret(helm_bin, tmp_path, rendered_tenants):
+    """Adding or rotating a tenant changes the Secret alone: the pod templates stay as they were, so
+    KubeRay restarts nothing, and the kubelet brings the new file to the running pods."""
+    rotated = TENANTS_LIST.replace(TENANT_TOKENS["globex"], "globex-rotated-0123456789") + (
+        "    - {name: initech, token: initech-token-0123456789}\n")
+    docs = template(helm_bin, "--values", write_values(tmp_path, rotated))
+    changed = lambda ds: [d for d in ds if d["kind"] == "Secret" and d["metadata"]["name"] == "kvstore-tenants"]
+    stable = lambda ds: [yaml.safe_dump(d) for d in ds if d["kind"] in ("RayCluster", "ConfigMap", "Service")]
+    assert stable(docs) == stable(rendered_tenants)
+    assert changed(docs)[0]["data"] != changed(rendered_tenants)[0]["data"]
+
+
+def test_existing_tenants_secret_is_used_not_created(rendered_ci, values_ci, tmp_path):
+    tenants = values_ci["tenants"]
+    assert tenants["existingSecret"] == "kvstore-tenants" and not tenants["list"]
+    assert not by_kind(rendered_ci, "Secret")
+    cluster = one(rendered_ci, "RayCluster")
+    configs = node_configs(rendered_ci, tmp_path)
+    for name, pod_template in cluster_pod_templates(cluster["spec"]).items():
+        path = configs[name].tenants_file
+        assert path == f"/etc/kvstore/tenants/{tenants['secretKey']}"
+        for container in pod_template["spec"]["containers"]:
+            assert mounted_file(pod_template, container, path) == (tenants["existingSecret"], tenants["secretKey"])
+
+
+def test_no_tenants_by_default(rendered_default, tmp_path):
+    assert "kvstore-tenants" not in {s["metadata"]["name"] for s in by_kind(rendered_default, "Secret")}
+    for name, config in node_configs(rendered_default, tmp_path).items():
+        assert config.tenants_file == "" and config.tls_cert_file == "", name
+    for pod_template in cluster_pod_templates(one(rendered_default, "RayCluster")["spec"]).values():
+        assert len(volumes(pod_template)["kvstore-etc"]["projected"]["sources"]) == 2
+
+
+def test_tls_files_are_mounted_in_every_kvstore_container(rendered_ci, values_ci, tmp_path):
+    """Every node's Flight server and the HTTP service serve TLS: each container sees the
+    certificate, its key and the CA where its config says, from the kubernetes.io/tls Secret."""
+    secret = values_ci["tls"]["existingSecret"]
+    cluster = one(rendered_ci, "RayCluster")
+    configs = node_configs(rendered_ci, tmp_path)
+    seen = set()
+    for name, pod_template in cluster_pod_templates(cluster["spec"]).items():
+        config = configs[name]
+        assert config.tls_server_name == values_ci["config"]["tls_server_name"]
+        for container in pod_template["spec"]["containers"]:
+            seen.add(container["name"])
+            for path, key in [(config.tls_cert_file, "tls.crt"), (config.tls_key_file, "tls.key"),
+                              (config.tls_ca_file, "ca.crt")]:
+                assert mounted_file(pod_template, container, path) == (secret, key), (name, container["name"], path)
+    assert seen == {"ray-head", "kvstore", "ray-worker"}
+    # The autoscaler, a Ray client only, mounts none of kvstore's files.
+    assert "kvstore-etc" not in str(cluster["spec"]["autoscalerOptions"])
+
+
+def test_tls_on_makes_every_http_check_https(helm_bin, tmp_path, rendered_ci, values_ci, rendered_default):
+    """The service speaks https only with TLS on: the probes, the ServiceMonitor (checking the
+    certificate against the cluster's CA, under tls_server_name) and the Service say so."""
+    docs = template(helm_bin, "--values", write_values(tmp_path, TLS_ON), "--set", "serviceMonitor.enabled=true")
+    for rendered, secret, server_name in [(docs, "kvstore-tls", "kvstore"),
+                                          (rendered_ci, values_ci["tls"]["existingSecret"],
+                                           values_ci["config"]["tls_server_name"])]:
+        head = one(rendered, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][1]
+        assert head["name"] == "kvstore"
+        assert head["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+        assert head["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+        endpoint, = one(rendered, "ServiceMonitor")["spec"]["endpoints"]
+        assert endpoint["scheme"] == "https"
+        assert endpoint["tlsConfig"] == {"ca": {"secret": {"name": secret, "key": "ca.crt"}}, "serverName": server_name}
+        assert one(rendered, "Service")["spec"]["ports"][0]["appProtocol"] == "https"
+    # TLS off: plain HTTP everywhere, and no TLS files.
+    head = one(rendered_default, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][1]
+    assert "scheme" not in head["readinessProbe"]["httpGet"] and "scheme" not in head["livenessProbe"]["httpGet"]
+    plain = template(helm_bin, "--set", "serviceMonitor.enabled=true")
+    endpoint, = one(plain, "ServiceMonitor")["spec"]["endpoints"]
+    assert "scheme" not in endpoint and "tlsConfig" not in endpoint
+    assert "appProtocol" not in one(plain, "Service")["spec"]["ports"][0]
+
+
+def test_tls_server_name_of_the_head_is_what_the_service_monitor_checks(helm_bin, tmp_path):
+    docs = template(helm_bin, "--values", write_values(tmp_path, TLS_ON + (
+        "serviceMonitor: {enabled: true}\nconfig: {tls_server_name: kv.shared}\n"
+        "head: {config: {tls_server_name: kv.head}}\n")))
+    endpoint, = one(docs, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["tlsConfig"]["serverName"] == "kv.head"
+
+
+def test_notes_say_how_to_reach_the_service_over_tls(helm_bin, tmp_path):
+    values = write_values(tmp_path, TLS_ON + TENANTS_LIST)
+    with FakeAPIServer() as api:
+        proc = _helm_against(api, helm_bin, tmp_path, "install", RELEASE, str(CHART), "--values", values)
+    notes = proc.stdout
+    assert 'kubectl get secret --namespace kvstore kvstore-tls -o jsonpath="{.data.ca\\.crt}"' in notes
+    assert ("curl --cacert kvstore-ca.crt --resolve kvstore:8470:127.0.0.1 "
+            '-H "Authorization: Bearer $KVSTORE_TOKEN" https://kvstore:8470/v1/nodes') in notes
+    assert "http://127.0.0.1:8470" not in notes
+    assert "Tenants' tokens are in the Secret kvstore-tenants (key tenants.yaml)" in notes
+    for token in TENANT_TOKENS.values():
+        assert token not in notes
+
+
 # --- values rejected ----------------------------------------------------------------------
 
 def write_values(tmp_path: Path, text: str) -> str:
@@ -715,6 +928,29 @@ WORKER = "workerGroups:\n  - {groupName: w, replicas: 1, minReplicas: 1, maxRepl
      "networkPolicy.extraIngress.0.from: Array must have at least 1 items"),
     (["--values", "networkPolicy: {extraIngress: [{from: [{podSelector: {}}], ports: [{port: 8000, protocol: HTTP}]}]}"],
      "networkPolicy.extraIngress.0.ports.0.protocol: networkPolicy.extraIngress.0.ports.0.protocol must be one of"),
+    # Tenants (issue 10): kvstore/tenants.py's rules, refused at install rather than at pod start.
+    (["--values", "tenants: {list: [{name: acme, token: too-short}]}"],
+     "tenants.list.0.token: String length must be greater than or equal to 16"),
+    (["--values", "tenants: {list: [{name: 'acme corp', token: acme-token-0123456789}]}"],
+     "tenants.list.0.name: Does not match pattern '^[A-Za-z0-9._-]{1,64}$'"),
+    (["--values", "tenants: {list: [{name: '%s', token: acme-token-0123456789}]}" % ("a" * 65)],
+     "tenants.list.0.name: Does not match pattern"),
+    (["--values", "tenants: {list: [{name: admin, token: admin-token-0123456789}]}"],
+     "tenants.list.0.name: Must not validate the schema (not)"),
+    (["--values", "tenants: {list: [{name: acme}]}"], "tenants.list.0: token is required"),
+    (["--values", "tenants: {list: [{name: acme, token: 1234567890123456789}]}"],
+     "tenants.list.0.token: Invalid type. Expected: string, given: integer"),
+    (["--values", "tenants: {list: [{name: acme, token: acme-token-0123456789, scope: x}]}"],
+     "tenants.list.0: Additional property scope is not allowed"),
+    (["--set", "tenants.secretKey=a/b"], "tenants.secretKey: Does not match pattern"),
+    (["--set", "tenants.existingSecret=Not_A_Name"], "tenants.existingSecret: Does not match pattern"),
+    # TLS needs its Secret.
+    (["--set", "tls.enabled=true"], "tls.existingSecret: String length must be greater than or equal to 1"),
+    (["--set", "tls.enabled=yes"], "tls.enabled: Invalid type. Expected: boolean, given: string"),
+    (["--set", "tls.caKey=ca.pem"], "tls: Additional property caKey is not allowed"),
+    # The files are the chart's to set.
+    (["--set", "config.tenants_file=/tmp/t.yaml"], "config: Additional property tenants_file is not allowed"),
+    (["--set", "head.config.tls_cert_file=/tmp/c.pem"], "head.config: Additional property tls_cert_file is not allowed"),
 ])
 def test_schema_rejects(helm_bin, tmp_path, args, message):
     if args[0] == "--values":
@@ -743,6 +979,13 @@ def test_schema_rejects(helm_bin, tmp_path, args, message):
      "ray.ports.objectManager (15000) is inside Ray's worker port range ray.ports.minWorker..maxWorker (10002-19999)"),
     ("ports: {http: 10500}", "ports.http (10500) is inside Ray's worker port range"),
     ("ray: {ports: {minWorker: 30000}}", "ray.ports.minWorker (30000) is above ray.ports.maxWorker (19999)"),
+    # Tenants: one source, unique names and tokens (kvstore would refuse the file at pod start).
+    ("tenants: {existingSecret: mine, list: [{name: acme, token: acme-token-0123456789}]}",
+     "tenants.existingSecret (mine) and tenants.list are both set; use one"),
+    ("tenants: {list: [{name: acme, token: acme-token-0123456789}, {name: acme, token: acme-token-9876543210}]}",
+     'tenants.list[1].name="acme" is used twice'),
+    ("tenants: {list: [{name: acme, token: same-token-0123456789}, {name: globex, token: same-token-0123456789}]}",
+     "tenants.list[1] (globex): its token is tenants.list[0]'s too"),
 ])
 def test_template_rejects(helm_bin, tmp_path, values, message):
     proc = run_helm(helm_bin, "template", "kvstore", str(CHART), "--values", write_values(tmp_path, values))

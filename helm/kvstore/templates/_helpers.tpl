@@ -220,3 +220,71 @@ naming the two values that collide.
 {{- end -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+Where every container finds the tenants file and the TLS files: directories of the projected
+volume mounted at /etc/kvstore (no subPath, so a changed Secret reaches running pods).
+*/}}
+{{- define "kvstore.tenantsDir" -}}/etc/kvstore/tenants{{- end -}}
+{{- define "kvstore.tlsDir" -}}/etc/kvstore/tls{{- end -}}
+
+{{/*
+"true" when a tenants file is mounted (tenants.existingSecret or tenants.list), else empty.
+*/}}
+{{- define "kvstore.tenantsEnabled" -}}
+{{- if or .Values.tenants.existingSecret .Values.tenants.list -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+Name of the Secret holding the tenants file: the existing one, or the one the chart makes from
+tenants.list.
+*/}}
+{{- define "kvstore.tenantsSecretName" -}}
+{{- .Values.tenants.existingSecret | default (printf "%s-tenants" (include "kvstore.fullname" .)) -}}
+{{- end -}}
+
+{{/*
+The tenants file the chart writes from tenants.list (kvstore/tenants.py's format).
+*/}}
+{{- define "kvstore.tenantsFile" -}}
+{{- $tenants := list -}}
+{{- range .Values.tenants.list -}}
+{{- $tenant := dict "name" .name "token" .token -}}
+{{- if .key_secret -}}
+{{- $_ := set $tenant "key_secret" .key_secret -}}
+{{- end -}}
+{{- $tenants = append $tenants $tenant -}}
+{{- end -}}
+{{- toYaml (dict "tenants" $tenants) -}}
+{{- end -}}
+
+{{/*
+Checks of tenants beyond values.schema.json (which checks each tenant's name and token); fails
+naming the value. kvstore refuses such a file too, but only when a pod starts.
+*/}}
+{{- define "kvstore.validateTenants" -}}
+{{- if and .Values.tenants.existingSecret .Values.tenants.list -}}
+{{- fail (printf "tenants.existingSecret (%s) and tenants.list are both set; use one (the list is written into a Secret the chart creates)" .Values.tenants.existingSecret) -}}
+{{- end -}}
+{{- $names := dict -}}
+{{- $tokens := dict -}}
+{{- range $i, $tenant := .Values.tenants.list -}}
+{{- if hasKey $names $tenant.name -}}
+{{- fail (printf "tenants.list[%d].name=%q is used twice; tenant names must be unique" $i $tenant.name) -}}
+{{- end -}}
+{{- $_ := set $names $tenant.name true -}}
+{{- $hash := sha256sum $tenant.token -}}
+{{- if hasKey $tokens $hash -}}
+{{- fail (printf "tenants.list[%d] (%s): its token is tenants.list[%d]'s too; every tenant needs its own" $i $tenant.name (get $tokens $hash)) -}}
+{{- end -}}
+{{- $_ := set $tokens $hash $i -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Name the HTTP service's certificate is checked under by the ServiceMonitor (it scrapes the pod IP):
+the head's tls_server_name.
+*/}}
+{{- define "kvstore.headTLSServerName" -}}
+{{- dig "config" "tls_server_name" (.Values.config.tls_server_name | default "kvstore") .Values.head -}}
+{{- end -}}

@@ -54,6 +54,15 @@ flight_host is not here: KVSTORE_FLIGHT_HOST (the pod IP) sets it in every conta
 {{- $_ := set $cfg "http_port" .root.Values.ports.http -}}
 {{- $_ := set $cfg "flight_port" .root.Values.ports.flight -}}
 {{- $_ := set $cfg "auth_token_file" "/etc/kvstore/secret/token" -}}
+{{- if include "kvstore.tenantsEnabled" .root -}}
+{{- $_ := set $cfg "tenants_file" (printf "%s/%s" (include "kvstore.tenantsDir" .root) .root.Values.tenants.secretKey) -}}
+{{- end -}}
+{{- if .root.Values.tls.enabled -}}
+{{- $tls := include "kvstore.tlsDir" .root -}}
+{{- $_ := set $cfg "tls_cert_file" (printf "%s/tls.crt" $tls) -}}
+{{- $_ := set $cfg "tls_key_file" (printf "%s/tls.key" $tls) -}}
+{{- $_ := set $cfg "tls_ca_file" (printf "%s/ca.crt" $tls) -}}
+{{- end -}}
 {{- if ne (dig "nvme" "type" "none" .group) "none" -}}
 {{- $_ := set $cfg "nvme_path" (dig "nvme" "mountPath" "/mnt/kvstore-nvme" .group) -}}
 {{- end -}}
@@ -125,8 +134,9 @@ authentication (every container is a Ray process or a Ray driver).
 
 {{/*
 Volume mounts shared by the containers of a pod: /tmp (Ray's sessions and sockets), /dev/shm
-(host tier and Ray's object store), /etc/kvstore (config.yaml and secret/token) and, with Ray's
-auth on, /etc/ray/auth (Ray's token).
+(host tier and Ray's object store), /etc/kvstore (config.yaml, secret/token, and with them on
+tenants/<tenants.secretKey> and tls/{tls.crt,tls.key,ca.crt}) and, with Ray's auth on,
+/etc/ray/auth (Ray's token).
 */}}
 {{- define "kvstore.volumeMounts" -}}
 - name: tmp
@@ -254,10 +264,14 @@ spec:
         {{- include "kvstore.env" . | nindent 8 }}
         - name: KVSTORE_RAY_ADDRESS
           value: "127.0.0.1:6379"
+      # With TLS the service speaks https only; the kubelet does not check the certificate.
       readinessProbe:
         httpGet:
           path: /healthz
           port: http
+          {{- if $root.Values.tls.enabled }}
+          scheme: HTTPS
+          {{- end }}
         {{- with $service.readinessProbe }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -265,6 +279,9 @@ spec:
         httpGet:
           path: /healthz
           port: http
+          {{- if $root.Values.tls.enabled }}
+          scheme: HTTPS
+          {{- end }}
         {{- with $service.livenessProbe }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -297,6 +314,31 @@ spec:
                 - key: {{ $root.Values.auth.secretKey }}
                   path: secret/token
                   mode: 288 # 0440: readable through fsGroup
+          {{- if include "kvstore.tenantsEnabled" $root }}
+          # The tenants file (tenants_file): part of this projected volume, not a subPath mount,
+          # so an updated Secret reaches the running pod and kvstore rereads it.
+          - secret:
+              name: {{ include "kvstore.tenantsSecretName" $root }}
+              items:
+                - key: {{ $root.Values.tenants.secretKey }}
+                  path: tenants/{{ $root.Values.tenants.secretKey }}
+                  mode: 288 # 0440
+          {{- end }}
+          {{- if $root.Values.tls.enabled }}
+          # TLS of Flight and HTTP (tls_cert_file, tls_key_file, tls_ca_file).
+          - secret:
+              name: {{ $root.Values.tls.existingSecret }}
+              items:
+                - key: tls.crt
+                  path: tls/tls.crt
+                  mode: 288 # 0440
+                - key: tls.key
+                  path: tls/tls.key
+                  mode: 288 # 0440
+                - key: ca.crt
+                  path: tls/ca.crt
+                  mode: 288 # 0440
+          {{- end }}
     {{- if $root.Values.ray.auth.enabled }}
     # Ray's token, apart from kvstore's: the autoscaler container mounts this one alone.
     - name: ray-auth
