@@ -4,18 +4,23 @@
     GET  /metrics        Prometheus text format
     GET  /v1/stats       the controller's aggregated stats (JSON)
     GET  /v1/nodes       registered nodes (JSON)
+    GET  /v1/dataplane   every node's data-plane (Flight) address: {"nodes": [{"node_id", "address", "tls"}]}
     POST /v1/lookup      {"keys": [hex, ...]} or {"token_ids": [...], "layout": {...}, "namespace": "..."}
-                         -> prefix length, best node, and where each block lives
+                         (optional "best_node": false skips the best node) -> prefix length, best node,
+                         where each block lives, and the data-plane addresses of the nodes named
     GET  /               the status page (HTML, refreshes itself)
 
 Auth: `Authorization: Bearer <token>`, or HTTP Basic auth with the token as the password (a
 browser opening the page asks for it): never a credential in the URL, where logs and browser
 histories keep it. The admin token opens everything; a tenant's (kvstore/tenants.py) opens
-/v1/lookup, in its own key scope, and gets 403 on the cluster-wide views.
+/v1/lookup, in its own key scope, and /v1/dataplane (nodes' ids and Flight addresses, nothing
+else: what a remote client, kvstore/cluster/remote.py, needs to reach them), and gets 403 on the
+cluster-wide views.
 The service talks to the cluster through `backend`, any object with the cluster client's
 `stats()`, `nodes()`, `where(keys)`, `longest_prefix(keys)` and `best_node(keys)` (so this module
 does not import Ray). Backend calls block, so they run in worker threads; stats are cached for
-`STATS_TTL_S` so a busy scraper does not load the controller.
+`STATS_TTL_S` so a busy scraper does not load the controller, nodes' addresses for
+`ADDRESSES_TTL_S` (sooner when a lookup names a node not among them).
 """
 from __future__ import annotations
 
@@ -38,9 +43,10 @@ from kvstore.tenants import Tenant, Tenants
 log = logging.getLogger(__name__)
 
 STATS_TTL_S = 1.0
+ADDRESSES_TTL_S = 2.0
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_LOOKUP_KEYS = 65536
-TENANT_PATHS = {"/v1/lookup"}  # what a tenant's credential opens; the rest is the admin's
+TENANT_PATHS = {"/v1/lookup", "/v1/dataplane"}  # what a tenant's credential opens; the rest is the admin's
 
 
 class Service:
@@ -53,6 +59,9 @@ class Service:
         self._stats_at = 0.0
         self._rates: dict = {}
         self._lock = asyncio.Lock()
+        self._addresses: dict[str, dict] = {}  # node id -> {"node_id", "address", "tls"}
+        self._addresses_at = 0.0
+        self._addresses_lock = asyncio.Lock()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._auth, _errors])
@@ -61,6 +70,7 @@ class Service:
             web.get("/metrics", self.metrics),
             web.get("/v1/stats", self.stats),
             web.get("/v1/nodes", self.nodes),
+            web.get("/v1/dataplane", self.dataplane),
             web.post("/v1/lookup", self.lookup),
             web.get("/", self.page),
         ])
@@ -98,6 +108,19 @@ class Service:
                 self._stats, self._stats_at = fresh, now
             return self._stats
 
+    async def _dataplane(self, needed: "set[str]" = frozenset()) -> dict[str, dict]:
+        """Node id -> its data-plane address and whether it serves TLS; nothing else of the nodes
+        (a tenant sees these). Cached; asked again when stale or missing a node in `needed`."""
+        async with self._addresses_lock:
+            now = time.monotonic()
+            if now - self._addresses_at > ADDRESSES_TTL_S or not needed <= self._addresses.keys():
+                nodes = await asyncio.to_thread(self.backend.nodes)
+                self._addresses = {n["node_id"]: {"node_id": n["node_id"], "address": n["address"],
+                                                  "tls": bool(n.get("tls"))}
+                                   for n in nodes if n.get("node_id") and n.get("address")}
+                self._addresses_at = now
+            return self._addresses
+
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -112,6 +135,10 @@ class Service:
     async def nodes(self, request: web.Request) -> web.Response:
         return web.json_response(await asyncio.to_thread(self.backend.nodes))
 
+    async def dataplane(self, request: web.Request) -> web.Response:
+        nodes = await self._dataplane()
+        return web.json_response({"nodes": [nodes[n] for n in sorted(nodes)]})
+
     async def lookup(self, request: web.Request) -> web.Response:
         try:
             body = await request.json()
@@ -120,16 +147,27 @@ class Service:
         except RecursionError:
             raise _bad("body is nested too deeply") from None
         asked = _lookup_keys(body)
+        want_best = body.get("best_node", True)
+        if not isinstance(want_best, bool):
+            raise _bad(f"best_node={want_best!r:.80} must be true or false")
         keys = self._caller(request).stored(asked)  # a tenant looks in its own scope only
-        where, best = await asyncio.gather(asyncio.to_thread(self.backend.where, keys),
-                                           asyncio.to_thread(self.backend.best_node, keys))
+        if want_best:
+            where, best = await asyncio.gather(asyncio.to_thread(self.backend.where, keys),
+                                               asyncio.to_thread(self.backend.best_node, keys))
+        else:
+            where, best = await asyncio.to_thread(self.backend.where, keys), None
         prefix = next((i for i, holders in enumerate(where) if not holders), len(keys))
+        named = {n for holders in where for n, _ in holders}
+        if best and best.get("node_id"):
+            named.add(best["node_id"])
+        addresses = await self._dataplane(named) if named else {}
         return web.json_response({
             "blocks": len(keys),
             "prefix_blocks": prefix,
             "best_node": best,
             "locations": [{"key": k.hex(), "holders": [{"node_id": n, "medium": m} for n, m in h]}
                           for k, h in zip(asked, where)],
+            "addresses": {n: addresses[n]["address"] for n in sorted(named) if n in addresses},
         })
 
     async def page(self, request: web.Request) -> web.Response:

@@ -17,15 +17,19 @@ from kvstore.service import Service
 TOKEN = "service-test-token"
 
 
+HELD = bytes.fromhex("ab" * 16)  # the one key the backend holds, on node "n1"
+
+
 class Backend:
     def stats(self) -> dict:
         return {"index_keys": 0, "nodes_registered": 0, "nodes": {}}
 
     def nodes(self) -> list:
-        return []
+        return [{"node_id": "n1", "address": "10.0.0.1:8471", "tls": False, "pid": 7, "shm_name": "kvstore-x"},
+                {"node_id": "n2", "address": "10.0.0.2:8471", "tls": False, "pid": 8, "shm_name": "kvstore-y"}]
 
     def where(self, keys):
-        return [[] for _ in keys]
+        return [[("n1", "host")] if k == HELD else [] for k in keys]
 
     def best_node(self, keys):
         return {"node_id": None, "prefix_blocks": 0, "per_node": {}}
@@ -95,3 +99,22 @@ def test_the_status_page_takes_basic_auth_and_no_token_in_its_url(address):
     assert get(address, b"/", b"Basic " + base64.b64encode(b"anyone:wrong"))[0] == 401
     assert get(address, b"/", b"Basic !!not-base64")[0] == 401
     assert get(address, b"/?token=" + TOKEN.encode(), None)[0] == 401
+
+
+def test_lookups_name_the_holders_data_plane_addresses_and_may_skip_the_best_node(address):
+    status, reply = post(address, json.dumps({"keys": [HELD.hex(), "cd" * 16]}).encode())
+    answer = json.loads(reply)
+    assert status == 200 and answer["addresses"] == {"n1": "10.0.0.1:8471"}  # the holder's only
+    assert answer["best_node"] == {"node_id": None, "prefix_blocks": 0, "per_node": {}}
+    status, reply = post(address, json.dumps({"keys": [HELD.hex()], "best_node": False}).encode())
+    assert status == 200 and json.loads(reply)["best_node"] is None
+    status, reply = post(address, json.dumps({"keys": [], "best_node": "no"}).encode())
+    assert status == 400 and "best_node='no'" in json.loads(reply)["error"]
+
+
+def test_the_data_plane_list_has_addresses_and_nothing_else_of_the_nodes(address):
+    status, reply = get(address, b"/v1/dataplane", b"Bearer " + TOKEN.encode())
+    assert status == 200 and json.loads(reply) == {"nodes": [
+        {"node_id": "n1", "address": "10.0.0.1:8471", "tls": False},
+        {"node_id": "n2", "address": "10.0.0.2:8471", "tls": False}]}
+    assert get(address, b"/v1/dataplane", None)[0] == 401

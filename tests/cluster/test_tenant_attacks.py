@@ -175,8 +175,12 @@ def test_every_surface_refuses_or_misses_another_tenants_blocks(cluster, http):
             status, _ = _http(http + path, token=token)
             case(f"http {path}", who, str(status), status == 401)
     for who, token in bad.items():
-        status, _ = _http(http + "/v1/lookup", {"keys": [k.hex() for k in keys]}, token)
-        case("http /v1/lookup", who, str(status), status == 401)
+        for path, body in (("/v1/lookup", {"keys": [k.hex() for k in keys]}), ("/v1/dataplane", None)):
+            status, _ = _http(http + path, body, token)
+            case(f"http {path}", who, str(status), status == 401)
+    # What a tenant may see of the cluster (a remote client's need): node ids and addresses, no more.
+    status, text = _http(http + "/v1/dataplane", token=B_TOKEN)
+    assert status == 200 and all(set(n) == {"node_id", "address", "tls"} for n in json.loads(text)["nodes"])
 
     # A's bytes are unchanged, read with its rotated token (its key_secret kept its scope); B reads
     # back what it put, in its own space.
