@@ -662,7 +662,7 @@ def _private_ray_auth() -> None:
 
 
 def connect(address: str | None = None, *, config: Config | None = None, node_overrides: dict | None = None,
-            **overrides) -> Client:
+            **overrides) -> "Client | RemoteClient":
     """Connects to the kvstore cluster at the Ray `address`, or starts an embedded one.
 
     Settings come from `config`, else from the file named by KVSTORE_CONFIG and KVSTORE_*
@@ -670,7 +670,20 @@ def connect(address: str | None = None, *, config: Config | None = None, node_ov
     node's file and variables (so worker groups can size their tiers differently); only
     `node_overrides` (default: `overrides`) are passed on to them, and only when this call
     starts the controller.
+
+    `connect("kvstore://HOST:PORT", token=...)` (`kvstores://`: TLS, checked against
+    `tls_ca_file`) is for engines outside Ray: a `RemoteClient` (cluster/remote.py) that reaches
+    the cluster through its HTTP service (HOST:PORT, `kvstore serve`'s) and the nodes' Flight
+    data planes with one credential, a tenant's or the admin's, and offers what an engine uses:
+    get, put, longest_prefix, contains, where, best_node, close. It needs no Ray in the caller's
+    process (`kvstore.connect` dispatches before importing this module).
     """
+    from kvstore.cluster.remote import connect_remote, is_remote_url
+
+    if is_remote_url(address):
+        if node_overrides is not None:
+            raise ConfigError(f"node_overrides is for a client that starts the cluster, not {address!r}")
+        return connect_remote(address, config=config, **overrides)
     config = config or load_config(os.environ.get("KVSTORE_CONFIG") or None, **overrides)
     address = address or config.ray_address or None
     embedded = address is None and not ray.is_initialized()

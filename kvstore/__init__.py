@@ -13,8 +13,16 @@ from kvstore.store import GetResult, PutResult, TieredStore
 def connect(address: str | None = None, **kwargs):
     """Connects to a kvstore cluster on Ray, or starts an embedded one (see kvstore.cluster.client).
 
-    Ray is imported here, on first use, so the core stays importable without it.
+    `connect("kvstore://HOST:PORT", token=...)` (`kvstores://` for TLS) reaches a cluster from
+    outside Ray instead: through its HTTP service and the nodes' Flight data planes, with a
+    tenant's (or the admin's) token, and never imports Ray (kvstore.cluster.remote).
+    Ray is imported here, on first use and only for a Ray address, so the core stays importable
+    without it.
     """
+    from kvstore.cluster.remote import connect_remote, is_remote_url
+
+    if is_remote_url(address):
+        return connect_remote(address, **kwargs)
     from kvstore.cluster.client import connect as _connect
 
     return _connect(address, **kwargs)

@@ -225,3 +225,15 @@ def http_service(backend, credentials):
     yield base
     loop.call_soon_threadsafe(stop.set)
     thread.join(timeout=10)
+
+
+# Prepended to a `python -c` program: makes Ray unimportable in that process, as in an engine
+# outside Ray (an ImportError for `ray` and every `ray.*`, whether installed or not).
+NO_RAY = """
+import sys
+class NoRay:
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("ray is not importable in this process (test)")
+sys.meta_path.insert(0, NoRay())
+"""

@@ -1,0 +1,373 @@
+"""The remote client (`kvstore.connect("kvstore://...")`, cluster/remote.py) without Ray: URLs
+and their errors, the module importable with Ray made unimportable, and whole round trips
+against two in-process "nodes" (a store and its Flight server each) behind the real HTTP
+service, whose backend answers lookups from those stores. tests/cluster/test_remote_client.py
+runs it against a real Ray cluster."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import kvstore
+from kvstore.cluster.dataplane import DataPlaneServer
+from kvstore.cluster.remote import RemoteClient, connect_remote, is_remote_url, parse_url
+from kvstore.errors import AuthError, ConfigError, InvalidKeyError, LeaseError, PayloadError, TransferError
+from kvstore.layout import Layout
+from kvstore.store import TieredStore
+from kvstore.tenants import Tenants
+from kvstore.tiers.host import HostTier
+from kvtest_support import NO_RAY, http_call, http_service, shm_name
+
+LAYOUT = Layout("test/remote", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16", block_tokens=16)
+ADMIN = "admin-" + os.urandom(8).hex()
+A_TOKEN, B_TOKEN = "tenant-a-" + os.urandom(8).hex(), "tenant-b-" + os.urandom(8).hex()
+
+
+# -- URLs --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url, host, port, tls", [
+    ("kvstore://10.0.0.5:8470", "10.0.0.5", 8470, False),
+    ("kvstores://kv.example.com:443", "kv.example.com", 443, True),
+    ("KVSTORE://kv", "kv", 8470, False),
+    ("kvstore://[::1]:9000/", "::1", 9000, False),
+])
+def test_urls_name_the_service_and_the_scheme_says_tls(url, host, port, tls):
+    endpoint = parse_url(url)
+    assert (endpoint.host, endpoint.port, endpoint.tls) == (host, port, tls)
+    assert is_remote_url(url)
+
+
+@pytest.mark.parametrize("url, words", [
+    ("http://kv:8470", ["http://", "kvstore://"]),
+    ("kv:8470", ["kvstore://"]),
+    ("kvstore://:8470", ["no host"]),
+    ("kvstore://kv:99999", ["kv:99999"]),
+    ("kvstore://kv:port", ["kv:port"]),
+    ("kvstore://kv:0", ["port 0"]),
+    ("kvstore://kv:8470/v1", ["path", "/v1"]),
+    ("kvstore://kv:8470?token=s3cret", ["query", "token="]),
+    ("kvstore://s3cret@kv:8470", ["credential", "token="]),
+    (None, ["None"]),
+    (8470, ["8470"]),
+])
+def test_a_bad_url_is_a_config_error_naming_it_and_never_echoes_a_credential(url, words):
+    with pytest.raises(ConfigError) as e:
+        parse_url(url)
+    for word in words:
+        assert word in str(e.value)
+    assert "s3cret" not in str(e.value)
+
+
+def test_ray_addresses_are_not_remote_urls():
+    for address in (None, "auto", "10.0.0.5:6379", "ray://head:10001", 5):
+        assert not is_remote_url(address)
+
+
+def test_the_remote_client_imports_and_connects_without_ray():
+    """With Ray unimportable: the module imports, and kvstore.connect dispatches to it (the
+    connection is refused: nothing listens there; the point is that it got that far)."""
+    code = NO_RAY + textwrap.dedent("""
+        import kvstore, kvstore.cluster.remote
+        from kvstore.errors import TransferError
+        try:
+            kvstore.connect("kvstore://127.0.0.1:1", token="x" * 20)
+        except TransferError as e:
+            assert "127.0.0.1:1" in str(e), e
+        assert "ray" not in sys.modules
+        print("no ray: ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "no ray: ok" in done.stdout, done.stderr
+
+
+# -- two in-process nodes behind the HTTP service ----------------------------------------------
+
+class Nodes:
+    """The service's backend over in-process stores: where / best_node / nodes as the cluster's."""
+
+    def __init__(self, count: int, tenants: Tenants, slots: int = 64) -> None:
+        self.stores = [TieredStore([HostTier(shm_name(), LAYOUT.block_nbytes, slots * LAYOUT.block_nbytes)])
+                       for _ in range(count)]
+        self.released: list[str] = []
+        self.servers = [DataPlaneServer(store, "127.0.0.1", 0, tenants, 1 << 30, release_hold=self.released.append)
+                        .start() for store in self.stores]
+        self.ids = [f"node{i}-" + os.urandom(6).hex() for i in range(count)]
+
+    def nodes(self) -> list[dict]:
+        return [{"node_id": n, "address": s.address, "tls": False, "pid": 1, "shm_name": "secret-ish"}
+                for n, s in zip(self.ids, self.servers)]
+
+    def where(self, keys):
+        held = [store.contains(keys) for store in self.stores]
+        return [[(n, "host") for n, h in zip(self.ids, held) if h[i]] for i in range(len(keys))]
+
+    def best_node(self, keys):
+        per_node = {}
+        for n, store in zip(self.ids, self.stores):
+            present = store.contains(keys) + [False]
+            if present.index(False):
+                per_node[n] = present.index(False)
+        if not per_node:
+            return {"node_id": None, "prefix_blocks": 0, "per_node": {}}
+        best = min(per_node, key=lambda n: (-per_node[n], n))
+        return {"node_id": best, "prefix_blocks": per_node[best], "per_node": per_node}
+
+    def stats(self) -> dict:
+        return {"nodes": {}}
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.shutdown()
+        for store in self.stores:
+            store.close()
+
+
+@pytest.fixture(scope="module")
+def tenants_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tenants") / "tenants.yaml"
+    path.write_text(f"tenants:\n  - name: a\n    token: {A_TOKEN}\n  - name: b\n    token: {B_TOKEN}\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def cluster(tenants_file):
+    nodes = Nodes(2, Tenants(ADMIN, tenants_file))
+    for base in http_service(nodes, Tenants(ADMIN, tenants_file)):
+        yield nodes, "kvstore://" + base.removeprefix("http://")
+    nodes.close()
+
+
+def blocks(seed: int, n: int) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, LAYOUT.block_nbytes), dtype=np.uint8))
+
+
+def keys_of(n: int) -> list[bytes]:
+    return [os.urandom(16) for _ in range(n)]
+
+
+def test_a_tenant_puts_and_gets_back_its_blocks_and_another_tenant_misses(cluster):
+    nodes, url = cluster
+    keys, data = keys_of(6), blocks(1, 6)
+    with kvstore.connect(url, token=A_TOKEN) as a:
+        assert isinstance(a, RemoteClient)
+        result = a.put(LAYOUT, keys, data, parents=[None, *keys[:-1]], wait_index=True)
+        assert (result.stored, result.present, result.rejected) == (6, 0, [])
+        assert a.put(LAYOUT, keys[:2], data[:2]).present == 2  # content-addressed: present ones are skipped
+        holder = a.where(keys)[0][0][0]
+        assert all(w == [(holder, "host")] for w in a.where(keys))
+        assert a.contains(keys + keys_of(1)) == [True] * 6 + [False]
+        assert a.longest_prefix(keys + keys_of(1) + keys) == 6
+        assert a.best_node(keys)["node_id"] == holder and a.best_node(keys)["prefix_blocks"] == 6
+        # The servers scoped them: the store holds other keys than the ones the tenant named.
+        assert not any(store.contains(keys)[0] for store in nodes.stores)
+
+    with kvstore.connect(url, token=A_TOKEN) as again:  # another client (process) of the same tenant
+        out = torch.zeros_like(data)
+        got = again.get(LAYOUT, keys, out)
+        assert got.hits == 6 and got.sources == [(holder, "remote")] * 6
+        assert torch.equal(out, data)
+    with kvstore.connect(url, token=B_TOKEN) as b:
+        out = torch.zeros_like(data)
+        assert b.get(LAYOUT, keys, out).found == [False] * 6 and not out.any()
+        assert b.contains(keys) == [False] * 6 and b.longest_prefix(keys) == 0
+        assert b.best_node(keys)["node_id"] is None
+
+
+def test_gets_pull_from_every_owner_and_a_key_named_twice_is_filled_twice(cluster):
+    nodes, url = cluster
+    with connect_remote(url, token=A_TOKEN) as a, connect_remote(url, token=A_TOKEN) as other:
+        first, second = keys_of(3), keys_of(3)
+        a.put_node, other.put_node = nodes.ids  # each puts to another node
+        a.put(LAYOUT, first, blocks(2, 3), wait_index=True)
+        other.put(LAYOUT, second, blocks(3, 3), wait_index=True)
+        asked = [second[0], first[0], first[1], second[1], first[0], keys_of(1)[0], second[2], first[2]]
+        out = torch.zeros(len(asked), LAYOUT.block_nbytes, dtype=torch.uint8)
+        got = other.get(LAYOUT, asked, out)
+        assert [s and s[0] for s in got.sources] == [nodes.ids[1], nodes.ids[0], nodes.ids[0], nodes.ids[1],
+                                                     nodes.ids[0], None, nodes.ids[1], nodes.ids[0]]
+        want = {**dict(zip(first, blocks(2, 3))), **dict(zip(second, blocks(3, 3)))}
+        for i, key in enumerate(asked):
+            if key in want:
+                assert torch.equal(out[i], want[key])
+        # Scattered buffers and typed ones work as with the Ray client.
+        rows = [torch.zeros(LAYOUT.block_shape, dtype=torch.float16) for _ in first]
+        assert other.get(LAYOUT, first, rows).hits == 3
+        assert all(torch.equal(r.view(torch.uint8).reshape(-1), want[k]) for r, k in zip(rows, first))
+
+
+def test_puts_and_gets_larger_than_one_request_are_split(cluster):
+    _, url = cluster
+    with connect_remote(url, token=A_TOKEN, max_request_bytes=3 * LAYOUT.block_nbytes) as a:
+        keys, data = keys_of(7), blocks(8, 7)
+        result = a.put(LAYOUT, keys, data, parents=[None, *keys[:-1]], wait_index=True)
+        assert (result.stored, result.rejected) == (7, [])
+        assert len({holders[0][0] for holders in a.where(keys)}) == 1  # all parts to one node
+        out = torch.zeros_like(data)
+        assert a.get(LAYOUT, keys, out).hits == 7 and torch.equal(out, data)
+
+
+def test_blocks_a_node_found_no_room_for_are_named_rejected():
+    tenants = Tenants(ADMIN)
+    nodes = Nodes(1, tenants, slots=4)
+    try:
+        for base in http_service(nodes, tenants):
+            with connect_remote("kvstore://" + base.removeprefix("http://"), token=ADMIN) as client:
+                keys = keys_of(6)
+                result = client.put(LAYOUT, keys, blocks(9, 6))  # one stream: 4 slots, none evictable meanwhile
+                assert result.rejected and result.stored + len(result.rejected) == 6
+                assert set(result.rejected) == {k for k, here in zip(keys, client.contains(keys)) if not here}
+    finally:
+        nodes.close()
+
+
+def test_a_lease_is_given_back_by_the_get_that_ends_it(cluster):
+    nodes, url = cluster
+    with connect_remote(url, token=A_TOKEN) as a:
+        keys = keys_of(2)
+        a.put_node = nodes.ids[0]
+        a.put(LAYOUT, keys, blocks(4, 2), wait_index=True)
+        out = torch.zeros(2, LAYOUT.block_nbytes, dtype=torch.uint8)
+        assert a.get(LAYOUT, keys, out, lease=f"hold1@{nodes.ids[0]}").hits == 2  # rides on the pull
+        assert a.get(LAYOUT, keys_of(1), out[:1], lease=f"hold2@{nodes.ids[1]}").hits == 0  # nothing pulled there
+        assert nodes.released[-2:] == ["hold1", "hold2"]
+
+
+def test_bad_input_is_a_typed_error_naming_the_value(cluster):
+    _, url = cluster
+    with connect_remote(url, token=A_TOKEN) as a:
+        out = torch.zeros(2, LAYOUT.block_nbytes, dtype=torch.uint8)
+        with pytest.raises(InvalidKeyError, match="616263"):  # b"abc", in hex
+            a.get(LAYOUT, [b"abc", os.urandom(16)], out)
+        with pytest.raises(PayloadError, match=r"\(2, 2048\)"):
+            a.get(LAYOUT, keys_of(3), out)
+        with pytest.raises(LeaseError, match="no-at-sign"):
+            a.get(LAYOUT, keys_of(2), out, lease="no-at-sign")
+        with pytest.raises(InvalidKeyError, match="parents"):
+            a.put(LAYOUT, keys_of(2), out, parents=[None])
+        with pytest.raises(InvalidKeyError):
+            a.contains(["not bytes"])
+
+
+def test_connect_fails_at_once_naming_what_is_wrong(cluster, tenants_file):
+    nodes, url = cluster
+    with pytest.raises(AuthError, match="401"):
+        connect_remote(url, token="x" * 32)
+    with pytest.raises(ConfigError, match="token"):
+        connect_remote(url, config=kvstore.config.load_config(None))
+    with pytest.raises(TransferError, match="127.0.0.1:1"):
+        connect_remote("kvstore://127.0.0.1:1", token=A_TOKEN)
+
+
+def test_a_scheme_the_service_or_nodes_disagree_with_is_refused(tmp_path):
+    tenants = Tenants(ADMIN)
+    nodes = Nodes(1, tenants)
+    plain = nodes.nodes
+    nodes.nodes = lambda: [{**n, "tls": True} for n in plain()]  # as if its nodes served TLS
+    try:
+        for base in http_service(nodes, tenants):
+            with pytest.raises(ConfigError, match="does not serve TLS|use kvstores://"):
+                connect_remote("kvstore://" + base.removeprefix("http://"), token=ADMIN)
+            with pytest.raises(TransferError, match="TLS"):  # https to a plaintext service
+                connect_remote("kvstores://" + base.removeprefix("http://"), token=ADMIN)
+    finally:
+        nodes.close()
+
+
+def test_a_tenant_sees_addresses_and_nothing_else_of_the_cluster(cluster):
+    nodes, url = cluster
+    base = parse_url(url).url
+    status, text = http_call(base + "/v1/dataplane", token=A_TOKEN)
+    assert status == 200
+    import json
+
+    listed = json.loads(text)["nodes"]
+    assert {n["node_id"] for n in listed} == set(nodes.ids)
+    assert all(set(n) == {"node_id", "address", "tls"} for n in listed)  # no pid, no shm name
+    assert http_call(base + "/v1/nodes", token=A_TOKEN)[0] == 403
+    assert http_call(base + "/v1/dataplane")[0] == 401
+
+
+def test_a_failed_owner_is_left_alone_and_its_blocks_are_misses(tmp_path):
+    tenants = Tenants(ADMIN)
+    nodes = Nodes(2, tenants)
+    try:
+        for base in http_service(nodes, tenants):
+            with connect_remote("kvstore://" + base.removeprefix("http://"), token=ADMIN) as client:
+                keys = keys_of(2)
+                client.put_node = nodes.ids[1]
+                client.put(LAYOUT, keys, blocks(5, 2), wait_index=True)
+                nodes.servers[1].shutdown()
+                out = torch.zeros(2, LAYOUT.block_nbytes, dtype=torch.uint8)
+                assert client.get(LAYOUT, keys, out).hits == 0
+                assert not client._breaker.allows(nodes.ids[1])
+                # A put goes to the other node meanwhile.
+                more = keys_of(1)
+                client.put(LAYOUT, more, blocks(6, 1), wait_index=True)
+                assert client.where(more) == [[(nodes.ids[0], "host")]]
+    finally:
+        nodes.servers[0].shutdown()
+        for store in nodes.stores:
+            store.close()
+
+
+def test_kvstores_round_trips_over_tls_and_refuses_a_wrong_ca_or_plaintext(tmp_path):
+    """TLS end to end: https to the service (its certificate checked against tls_ca_file and the
+    URL's host), grpc+tls to the nodes (under tls_server_name)."""
+    import asyncio
+    import threading
+
+    from kvstore.config import load_config
+    from kvstore.service import Service, serve
+    from kvstore.tls import TLS
+    from kvtest_support import wait_for
+    from test_tls import _free_port, make_ca, make_cert
+
+    ca = make_ca(tmp_path, "remote")
+    cert, key = make_cert(tmp_path, ca, names=("kvstore", "localhost"))
+    tls = TLS.from_config(load_config(None, tls_cert_file=cert, tls_key_file=key, tls_ca_file=ca[2]))
+    tenants = Tenants(ADMIN)
+    store = TieredStore([HostTier(shm_name(), LAYOUT.block_nbytes, 16 * LAYOUT.block_nbytes)])
+    server = DataPlaneServer(store, "127.0.0.1", 0, tenants, 1 << 30, tls=tls).start()
+    nodes = Nodes.__new__(Nodes)
+    nodes.stores, nodes.servers, nodes.ids, nodes.released = [store], [server], ["tls-node"], []
+    plain = Nodes.nodes.__get__(nodes)
+    nodes.nodes = lambda: [{**n, "tls": True} for n in plain()]
+    loop, stop, port = asyncio.new_event_loop(), asyncio.Event(), _free_port()
+    thread = threading.Thread(target=lambda: loop.run_until_complete(
+        serve(Service(nodes, tenants), "127.0.0.1", port, stop, tls.server_context())), daemon=True)
+    thread.start()
+    settings = dict(tls_ca_file=ca[2], tls_server_name="kvstore")
+    try:
+        url = f"kvstores://localhost:{port}"
+        client = wait_for(lambda: _connected(url, settings), 10, "the HTTPS service")
+        with client:
+            keys, data = keys_of(3), blocks(7, 3)
+            assert client.put(LAYOUT, keys, data, wait_index=True).stored == 3
+            out = torch.zeros_like(data)
+            assert client.get(LAYOUT, keys, out).hits == 3 and torch.equal(out, data)
+        other = make_ca(tmp_path, "other")
+        with pytest.raises(TransferError, match="TLS failed"):  # the service's certificate is not from this CA
+            connect_remote(url, token=ADMIN, tls_ca_file=other[2])
+        with pytest.raises(TransferError, match="kvstores://"):  # plaintext to a TLS service
+            connect_remote(f"kvstore://localhost:{port}", token=ADMIN)
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=10)
+        loop.close()
+        server.shutdown()
+        store.close()
+
+
+def _connected(url: str, settings: dict):
+    try:
+        return connect_remote(url, token=ADMIN, **settings)
+    except TransferError as e:
+        if "refused" in str(e):
+            return None
+        raise
