@@ -226,6 +226,42 @@ def test_blocks_a_node_found_no_room_for_are_named_rejected():
         nodes.close()
 
 
+def test_a_block_damaged_on_its_node_is_a_miss_and_counted(cluster):
+    nodes, url = cluster
+    with connect_remote(url, token=ADMIN) as admin:  # the admin's keys are stored as they are
+        keys, data = keys_of(3), blocks(10, 3)
+        admin.put_node = nodes.ids[0]
+        admin.put(LAYOUT, keys, data, wait_index=True)
+        store = nodes.stores[0]
+        store.tiers[0].arena[store._index[keys[1]].slot, 5] ^= 0xFF
+        try:
+            out = torch.zeros_like(data)
+            assert admin.get(LAYOUT, keys, out).found == [True, False, True]
+            assert admin.corrupt_received == 1
+            assert torch.equal(out[0], data[0]) and torch.equal(out[2], data[2])
+        finally:
+            store.tiers[0].arena[store._index[keys[1]].slot, 5] ^= 0xFF
+
+
+def test_concurrent_gets_from_threads_each_get_their_own_blocks(cluster):
+    from concurrent.futures import ThreadPoolExecutor
+
+    nodes, url = cluster
+    with connect_remote(url, token=A_TOKEN) as a:
+        chains = [(keys_of(4), blocks(20 + i, 4)) for i in range(6)]
+        for i, (keys, data) in enumerate(chains):
+            a.put_node = nodes.ids[i % 2]
+            a.put(LAYOUT, keys, data, wait_index=True)
+
+        def read(i):
+            keys, data = chains[i % len(chains)]
+            out = torch.zeros_like(data)
+            return a.get(LAYOUT, keys, out).hits == 4 and torch.equal(out, data)
+
+        with ThreadPoolExecutor(6) as pool:
+            assert all(pool.map(read, range(36)))
+
+
 def test_a_lease_is_given_back_by_the_get_that_ends_it(cluster):
     nodes, url = cluster
     with connect_remote(url, token=A_TOKEN) as a:
