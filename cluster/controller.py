@@ -25,7 +25,7 @@ from kvstore.cluster.node import CONTROLLER_NAME, NodeActor, node_actor_name
 from kvstore.cluster.shardfeed import split_by_shard
 from kvstore.cluster.shards import IndexShardActor
 from kvstore.config import load_config
-from kvstore.events import AllBlocksCleared, decode_batch, encode_batch
+from kvstore.events import decode_batch, encode_batch
 
 log = logging.getLogger(__name__)
 
@@ -320,12 +320,12 @@ class ControllerService:
             clearing = dict(self._clearing)
         if not clearing:
             return
-        # A snapshot's start (AllBlocksCleared) drops the node's entries in every shard without
-        # drop_nodes' "dead for good" (the Ray node id lives on: the new actor's stream must count).
-        cleared = encode_batch([AllBlocksCleared()])
+        # Each shard drops the node's entries and its actor's stream (late chunks of it would
+        # bring entries back), without drop_nodes' "dead for good": the Ray node id lives on, and
+        # the new actor's stream must count.
         for node_id, refs in clearing.items():
             if not refs:
-                refs = [shard.apply_events.remote(node_id, cleared) for shard in self._shards]
+                refs = [shard.clear_node.remote(node_id) for shard in self._shards]
             done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
             if len(done) < len(refs):
                 with self._lock:

@@ -30,6 +30,7 @@ from kvstore.events import AllBlocksCleared, BlockRemoved, BlockStored, Event, d
 log = logging.getLogger(__name__)
 
 LOOKUPS = ("first_missing", "prefix_by_node", "locate")  # what `batch` answers
+ENDED_STREAMS_KEPT = 8  # per node: the streams of its last crashed actors
 
 
 class IndexShard:
@@ -42,6 +43,7 @@ class IndexShard:
         self._streams: dict[str, list] = {}  # node id -> [stream id, number of the next chunk]
         self._synced: set[str] = set()  # nodes whose current stream's snapshot has been applied
         self._dropped: set[str] = set()  # nodes the controller declared dead: late chunks are ignored
+        self._ended: dict[str, list[str]] = {}  # node id -> streams of its crashed actors: late chunks are ignored
         self._counters = {"chunks": 0, "duplicates": 0, "resyncs_asked": 0, "streams": 0, "key_events": 0}
         if namespace is not None:
             threading.Thread(target=self._ask_for_share, args=(namespace,), name="kvstore-shard-rebuild",
@@ -54,7 +56,7 @@ class IndexShard:
         know that stream, or missed a chunk: start a new one) or DROPPED (the node is dead)."""
         _, events = decode_batch(payload)
         with self._lock:
-            if node_id in self._dropped:
+            if node_id in self._dropped or stream in self._ended.get(node_id, ()):
                 return DROPPED
             state = self._streams.get(node_id)
             if state is None or state[0] != stream:
@@ -101,6 +103,20 @@ class IndexShard:
         """node_id deleted these keys (before its own BlockRemoved events arrive)."""
         with self._lock:
             self._index.remove(node_id, keys_array(keys))
+
+    def clear_node(self, node_id: str) -> int:
+        """The node's actor crashed (its Ray node lives on): its entries go, and so does its
+        stream, whose chunks still in flight are ignored from now on (they would bring back
+        entries of blocks that died with that actor); the new actor's stream counts. Returns how
+        many entries went."""
+        with self._lock:
+            state = self._streams.pop(node_id, None)
+            if state is not None:
+                ended = self._ended.setdefault(node_id, [])
+                ended.append(state[0])
+                del ended[:-ENDED_STREAMS_KEPT]
+            self._synced.discard(node_id)
+            return self._index.drop_node(node_id)
 
     def drop_nodes(self, node_ids: list[str]) -> int:
         """These nodes are dead: their entries go, and anything they still send is ignored.

@@ -28,7 +28,6 @@ from kvstore.cluster.localcluster import RayTestCluster
 from kvstore.cluster.node import node_actor_name
 from kvstore.config import load_config
 from kvstore.errors import ConfigError
-from kvstore.events import decode_batch
 from kvstore.store import TieredStore
 from kvstore.tiers.host import SHM_DIR
 from kvstore.tiers.nvme import FILE_NAME
@@ -475,9 +474,8 @@ class _FakeNode:
 
 class _FakeShard:
     def __init__(self) -> None:
-        self.events: list[tuple[str, list]] = []
-        self.apply_events = _Method(lambda node_id, payload: (self.events.append((node_id, decode_batch(payload)[1])),
-                                                              _Ref())[1])
+        self.cleared: list[str] = []
+        self.clear_node = _Method(lambda node_id: (self.cleared.append(node_id), _Ref())[1])
 
 
 def _controller_with(nodes: dict[str, _FakeNode], shards: list[_FakeShard]):
@@ -507,12 +505,12 @@ def test_a_dead_node_actor_is_forgotten_and_its_entries_cleared_but_a_slow_one_i
     c = _controller_with({"dead": died, "slow": slow, "well": well}, shards)
 
     c._check_actors()  # one "died" answer is not enough
-    assert set(c._nodes) == {"dead", "slow", "well"} and not c._clearing and not shards[0].events
+    assert set(c._nodes) == {"dead", "slow", "well"} and not c._clearing and not shards[0].cleared
     assert c._slow == {"slow"}
     c._check_actors()  # the second in a row is
     assert set(c._nodes) == set(c._actors) == {"slow", "well"} and "dead" not in c._synced
-    assert [(n, [type(e).__name__ for e in events]) for s in shards for n, events in s.events] == \
-        [("dead", ["AllBlocksCleared"])] * 2, "every shard drops its entries, without drop_nodes' 'dead for good'"
+    assert [s.cleared for s in shards] == [["dead"]] * 2, \
+        "every shard drops its entries and its stream, without drop_nodes' 'dead for good'"
     assert c._respawning == {"dead"} and c._restarted_actors == 1
     assert "dead" not in c._clearing, "every shard acknowledged: the next round makes a new node actor"
     c._check_actors()
@@ -521,8 +519,9 @@ def test_a_dead_node_actor_is_forgotten_and_its_entries_cleared_but_a_slow_one_i
 
 
 def test_a_cleared_node_s_new_stream_counts_again():
-    """What the controller sends the shards for a crashed node actor (AllBlocksCleared) drops
-    the entries but, unlike drop_nodes (for dead Ray nodes), lets the new actor's stream in."""
+    """What the controller tells the shards of a crashed node actor (clear_node) drops its
+    entries and its stream (late chunks of it are ignored) but, unlike drop_nodes (for dead Ray
+    nodes), lets the new actor's stream in."""
     from kvstore.cluster.shards import IndexShard
     from kvstore.events import AllBlocksCleared, BlockStored, encode_batch
 
@@ -531,7 +530,10 @@ def test_a_cleared_node_s_new_stream_counts_again():
     shard = IndexShard(0, 1)
     assert shard.apply("n", "old-stream", 0, snapshot, synced=True) == "ok"
     assert shard.first_missing(b"".join(keys)) == 3
-    shard.apply_events("n", encode_batch([AllBlocksCleared()]))
+    assert shard.clear_node("n") == 3 and shard.first_missing(b"".join(keys)) == 0
+    # A chunk the crashed actor sent before it died, arriving late, brings nothing back.
+    late = encode_batch([BlockStored(keys, None, "CPU")])
+    assert shard.apply("n", "old-stream", 1, late) == "dropped"
     assert shard.first_missing(b"".join(keys)) == 0
     assert shard.apply("n", "new-stream", 0, snapshot, synced=True) == "ok"
     assert shard.first_missing(b"".join(keys)) == 3 and shard.synced_nodes() == ["n"]
