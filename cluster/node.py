@@ -19,6 +19,7 @@ import ray
 
 from kvstore.cluster.dataplane import DataPlaneServer
 from kvstore.cluster.identity import claim_nvme_dir
+from kvstore.cluster.kvevents import EventPublisher
 from kvstore.cluster.shardfeed import RayShards, ShardFeed
 from kvstore.config import load_config
 from kvstore.errors import LeaseError
@@ -58,8 +59,11 @@ class NodeService:
         self.node_id = node_id
         self._namespace = namespace
         remove_stale_arenas(f"{config.shm_prefix}-*-*")  # any node's: node ids change when nodes restart
-        # Before the store: its listener feeds this from the start (NVMe blocks found at open).
+        # Before the store: its listener feeds these from the start (NVMe blocks found at open).
         self._feed = ShardFeed(node_id, RayShards(namespace), snapshot=lambda: self.store.resync())
+        self._publisher = EventPublisher(config.kv_events_endpoint, config.kv_events_replay_endpoint,
+                                         config.kv_events_buffer_steps, topic=config.kv_events_topic) \
+            if config.kv_events_endpoint else None
         try:
             self.store = TieredStore.from_config(config, shm_name=f"{config.shm_prefix}-{short}-{os.getpid()}",
                                                  listener=self._on_events)
@@ -88,7 +92,9 @@ class NodeService:
         return {"node_id": self.node_id, "address": self.server.address, "tls": self.server.tls, "pid": os.getpid(),
                 "shm_name": getattr(host_tier, "shm_name", None), "slot_bytes": self.store.slot_nbytes,
                 "size_classes": self.store.classes.describe(),
-                "tiers": [t.name for t in self.store.tiers]}
+                "tiers": [t.name for t in self.store.tiers],
+                "kv_events": {"endpoint": self._publisher.endpoint, "replay_endpoint": self._publisher.replay_endpoint}
+                if self._publisher else None}
 
     def acquire(self, layout: dict, keys: list[bytes], ttl_s: float | None = None) -> tuple[str, list, list]:
         """Pins blocks in the host arena for a reader on this node:
@@ -218,6 +224,8 @@ class NodeService:
         self._pump.join(timeout=5)
         self.server.shutdown()
         self.store.close()
+        if self._publisher is not None:
+            self._publisher.close()
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -258,6 +266,8 @@ class NodeService:
 
     def _on_events(self, events: list[Event]) -> None:
         self._feed.enqueue(events)
+        if self._publisher is not None:  # routers' feed (cluster/kvevents.py)
+            self._publisher.publish(events)
 
     def _pump_events(self) -> None:
         period = max(self.config.event_batch_ms, 1) / 1000

@@ -99,6 +99,10 @@ class Config:
     verify_reads: str = _setting("sampled", "Which local shared-memory reads re-check the block's checksum (NVMe reads and transfers between nodes always do). sampled: verify_sample_fraction of them.", "str", ("off", "sampled", "always"))
     verify_sample_fraction: float = _setting(0.0625, "Fraction of local reads checked when verify_reads is sampled.", "float")
     event_batch_ms: int = _setting(20, "How long a node gathers block events before sending them to the index shards.", "int")
+    kv_events_endpoint: str = _setting("", "ZMQ endpoint each node binds to publish its block events in vLLM's KV-event format, for KV-aware routers (e.g. tcp://0.0.0.0:5557; tcp://127.0.0.1:* picks a port; a node's info says which). Empty: off.")
+    kv_events_replay_endpoint: str = _setting("", "ZMQ endpoint each node binds to answer replay requests for missed event batches (vLLM's ROUTER protocol). Empty: no replay.")
+    kv_events_buffer_steps: int = _setting(10000, "Event batches a node keeps for replay.", "int")
+    kv_events_topic: str = _setting("kvstore", "ZMQ topic of the published event batches.")
     index_shards: int = _setting(0, "Index shards: Ray actors the cluster index is split over by key hash, asked in parallel by every lookup. 0 picks max(2, nodes // 8) from the nodes alive when the cluster first starts. Fixed for the cluster's life (a restarted controller keeps the shards it finds).", "int")
     max_request_bytes: int = _setting(1024**3, "Largest payload one data-plane request may move.", "size")
     log_level: str = _setting("INFO", "Logging level.", "str", ("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -121,6 +125,10 @@ class Config:
             raise ConfigError(f"http_port={self.http_port!r} is not a port")
         if self.lease_ttl_s <= 0:
             raise ConfigError(f"lease_ttl_s={self.lease_ttl_s!r} must be positive")
+        if self.kv_events_buffer_steps < 1:
+            raise ConfigError(f"kv_events_buffer_steps={self.kv_events_buffer_steps!r} must be at least 1")
+        if self.kv_events_replay_endpoint and not self.kv_events_endpoint:
+            raise ConfigError(f"kv_events_replay_endpoint={self.kv_events_replay_endpoint!r} needs kv_events_endpoint")
         if self.pull_streams < 1:
             raise ConfigError(f"pull_streams={self.pull_streams!r} must be at least 1")
         if self.transfer_timeout_s <= 0:

@@ -1,11 +1,13 @@
-"""Block events in the shape of vLLM's KV events, encoded with msgpack.
+"""Block events, in the shape of vLLM's KV events, encoded with msgpack.
 
-vLLM publishes `EventBatch(ts, events)` where each event is a tagged array:
+A store announces what it stores and drops as `BlockStored` / `BlockRemoved` /
+`AllBlocksCleared` (block hashes are our 16-byte keys, `medium` the tier's). Between a node and
+the index shards they travel as `[ts, [event, ...]]` with each event a tagged array,
 `["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium]`,
-`["BlockRemoved", block_hashes, medium]`, `["AllBlocksCleared"]`. kvstore emits the same shapes
-(block hashes are our 16-byte keys), so a KV-aware router that consumes vLLM's events can consume
-kvstore's. A block moving between tiers is a BlockRemoved from one medium and a BlockStored on
-the other, as vLLM reports its own CPU offloading.
+`["BlockRemoved", block_hashes, medium]`, `["AllBlocksCleared"]` (vLLM's older array shape:
+compact, and bounded when decoded). For routers, cluster/kvevents.py publishes the same events
+as vLLM's current classes encode them. A block moving between tiers is a BlockRemoved from one
+medium and a BlockStored on the other, as vLLM reports its own CPU offloading.
 """
 from __future__ import annotations
 

@@ -104,7 +104,8 @@ class NodeClient:
 
 
 KV_CLUSTER = {"nodes": 3, "settings": dict(auth_token=TOKEN, host_tier_bytes="32MiB", slot_bytes="8KiB",
-                                           nvme_tier_bytes="16MiB", event_batch_ms=10, lease_ttl_s=30)}
+                                           nvme_tier_bytes="16MiB", event_batch_ms=10, lease_ttl_s=30,
+                                           kv_events_endpoint="tcp://127.0.0.1:*")}
 
 
 @pytest.fixture(scope="module")
@@ -382,6 +383,32 @@ def test_a_stalled_peer_is_a_miss_within_the_deadline_and_then_left_alone(cluste
     finally:
         os.kill(pid, signal.SIGCONT)
     wait_for(lambda: pull(client, keys).hits == 2, 60, "B to serve again once its breaker closes")
+
+
+def test_each_node_publishes_its_block_events_for_routers_over_zmq(cluster):
+    import zmq
+
+    _, client = cluster
+    endpoint = next(n for n in client.nodes() if n["node_id"] == client.node_id)["kv_events"]["endpoint"]
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"kvstore")
+    sub.setsockopt(zmq.RCVTIMEO, 2000)
+    sub.connect(endpoint)
+    try:
+        stored: set[bytes] = set()
+        for seed in range(40, 50):  # until the subscription is up, PUB drops (ZMQ's slow joiner)
+            keys = block_keys(tokens(seed, 2), LAYOUT, "kv-events")
+            client.put(LAYOUT, keys, payload(keys))
+            try:
+                while not set(keys) <= stored:
+                    _, events, _ = msgpack.unpackb(sub.recv_multipart()[2], raw=False)
+                    stored |= {h for e in events if e["type"] == "BlockStored" for h in e["block_hashes"]}
+                break
+            except zmq.Again:
+                continue
+        assert set(keys) <= stored
+    finally:
+        sub.close(linger=0)
 
 
 def test_when_a_put_is_seen_where(cluster):
