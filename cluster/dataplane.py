@@ -99,11 +99,13 @@ class DataPlaneServer(flight.FlightServerBase):
                  put_deadline_s: float = 30.0, release_hold: Callable[[str], None] | None = None,
                  tls: TLS | None = None) -> None:
         # With TLS the server listens for TLS only: a plaintext client's handshake fails.
+        tenants = token if isinstance(token, Tenants) else Tenants(token)  # the admin's token alone
         super().__init__(f"grpc+tls://{host}:{port}" if tls else f"grpc+tcp://{host}:{port}",
                          tls_certificates=[flight.CertKeyPair(tls.cert_chain, tls.private_key)] if tls else None,
-                         middleware={"auth": _TokenAuth(token if isinstance(token, Tenants) else Tenants(token))})
+                         middleware={"auth": _TokenAuth(tenants)})
         self.host = host
         self.tls = tls is not None
+        self._tenants = tenants
         self._store = store
         self._max_request_bytes = max_request_bytes
         self._put_deadline_s = put_deadline_s
@@ -221,9 +223,9 @@ class DataPlaneServer(flight.FlightServerBase):
     def _stream(self, req, tenant: Tenant):
         """The blocks of a get request this node has, as record batches; then gives back the hold
         `req.release` (a lease the get ends), whether or not its blocks were all sent. A tenant's
-        keys are looked up in its scope (kvstore/tenants.py), and its blocks go out under the keys
-        it asked for."""
-        stored = tenant.stored(req.keys)
+        keys are looked up in its scope, then in shared tenants' (kvstore/tenants.py), and its
+        blocks go out under the keys it asked for."""
+        stored = self._tenants.readable(tenant, req.keys, self._store.contains)
         asked = None if tenant.is_admin else dict(zip(stored, req.keys))
         try:
             if req.by_layer:

@@ -9,6 +9,7 @@ added, removed and rotated without a restart):
       - name: acme
         token: "..."          # the tenant's secret credential (Flight and HTTP)
         key_secret: "..."     # optional: what its key scope derives from (default: the token)
+        shared: false         # optional: true lets every tenant read (never write) its blocks
 
 A tenant's blocks live under *scoped* keys: the key a client computes (from the prompt and a
 namespace, kvstore.keys) is stored as BLAKE2b-128 keyed with the tenant's scope, a secret
@@ -17,6 +18,9 @@ the caller's credential to every key it names, so a tenant addresses only its ow
 another tenant's key, known or guessed, names a different stored block, and a get of it is a
 miss like any other (nothing tells the two apart), a delete or put of it touches only the
 caller's own space. Rotating a token without a key secret starts that tenant on a fresh cache.
+A tenant that opts in (`shared: true`, e.g. one holding public system prompts) is read by every
+tenant: a get looks in the caller's own scope first, then in the shared tenants' (`readable`);
+writes always go to the caller's own scope, so only its owner writes a shared block.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import yaml
 
@@ -47,12 +51,13 @@ class Tenant:
     name: str
     token: str = dataclasses.field(repr=False)
     scope: bytes = dataclasses.field(repr=False)  # empty for the admin (see admin())
+    shared: bool = False  # every tenant may read its blocks
 
     @classmethod
-    def make(cls, name: str, token: str, key_secret: str = "") -> "Tenant":
+    def make(cls, name: str, token: str, key_secret: str = "", shared: bool = False) -> "Tenant":
         scope = hmac.new((key_secret or token).encode(), b"kvstore tenant scope v1:" + name.encode(),
                          hashlib.sha256).digest()
-        return cls(name, token, scope)
+        return cls(name, token, scope, shared)
 
     @property
     def is_admin(self) -> bool:
@@ -95,6 +100,28 @@ class Tenants:
         self._reload()
         # Tokens are looked up by their hash: a dict lookup's timing tells nothing of the token.
         return self._by_token.get(hashlib.sha256(given).digest())
+
+    def readable(self, tenant: Tenant, keys: Sequence[bytes],
+                 present: "Callable[[list[bytes]], list[bool]]") -> list[bytes]:
+        """The stored key a read of each of `keys` by `tenant` names: in its own scope where
+        `present` says that block exists, else in the first shared tenant's scope that has it,
+        else its own (a miss). Never for writes: they go to the tenant's own scope."""
+        stored = tenant.stored(keys)
+        self._reload()
+        shared = [] if tenant.is_admin else [t for t in self._by_token.values() if t.shared and t is not tenant]
+        if not shared:
+            return stored
+        missing = [i for i, here in enumerate(present(stored)) if not here]
+        for other in shared:
+            if not missing:
+                break
+            theirs = other.stored([keys[i] for i in missing])
+            found = present(theirs)
+            for i, key, here in zip(missing, theirs, found):
+                if here:
+                    stored[i] = key
+            missing = [i for i, here in zip(missing, found) if not here]
+        return stored
 
     def names(self) -> list[str]:
         self._reload()
@@ -144,20 +171,23 @@ def load_tenants(text: str, admin_token: str = "") -> list[Tenant]:
         raise ConfigError(f"'tenants' must be a list of at most {MAX_TENANTS}")
     tenants, names, tokens = [], set(), set()
     for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or set(entry) - {"name", "token", "key_secret"}:
-            raise ConfigError(f"tenants[{i}] must be a mapping of name, token and (optional) key_secret")
+        if not isinstance(entry, dict) or set(entry) - {"name", "token", "key_secret", "shared"}:
+            raise ConfigError(f"tenants[{i}] must be a mapping of name, token and (optional) key_secret and shared")
         name, token, key_secret = entry.get("name"), entry.get("token"), entry.get("key_secret", "")
+        shared = entry.get("shared", False)
         if not isinstance(name, str) or not 0 < len(name) <= 64 or set(name) - _NAME_CHARS:
             raise ConfigError(f"tenants[{i}].name={name!r} must be 1-64 letters, digits, '-', '_' or '.'")
         if not isinstance(token, str) or len(token) < 16:
             raise ConfigError(f"tenants[{i}] ({name}): its token must be a string of at least 16 characters")
         if not isinstance(key_secret, str):
             raise ConfigError(f"tenants[{i}] ({name}): key_secret must be a string")
+        if not isinstance(shared, bool):
+            raise ConfigError(f"tenants[{i}] ({name}): shared={shared!r} must be true or false")
         if name in names or name == "admin":
             raise ConfigError(f"tenants[{i}].name={name!r} is taken (twice, or the admin's)")
         if token in tokens or token == admin_token:
             raise ConfigError(f"tenants[{i}] ({name}): its token is another's (a tenant's, or the admin's)")
         names.add(name)
         tokens.add(token)
-        tenants.append(Tenant.make(name, token, key_secret))
+        tenants.append(Tenant.make(name, token, key_secret, shared))
     return tenants

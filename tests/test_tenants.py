@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from kvstore.errors import ConfigError
 from kvstore.tenants import Tenant, Tenants, load_tenants
@@ -21,6 +22,7 @@ ADMIN = "admin-token-0123456789"
     ("tenants: [{name: a, token: aaaaaaaaaaaaaaaaaaaa}, {name: b, token: aaaaaaaaaaaaaaaaaaaa}]", "another's"),
     (f"tenants: [{{name: a, token: {ADMIN}}}]", "another's"),
     ("tenants: [{name: a, token: aaaaaaaaaaaaaaaaaaaa, quota: 1}]", "mapping of name, token"),
+    ("tenants: [{name: a, token: aaaaaaaaaaaaaaaaaaaa, shared: 1}]", "must be true or false"),
     ("tenants: [unclosed", "not valid YAML"),
 ])
 def test_a_bad_tenants_file_is_refused_with_what_is_wrong(text, message):
@@ -50,3 +52,45 @@ def test_credentials_resolve_to_their_tenant_or_none(tmp_path):
     assert tenants.names() == ["a"]
     with pytest.raises(ConfigError, match="cannot be read"):
         Tenants(ADMIN, str(tmp_path / "absent.yaml"))
+
+
+def test_a_shared_tenant_is_read_by_all_but_written_only_in_each_caller_s_own_scope(tmp_path):
+    """Over a real Flight server: `shared: true` lets every tenant read (own scope first), never write."""
+    import numpy as np
+
+    from kvstore.cluster.dataplane import DataPlaneClient, DataPlaneServer
+    from kvstore.store import TieredStore
+    from kvstore.tiers.host import HostTier
+    from kvtest_support import LAYOUT, NBYTES, shm_name
+
+    tokens = {n: f"{n}-token-0123456789" for n in ("public", "b", "c")}
+    path = tmp_path / "tenants.yaml"
+    path.write_text("tenants:\n"
+                    f"  - {{name: public, token: {tokens['public']}, shared: true}}\n"
+                    f"  - {{name: b, token: {tokens['b']}}}\n  - {{name: c, token: {tokens['c']}}}\n")
+    store = TieredStore([HostTier(shm_name(), NBYTES, 16 * NBYTES)])
+    server = DataPlaneServer(store, "127.0.0.1", 0, Tenants(ADMIN, str(path)), 1 << 30).start()
+    rng = np.random.default_rng(3)
+    rows = {n: [torch.from_numpy(rng.integers(0, 256, NBYTES, dtype=np.uint8)) for _ in range(3)] for n in tokens}
+    keys = [os.urandom(16) for _ in range(3)]
+    clients = {n: DataPlaneClient(server.address, t, timeout_s=10) for n, t in tokens.items()}
+
+    def read(who: str) -> dict[bytes, bytes]:
+        got: dict[bytes, bytes] = {}
+        clients[who].get(LAYOUT, keys, lambda k, data, s, offset: got.__setitem__(k, bytes(data)))
+        return got
+
+    def bytes_of(who: str, i: int) -> bytes:
+        return bytes(rows[who][i].numpy())
+
+    try:
+        assert clients["public"].put(LAYOUT, keys, rows["public"])["stored"] == 3
+        assert read("b") == read("c") == {k: bytes_of("public", i) for i, k in enumerate(keys)}  # readable by all
+        assert clients["b"].put(LAYOUT, keys[:1], rows["b"][:1])["stored"] == 1  # into b's own scope only
+        assert read("b")[keys[0]] == bytes_of("b", 0) and read("b")[keys[1]] == bytes_of("public", 1)
+        assert read("public")[keys[0]] == bytes_of("public", 0) and read("c")[keys[0]] == bytes_of("public", 0)
+    finally:
+        for c in clients.values():
+            c.close()
+        server.shutdown()
+        store.close()

@@ -253,6 +253,9 @@ The tenants file the chart writes from tenants.list (kvstore/tenants.py's format
 {{- if .key_secret -}}
 {{- $_ := set $tenant "key_secret" .key_secret -}}
 {{- end -}}
+{{- if .shared -}}
+{{- $_ := set $tenant "shared" true -}}
+{{- end -}}
 {{- $tenants = append $tenants $tenant -}}
 {{- end -}}
 {{- toYaml (dict "tenants" $tenants) -}}
