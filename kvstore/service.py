@@ -150,7 +150,9 @@ class Service:
         want_best = body.get("best_node", True)
         if not isinstance(want_best, bool):
             raise _bad(f"best_node={want_best!r:.80} must be true or false")
-        keys = self._caller(request).stored(asked)  # a tenant looks in its own scope only
+        # A tenant looks in its own scope, then in shared tenants' (kvstore/tenants.py).
+        keys = await asyncio.to_thread(self._tenants.readable, self._caller(request), asked,
+                                       lambda stored: [bool(h) for h in self.backend.where(stored)])
         if want_best:
             where, best = await asyncio.gather(asyncio.to_thread(self.backend.where, keys),
                                                asyncio.to_thread(self.backend.best_node, keys))

@@ -94,3 +94,38 @@ def test_a_shared_tenant_is_read_by_all_but_written_only_in_each_caller_s_own_sc
             c.close()
         server.shutdown()
         store.close()
+
+
+def test_a_tenant_s_http_lookup_finds_a_shared_tenant_s_blocks_and_no_other_s(tmp_path):
+    import json
+
+    from kvtest_support import http_call, http_service
+
+    path = tmp_path / "tenants.yaml"
+    path.write_text("tenants: [{name: public, token: public-token-0123456, shared: true},"
+                    " {name: a, token: a-token-0123456789}, {name: b, token: b-token-0123456789}]\n")
+    tenants = Tenants(ADMIN, str(path))
+    key = os.urandom(16)
+    held = {tenants.authenticate("public-token-0123456").stored([key])[0]}
+
+    class Backend:  # the index holds the key in public's scope only
+        def where(self, keys):
+            return [[("n1", "CPU")] if k in held else [] for k in keys]
+
+        def best_node(self, keys):
+            return {"node_id": None, "prefix_blocks": 0, "per_node": {}}
+
+        def nodes(self):
+            return [{"node_id": "n1", "address": "10.0.0.1:8471", "tls": False}]
+
+    service = http_service(Backend(), tenants)
+    base = next(service)
+    try:
+        for token in ("b-token-0123456789", "public-token-0123456"):
+            status, text = http_call(base + "/v1/lookup", {"keys": [key.hex()]}, token)
+            assert status == 200 and json.loads(text)["prefix_blocks"] == 1, (token, text)
+        held.clear()  # gone from the shared scope: a miss for everyone
+        assert json.loads(http_call(base + "/v1/lookup", {"keys": [key.hex()]}, "b-token-0123456789")[1])[
+            "prefix_blocks"] == 0
+    finally:
+        next(service, None)
