@@ -202,8 +202,9 @@ class _Http:
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
                 conn.close()
                 if attempt:
+                    hint = "" if self.endpoint.tls else " (a service with TLS is kvstores://)"
                     raise TransferError(f"{method} {self.endpoint.url}{path} failed: {e or type(e).__name__}"
-                                        f"{'' if self.endpoint.tls else ' (a service with TLS is kvstores://)'}") from None
+                                        f"{hint}") from None
             except (OSError, http.client.HTTPException) as e:
                 conn.close()
                 raise TransferError(f"{method} {self.endpoint.url}{path} failed: {e or type(e).__name__}") from None
@@ -485,8 +486,8 @@ class RemoteClient:
         step = self._batch(layout)
         for start in range(0, len(keys), step):  # each within what one request may carry, to one node
             part = slice(start, start + step)
-            node, reply = self._put_somewhere(layout, keys[part], rows[part], None if parents is None else parents[part],
-                                              node)
+            part_parents = None if parents is None else parents[part]
+            node, reply = self._put_somewhere(layout, keys[part], rows[part], part_parents, node)
             stored, present = stored + int(reply.get("stored", 0)), present + int(reply.get("present", 0))
             failed += int(reply.get("rejected", 0)) + int(reply.get("corrupt", 0))
             for key in keys[part]:
