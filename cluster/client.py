@@ -28,7 +28,7 @@ import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -39,7 +39,7 @@ from kvstore.cluster.dataplane import SESSION_IDLE_S, DataPlaneClient
 from kvstore.cluster.locations import LocationCache, PeerBreaker
 from kvstore.cluster.lookups import IndexReader
 from kvstore.cluster.shardmap import shard_actor_name
-from kvstore.cluster.pulled import Landing, PulledBlocks
+from kvstore.cluster.pulled import ClusterGetResult, Landing, PulledBlocks
 from kvstore.cluster.node import node_actor_name
 from kvstore.config import Config, load_config
 from kvstore.errors import ConfigError, KVStoreError, LeaseError, TransferError
@@ -51,24 +51,14 @@ from kvstore.store import PutResult
 from kvstore.tiers.host import HostArena
 from kvstore.tls import TLS
 
+if TYPE_CHECKING:
+    from kvstore.cluster.remote import RemoteClient
+
 log = logging.getLogger(__name__)
 
 RPC_TIMEOUT_S = 60.0
 LOOKUP_TIMEOUT_S = 5.0  # an index shard slower than this counts as knowing nothing (a shorter answer)
 _STREAM_MIN_BYTES = 32 * 1024 * 1024  # a pull is split into streams of at least this much
-
-
-@dataclasses.dataclass
-class ClusterGetResult:
-    sources: list[tuple[str, str] | None]  # per key: (node id it came from, "local" or "remote"), None: miss
-
-    @property
-    def found(self) -> list[bool]:
-        return [s is not None for s in self.sources]
-
-    @property
-    def hits(self) -> int:
-        return sum(s is not None for s in self.sources)
 
 
 @dataclasses.dataclass(frozen=True)

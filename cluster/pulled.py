@@ -16,6 +16,7 @@ returns and names it found.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from concurrent.futures import Executor, Future
@@ -28,6 +29,21 @@ import xxhash
 from kvstore.integrity import copy_with_checksum
 
 log = logging.getLogger(__name__)
+
+@dataclasses.dataclass(frozen=True)
+class ClusterGetResult:
+    """What a cluster get (the Ray client's, or the remote client's) found, and where from."""
+
+    sources: list[tuple[str, str] | None]  # per key: (node id it came from, "local" or "remote"), None: miss
+
+    @property
+    def found(self) -> list[bool]:
+        return [s is not None for s in self.sources]
+
+    @property
+    def hits(self) -> int:
+        return sum(s is not None for s in self.sources)
+
 
 INLINE_COPY_BELOW = 1024 * 1024  # blocks smaller than this are copied on the stream's thread
 SMALL_PIECE = 256 * 1024  # pieces up to this much are copied plainly, then hashed (see _copy)

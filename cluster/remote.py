@@ -48,7 +48,7 @@ from typing import Sequence
 from kvstore.cluster.dataplane import SESSION_IDLE_S, DataPlaneClient
 from kvstore.cluster.locations import LocationCache, PeerBreaker
 from kvstore.cluster.protocol import MAX_KEYS
-from kvstore.cluster.pulled import Landing, PulledBlocks
+from kvstore.cluster.pulled import ClusterGetResult, Landing, PulledBlocks
 from kvstore.config import Config, load_config
 from kvstore.errors import (AuthError, ConfigError, InvalidKeyError, KVStoreError, LeaseError, TransferError)
 from kvstore.keys import check_key, check_keys
@@ -67,21 +67,6 @@ NODES_REFRESH_S = 1.0  # GET /v1/dataplane at most this often when a node is not
 INDEX_WAIT_S = 10.0  # a put with wait_index waits this long for the index at most
 REJECTED_WAIT_S = 2.0  # a put with rejections waits this long for the index to name them
 _STREAM_MIN_BYTES = 32 * 1024 * 1024  # a pull is split into streams of at least this much
-
-
-@dataclasses.dataclass(frozen=True)
-class ClusterGetResult:
-    """The Ray client's get result, in the same shape (cluster/client.py imports Ray)."""
-
-    sources: list  # per key: (node id it came from, "remote"), or None for a miss
-
-    @property
-    def found(self) -> list[bool]:
-        return [s is not None for s in self.sources]
-
-    @property
-    def hits(self) -> int:
-        return sum(s is not None for s in self.sources)
 
 
 @dataclasses.dataclass(frozen=True)
