@@ -25,7 +25,6 @@ import dataclasses
 import logging
 import os
 import secrets
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Sequence
@@ -35,7 +34,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kvstore.cluster.commits import PendingCommits
 from kvstore.cluster.controller import CONTROLLER_NAME, ControllerActor
-from kvstore.cluster.dataplane import SESSION_IDLE_S, DataPlaneClient
+from kvstore.cluster.dataplane import Peers
 from kvstore.cluster.locations import LocationCache, PeerBreaker
 from kvstore.cluster.lookups import IndexReader
 from kvstore.cluster.shardmap import shard_actor_name
@@ -124,8 +123,7 @@ class Client:
             raise ConfigError(f"this node's data plane {'serves' if info.get('tls') else 'does not serve'} TLS but this "
                               f"client's settings {'do not' if self._tls is None else 'do'} (tls_cert_file, "
                               "tls_key_file, tls_ca_file): give clients the nodes' TLS settings")
-        self._peers: dict[str, DataPlaneClient] = {}  # by address
-        self._peers_lock = threading.Lock()
+        self._peers = Peers(self._token, config.transfer_timeout_s, self._tls)
         self._addresses: dict[str, str] = {}  # node id -> data-plane address, refreshed when one is unknown
         self._locations = LocationCache()
         self._index = self._index_reader()  # lookups go to the index shards, not through the controller
@@ -140,10 +138,6 @@ class Client:
         self._reported_at = time.monotonic()
         self._background: list = []  # commits of blocks cached by earlier gets (see flush)
         self._commits = PendingCommits(RPC_TIMEOUT_S)  # of puts, not waited for (cluster/commits.py)
-        # Sessions to peers that go unused are closed, so a peer shutting down need not wait for them.
-        self._closing = threading.Event()
-        self._reaper = threading.Thread(target=self._close_idle_sessions, name="kvstore-sessions", daemon=True)
-        self._reaper.start()
 
     def _local_node_info(self) -> dict:
         """Waits until the controller has a node actor running on this Ray node."""
@@ -484,16 +478,13 @@ class Client:
             if address is None:
                 return owner, set(), False
             try:
-                got = self._peer(address).get(layout, [keys[i] for i in idx], sink, verify=False, release=hold_id,
+                got = self._peers.get(address).get(layout, [keys[i] for i in idx], sink, verify=False, release=hold_id,
                                               by_layer=by_layer)
                 self._breaker.succeeded(owner)
                 return owner, got, hold_id is not None
             except TransferError as e:  # the owner died, stalled or refused: those blocks are misses
                 log.warning("%s; leaving node %s alone for %.0f s", e, owner[:12], self._breaker.failed(owner))
-                with self._peers_lock:
-                    peer = self._peers.pop(address, None)
-                if peer is not None:  # its sessions end at their deadlines at worst: not on this thread
-                    threading.Thread(target=peer.close, daemon=True).start()
+                self._peers.drop(address)
                 self._addresses.pop(owner, None)
                 self._locations.forget_node(owner)
                 return owner, set(), False
@@ -507,26 +498,11 @@ class Client:
         results = [pull(*jobs[0])] if len(jobs) == 1 else list(self._streams.map(lambda job: pull(*job), jobs))
         return {key: owner for owner, got, _ in results for key in got}, any(done for _, _, done in results)
 
-    def _close_idle_sessions(self) -> None:
-        while not self._closing.wait(SESSION_IDLE_S / 2):
-            with self._peers_lock:
-                peers = list(self._peers.values())
-            for peer in peers:
-                peer.close_idle()
-
     def flush(self) -> None:
         """Waits until blocks put, and blocks pulled by earlier gets, are visible in this node's cache."""
         self._commits.settle()
         refs, self._background = self._background, []
         ray.get(refs, timeout=RPC_TIMEOUT_S)
-
-    def _peer(self, address: str) -> DataPlaneClient:
-        with self._peers_lock:  # streams to several owners open their channels concurrently
-            peer = self._peers.get(address)
-            if peer is None:
-                peer = self._peers[address] = DataPlaneClient(address, self._token, self.config.transfer_timeout_s,
-                                                              self._tls)
-            return peer
 
     def _index_reader(self) -> IndexReader:
         count = ray.get(self._controller.index_shards.remote(), timeout=RPC_TIMEOUT_S)
@@ -597,11 +573,8 @@ class Client:
         """Unmaps the arena; an embedded cluster (or shutdown_cluster=True) is stopped too."""
         self._report_directory_reads()
         self.flush()
-        self._closing.set()
-        self._reaper.join(timeout=5)
         self._index.stop()
-        for peer in self._peers.values():
-            peer.close()
+        self._peers.close()
         self._copier.shutdown()
         self._streams.shutdown()
         self._arena.close()

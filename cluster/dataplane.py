@@ -627,6 +627,54 @@ class DataPlaneClient:
         self._client.close()
 
 
+class Peers:
+    """A client's data-plane clients, one per peer address, made on first use and shared by its
+    threads; a reaper thread ends their idle sessions (a peer shutting down waits for open ones)."""
+
+    def __init__(self, token: str, timeout_s: float, tls: TLS | None) -> None:
+        self._token, self._timeout_s, self._tls = token, timeout_s, tls
+        self._clients: dict[str, DataPlaneClient] = {}
+        self._lock = threading.Lock()  # streams to several owners open their channels concurrently
+        self._closed = threading.Event()
+        self._reaper = threading.Thread(target=self._close_idle, name="kvstore-sessions", daemon=True)
+        self._reaper.start()
+
+    def get(self, address: str) -> DataPlaneClient:
+        with self._lock:
+            if self._closed.is_set():
+                raise KVStoreError("this kvstore client is closed")
+            peer = self._clients.get(address)
+            if peer is None:
+                peer = self._clients[address] = DataPlaneClient(address, self._token, self._timeout_s, self._tls)
+            return peer
+
+    def drop(self, address: str) -> None:
+        """Forgets a peer whose transfer failed; its sessions end at their deadlines at worst, so
+        they are closed off the caller's thread."""
+        with self._lock:
+            peer = self._clients.pop(address, None)
+        if peer is not None:
+            threading.Thread(target=peer.close, daemon=True).start()
+
+    def close(self) -> None:
+        """Ends every session and connection; calling it again does nothing."""
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            peers, self._clients = list(self._clients.values()), {}
+        self._reaper.join(timeout=5)
+        for peer in peers:
+            peer.close()
+
+    def _close_idle(self) -> None:
+        while not self._closed.wait(SESSION_IDLE_S / 2):
+            with self._lock:
+                peers = list(self._clients.values())
+            for peer in peers:
+                peer.close_idle()
+
+
 def _assembled(assembling: dict[bytes, bytearray], key: bytes, data: memoryview, offset: int,
                nbytes: int) -> memoryview | None:
     """A block from its pieces: whole once its last piece is in (None before)."""

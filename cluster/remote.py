@@ -45,7 +45,7 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-from kvstore.cluster.dataplane import SESSION_IDLE_S, DataPlaneClient
+from kvstore.cluster.dataplane import Peers
 from kvstore.cluster.locations import LocationCache, PeerBreaker
 from kvstore.cluster.protocol import MAX_KEYS
 from kvstore.cluster.pulled import ClusterGetResult, Landing, PulledBlocks
@@ -232,14 +232,9 @@ class RemoteClient:
             raise ConfigError(f"{endpoint.url}: a TLS endpoint needs the data plane's TLS settings and a plaintext "
                               "one none")
         self.endpoint = endpoint
-        self._token = token
-        self._tls = tls
-        self._transfer_timeout_s = transfer_timeout_s
         self._pull_streams = pull_streams
         self._max_request_bytes = max_request_bytes
         self._http = _Http(endpoint, token, http_context, http_timeout_s)
-        self._peers: dict[str, DataPlaneClient] = {}  # by address
-        self._peers_lock = threading.Lock()
         self._addresses: dict[str, str] = {}  # node id -> data-plane address
         self._nodes_at = 0.0
         self._nodes_lock = threading.Lock()
@@ -257,10 +252,7 @@ class RemoteClient:
             self._copier.shutdown()
             raise
         self.put_node = random.choice(sorted(nodes)) if nodes else None  # where puts go by default
-        # Sessions to peers that go unused are closed, so a peer shutting down need not wait for them.
-        self._closing = threading.Event()
-        self._reaper = threading.Thread(target=self._close_idle_sessions, name="kvstore-remote-sessions", daemon=True)
-        self._reaper.start()
+        self._peers = Peers(token, transfer_timeout_s, tls)
 
     # -- control, over HTTP ------------------------------------------------------------------
 
@@ -424,7 +416,7 @@ class RemoteClient:
             if address is None:
                 return node, set(), False
             try:
-                got = self._peer(address).get(layout, node_keys, sink, verify=False, release=hold_id,
+                got = self._peers.get(address).get(layout, node_keys, sink, verify=False, release=hold_id,
                                               by_layer=by_layer)
             except TransferError as e:
                 self._drop_peer(node, address, e)
@@ -442,7 +434,7 @@ class RemoteClient:
             log.info("lease %s@%s: its node is not known (gone?); it ends at its TTL", hold_id, node)
             return
         try:
-            self._peer(address).get(layout, [], lambda *_: None, release=hold_id)
+            self._peers.get(address).get(layout, [], lambda *_: None, release=hold_id)
         except TransferError as e:
             log.info("lease %s@%s: %s; it ends at its TTL", hold_id, node, e)
 
@@ -507,7 +499,7 @@ class RemoteClient:
             if address is None:
                 continue
             try:
-                reply = self._peer(address).put(layout, keys, rows, parents)
+                reply = self._peers.get(address).put(layout, keys, rows, parents)
             except TransferError as e:
                 self._drop_peer(node, address, e)
                 error = e
@@ -540,43 +532,18 @@ class RemoteClient:
 
     # -- peers -------------------------------------------------------------------------------------
 
-    def _peer(self, address: str) -> DataPlaneClient:
-        with self._peers_lock:
-            if self._closed:
-                raise KVStoreError("this kvstore client is closed")
-            peer = self._peers.get(address)
-            if peer is None:
-                peer = self._peers[address] = DataPlaneClient(address, self._token, self._transfer_timeout_s,
-                                                              self._tls)
-            return peer
-
     def _drop_peer(self, node: str, address: str, error: Exception) -> None:
         """A peer whose transfer failed: left alone for a while, forgotten as an owner."""
         log.warning("%s; leaving node %s alone for %.0f s", error, node[:12], self._breaker.failed(node))
-        with self._peers_lock:
-            peer = self._peers.pop(address, None)
-        if peer is not None:  # its sessions end at their deadlines at worst: not on this thread
-            threading.Thread(target=peer.close, daemon=True).start()
+        self._peers.drop(address)
         self._locations.forget_node(node)
-
-    def _close_idle_sessions(self) -> None:
-        while not self._closing.wait(SESSION_IDLE_S / 2):
-            with self._peers_lock:
-                peers = list(self._peers.values())
-            for peer in peers:
-                peer.close_idle()
 
     def close(self) -> None:
         """Ends the sessions and connections; the cluster goes on. Calling it again does nothing."""
-        with self._peers_lock:
-            if self._closed:
-                return
-            self._closed = True
-            peers, self._peers = list(self._peers.values()), {}
-        self._closing.set()
-        self._reaper.join(timeout=5)
-        for peer in peers:
-            peer.close()
+        if self._closed:
+            return
+        self._closed = True
+        self._peers.close()
         self._http.close()
         self._streams.shutdown()
         self._copier.shutdown()
