@@ -21,7 +21,7 @@ the way nodes feed them (cluster/shardfeed.py), from simulated nodes.
 - shard_rebuild_s_1m: a restarted shard actor taking the snapshots of 10^6 blocks from 64
   simulated nodes in bounded chunks, first chunk sent to last applied (< 2 s); with
   --rebuild-10m also shard_rebuild_s_10m_in_process (decode and apply of 10^7 blocks).
-Storage figures (NVMe open, eviction per victim) come from bench/scale_storage.py when it exists.
+Storage figures (NVMe open, eviction per victim) come from bench/scale_storage.py.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import time
 import numpy as np
 import ray
 
+from bench import scale_storage
 from bench.common import parser, report
 from kvstore.cluster import shardmap
 from kvstore.cluster.index import CompactIndex
@@ -234,17 +235,6 @@ def rebuild_10m_in_process(rng: np.random.Generator, chunk_keys: int = 200_000) 
     return elapsed
 
 
-# -- storage (bench/scale_storage.py, written separately) ------------------------------------------
-
-def storage_figures() -> dict:
-    """NVMe open time and eviction cost per victim, when bench/scale_storage.py exists."""
-    try:
-        from bench import scale_storage
-    except ImportError:
-        return {"storage_not_measured": "bench/scale_storage.py does not exist yet: no NVMe open or eviction figures"}
-    return scale_storage.measure()
-
-
 def main(argv=None) -> int:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--skip-ray", action="store_true", help="only the in-process figures (no Ray started)")
@@ -307,7 +297,7 @@ def main(argv=None) -> int:
 
     if args.rebuild_10m:
         figures["shard_rebuild_s_10m_in_process"] = rebuild_10m_in_process(rng)
-    figures.update(storage_figures())  # <- storage figures: NVMe open, eviction per victim (bench/scale_storage.py)
+    figures.update(scale_storage.measure())  # NVMe open, eviction per victim, block sizes
     targets = {"index_bytes_per_block": ("<=", 64.0)}
     if "block_size_rounding_loss_max" in figures:
         targets["block_size_rounding_loss_max"] = ("<=", 0.25)  # several block sizes, bench/scale_storage.py

@@ -25,6 +25,7 @@ slot, every chunk of that stride from the start: byte for byte the arena before 
 from __future__ import annotations
 
 import dataclasses
+from array import array
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -253,6 +254,11 @@ def mark_claimed(used: bytearray, slots: Iterable[int] | np.ndarray) -> np.ndarr
     return flags
 
 
+def _int64s(values: np.ndarray) -> array:
+    """A Python int64 array of `values`, made with one copy (a list of millions takes ~10x longer)."""
+    return array("q", np.ascontiguousarray(values, dtype=np.int64).tobytes())
+
+
 class ChunkAllocator:
     """O(1) allocate and free of slots by class, chunks handed to classes on demand.
 
@@ -266,13 +272,15 @@ class ChunkAllocator:
         self.geometry = geometry
         self.num_slots = geometry.num_slots
         self._reassign = reassign
+        # Per-chunk state in typed arrays, not lists: a tier of millions of chunks builds them
+        # (and rebuilds them at recovery) with one copy each, and indexes them as fast.
         self._used = bytearray(self.num_slots)
-        self._chunk_used = [0] * geometry.num_chunks
-        self._chunk_class = [0] * geometry.num_chunks  # 0: in the pool
-        self._chunk_free: list[list[int] | None] = [None] * geometry.num_chunks  # built lazily
+        self._chunk_used = _int64s(np.zeros(geometry.num_chunks, dtype=np.int64))
+        self._chunk_class = _int64s(np.zeros(geometry.num_chunks, dtype=np.int64))  # 0: in the pool
+        self._chunk_free: dict[int, list[int]] = {}  # chunk -> its free slots, built when first needed
         self._open: dict[int, dict[int, None]] = {}  # class -> its chunks with free slots, oldest first
         self._chunks_of: dict[int, int] = {}  # class -> chunks it holds
-        self._pool = list(range(geometry.num_chunks - 1, -1, -1))  # pop() hands out chunk 0 first
+        self._pool = _int64s(np.arange(geometry.num_chunks - 1, -1, -1))  # pop() hands out chunk 0 first
         self.used_count = 0
         self.reassigned = 0  # chunks that changed class
 
@@ -325,7 +333,7 @@ class ChunkAllocator:
         self._chunks_of[stride] = self._chunks_of.get(stride, 0) + 1
 
     def _free_list(self, chunk: int) -> list[int]:
-        free = self._chunk_free[chunk]
+        free = self._chunk_free.get(chunk)
         if free is None:
             first = chunk * self.geometry.ids_per_chunk
             last = first + self.geometry.slots_per_chunk(self._chunk_class[chunk])
@@ -342,13 +350,14 @@ class ChunkAllocator:
         self._chunk_used[chunk] -= 1
         if self._chunk_used[chunk] == 0:  # back to the pool, for any class
             self._open.get(stride, {}).pop(chunk, None)
-            self._chunk_free[chunk] = None
+            self._chunk_free.pop(chunk, None)
             self._chunk_class[chunk] = 0
             self._chunks_of[stride] -= 1
             self._pool.append(chunk)
             return
-        if self._chunk_free[chunk] is not None:
-            self._chunk_free[chunk].append(slot)
+        free = self._chunk_free.get(chunk)
+        if free is not None:
+            free.append(slot)
         self._open.setdefault(stride, {})[chunk] = None
 
     def claim(self, slots: Iterable[int] | np.ndarray) -> None:
@@ -359,12 +368,12 @@ class ChunkAllocator:
         g = self.geometry
         counts = np.bincount(np.flatnonzero(used) // g.ids_per_chunk, minlength=g.num_chunks)
         self.used_count = int(counts.sum())
-        self._chunk_used = counts.tolist()
+        self._chunk_used = _int64s(counts)
         strides = g.strides.astype(np.int64)
         held = counts > 0
-        self._chunk_class = np.where(held, strides, 0).tolist()
-        self._chunk_free = [None] * g.num_chunks
-        self._pool = np.flatnonzero(~held)[::-1].tolist()
+        self._chunk_class = _int64s(np.where(held, strides, 0))
+        self._chunk_free = {}
+        self._pool = _int64s(np.flatnonzero(~held)[::-1])
         self._open, self._chunks_of = {}, {}
         for stride in [g.chunk_bytes] if g.single else np.unique(strides[held]).tolist():
             mine = held & (strides == stride)
@@ -390,8 +399,9 @@ class ChunkAllocator:
 
     def chunks_held(self, stride: int) -> list[int]:
         """The chunks of a class, fewest blocks first (the cheapest to empty)."""
-        mine = [c for c, s in enumerate(self._chunk_class) if s == stride]
-        return sorted(mine, key=self._chunk_used.__getitem__)
+        mine = np.flatnonzero(np.frombuffer(self._chunk_class, dtype=np.int64) == stride)
+        used = np.frombuffer(self._chunk_used, dtype=np.int64)[mine]
+        return mine[np.argsort(used, kind="stable")].tolist()
 
     def used_in(self, chunk: int) -> list[int]:
         return [s for s in self.geometry.chunk_ids(chunk) if self._used[s]]
