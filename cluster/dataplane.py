@@ -59,6 +59,7 @@ SESSION_IDLE_S = 2.0  # a client closes a session unused this long (a server's s
 # A large initial HTTP/2 window, without BDP probing: gRPC would otherwise start each channel at
 # 64 KiB and grow it over the first few hundred MiB, halving the first pulls' throughput.
 _CHANNEL_OPTIONS = [("grpc.http2.lookahead_bytes", 32 * 1024 * 1024), ("grpc.http2.bdp_probe", 0)]
+_KEY_TYPE, _U64, _DATA_TYPE = (BLOCK_SCHEMA.field(i).type for i in (0, 1, 3))
 
 
 def transfer_deadline(base_s: float, nbytes: int) -> float:
@@ -307,12 +308,18 @@ class DataPlaneServer(flight.FlightServerBase):
     def _packed_batch(self, buffer: np.ndarray, rows: list[tuple[bytes, int, int, int]], used: int) -> pa.RecordBatch:
         payload = buffer[:used]
         weakref.finalize(payload, self._pack_pool.give_back, buffer)
-        offsets = pa.py_buffer(np.array([r[3] for r in rows] + [used], dtype=np.int64))
-        data = pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(rows), [None, offsets, pa.py_buffer(payload)])
         self._count(bytes_sent=used)
-        return pa.RecordBatch.from_arrays([pa.array([r[0] for r in rows], pa.binary(16)),
-                                           pa.array([r[1] for r in rows], pa.uint64()),
-                                           pa.array([r[2] for r in rows], pa.uint64()), data], schema=BLOCK_SCHEMA)
+        n = len(rows)
+        # The columns straight from buffers: a third of the cost of pa.array on lists, per batch.
+        numbers = np.empty((3, n + 1), dtype=np.uint64)  # checksums, offsets in the block, in the buffer
+        numbers[:, :n] = [[r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]]
+        numbers[2, n] = used
+        return pa.RecordBatch.from_arrays([
+            pa.Array.from_buffers(_KEY_TYPE, n, [None, pa.py_buffer(b"".join([r[0] for r in rows]))]),
+            pa.Array.from_buffers(_U64, n, [None, pa.py_buffer(numbers[0])]),
+            pa.Array.from_buffers(_U64, n, [None, pa.py_buffer(numbers[1])]),
+            pa.Array.from_buffers(_DATA_TYPE, n, [None, pa.py_buffer(numbers[2]), pa.py_buffer(payload)]),
+        ], schema=BLOCK_SCHEMA)
 
     def _pieces(self, handle: BlockHandle) -> list[pa.RecordBatch]:
         """A pinned block as batches of up to PIECE_BYTES, each wrapping its part of the slot

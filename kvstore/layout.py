@@ -101,10 +101,19 @@ class Layout:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Layout":
+        """The layout a mapping describes (InvalidLayoutError if it is not one). Every data-plane
+        request carries its layout: recent ones are remembered, with each value's type (1, 1.0
+        and True hash alike, and only an int is a layer count)."""
         if not isinstance(data, dict):
             raise InvalidLayoutError(f"layout must be a mapping, not {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
+        try:
+            return _remembered(tuple((k, type(v), v) for k, v in sorted(data.items())))
+        except TypeError:  # keys that do not sort, or an unhashable value: checked (and refused) below
+            return cls._parse(data)
+
+    @classmethod
+    def _parse(cls, data: dict) -> "Layout":
+        unknown = set(data) - _NAMES
         if unknown:
             raise InvalidLayoutError(f"layout has unknown fields {sorted(unknown)!r}")
         try:
@@ -114,11 +123,17 @@ class Layout:
 
 
 _FIELDS = dataclasses.fields(Layout)
+_NAMES = frozenset(f.name for f in _FIELDS)
+
+
+@functools.lru_cache(maxsize=256)
+def _remembered(items: tuple) -> Layout:
+    return Layout._parse({k: v for k, _, v in items})
 
 
 def _layout_id(layout: Layout) -> bytes:
-    fields = [getattr(layout, f.name) for f in dataclasses.fields(Layout)]
+    fields = [getattr(layout, f.name) for f in _FIELDS]
     # The field names travel with the values, so adding a field later changes every id only
     # where its value is set.
-    canonical = msgpack.packb([[f.name for f in dataclasses.fields(Layout)], fields])
+    canonical = msgpack.packb([[f.name for f in _FIELDS], fields])
     return hashlib.blake2b(canonical, digest_size=LAYOUT_ID_BYTES, person=b"kvstore.layout").digest()

@@ -361,7 +361,7 @@ class TieredStore:
         keys = check_keys(keys)
         parents = self._check_parents(parents, len(keys))
         top = self.tiers[0]
-        if top.view(0) is None:
+        if top.durable:
             raise InvalidLayoutError(f"the top tier {top.name!r} cannot be written in place")
         with self._lock:
             entries, _, _ = self._begin_writes(layout, keys, parents)
@@ -435,7 +435,7 @@ class TieredStore:
         with self._lock:
             self._counters["gets"] += len(keys)
             pinned = self._pin(layout, keys)
-            durable = [e for e in pinned if e is not None and self.tiers[e.tier].view(0) is None]
+            durable = [e for e in pinned if e is not None and self.tiers[e.tier].durable]
             if durable:
                 for entry in durable:
                     self._unpin(entry)
@@ -444,7 +444,7 @@ class TieredStore:
                 again = self._pin(layout, [e.key for e in durable])
                 by_key = {e.key: e for e in again if e is not None}
                 for entry in again:
-                    if entry is not None and self.tiers[entry.tier].view(0) is None:
+                    if entry is not None and self.tiers[entry.tier].durable:
                         self._unpin(entry)
                         by_key.pop(entry.key, None)
                 pinned = [by_key.get(e.key) if e in durable else e for e in pinned]

@@ -146,3 +146,16 @@ def test_from_dict_rejects_unknown_missing_and_non_mappings():
         Layout.from_dict([1, 2])  # type: ignore[arg-type]
     with pytest.raises(InvalidLayoutError, match="num_layers=0"):
         Layout.from_dict({**BASE, "num_layers": 0})
+
+
+def test_from_dict_remembers_layouts_but_never_across_value_types():
+    """Parsed layouts are remembered (every data-plane request carries one), and 1, 1.0 and True
+    hash alike: a layout seen with num_layers=1 or mla=False must not make True or 0 pass."""
+    seen = Layout.from_dict({**BASE, "num_layers": 1, "mla": False})
+    assert Layout.from_dict({**BASE, "num_layers": 1, "mla": False}) is seen
+    for field, value in (("num_layers", True), ("num_layers", 1.0), ("mla", 0)):
+        body = {**BASE, "num_layers": 1, "mla": False, field: value}
+        with pytest.raises(InvalidLayoutError, match=field):
+            Layout.from_dict(body)
+    with pytest.raises(InvalidLayoutError, match="num_layers"):
+        Layout.from_dict({**BASE, "num_layers": [1]})  # unhashable: checked without the memory

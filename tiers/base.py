@@ -90,6 +90,7 @@ class Tier(abc.ABC):
 
     name: str
     medium: str
+    durable = True  # its bytes move with write_many / read_many only (view returns None)
 
     def __init__(self, classes: SizeClasses, geometry: Geometry) -> None:
         self.classes = classes
@@ -208,6 +209,7 @@ class MemoryTier(Tier):
     """A tier whose slots are rows of one uint8 tensor (host shared memory, or device memory)."""
 
     arena: torch.Tensor  # [num_slots, slot_stride] uint8 (one class), or SlotRows over a flat one
+    durable = False
 
     def view(self, slot: int) -> torch.Tensor:
         return self.arena[slot]
