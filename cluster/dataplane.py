@@ -352,7 +352,7 @@ class DataPlaneServer(flight.FlightServerBase):
         stored = tenant.stored(req.keys)
         parents = None if req.parents is None else [None if p is None else tenant.stored([p])[0] for p in req.parents]
         try:
-            handles = self._store.reserve(req.layout, stored, parents)
+            handles = self._store.reserve(req.layout, stored, parents, owner=None if tenant.is_admin else tenant.name)
         except KVStoreError as e:
             self._count(errors=1)
             raise flight.FlightServerError(f"bad put request: {e}") from None

@@ -65,8 +65,9 @@ class NodeService:
                                          config.kv_events_buffer_steps, topic=config.kv_events_topic) \
             if config.kv_events_endpoint else None
         try:
+            tenants = Tenants(token, config.tenants_file)  # their quotas bound the store (kvstore/quotas.py)
             self.store = TieredStore.from_config(config, shm_name=f"{config.shm_prefix}-{short}-{os.getpid()}",
-                                                 listener=self._on_events)
+                                                 listener=self._on_events, quota_of=tenants.quota)
         except BaseException:
             if self._nvme_claim is not None:
                 self._nvme_claim.release()
@@ -75,7 +76,7 @@ class NodeService:
         self._expired: dict[str, None] = {}  # ids of holds that expired, oldest first
         self._holds_lock = threading.Lock()
         host = config.flight_host or ray.util.get_node_ip_address()
-        self.server = DataPlaneServer(self.store, host, config.flight_port, Tenants(token, config.tenants_file),
+        self.server = DataPlaneServer(self.store, host, config.flight_port, tenants,
                                       config.max_request_bytes,
                                       config.transfer_timeout_s, release_hold=self._release_after_get,
                                       tls=TLS.from_config(config)).start()

@@ -50,10 +50,11 @@ _TRANSITIONS: dict[tuple[BlockState, str], BlockState] = {
 class BlockEntry:
     """The store's record of one block: where it lives, its state, and who holds it."""
 
-    __slots__ = ("key", "layout_id", "nbytes", "tier", "slot", "state", "pins", "parent", "checksum")
+    __slots__ = ("key", "layout_id", "nbytes", "tier", "slot", "state", "pins", "parent", "checksum", "owner")
 
     def __init__(self, key: bytes, layout_id: bytes, nbytes: int, tier: int, slot: int,
-                 parent: bytes | None, state: BlockState = BlockState.WRITING, checksum: int | None = None) -> None:
+                 parent: bytes | None, state: BlockState = BlockState.WRITING, checksum: int | None = None,
+                 owner: int = 0) -> None:
         self.key = key
         self.layout_id = layout_id
         self.nbytes = nbytes
@@ -63,6 +64,7 @@ class BlockEntry:
         self.state = state
         self.pins = 0
         self.checksum = checksum  # set at commit (kvstore.integrity); travels with the block
+        self.owner = owner  # the tenant whose quota it counts against (kvstore/quotas.py); 0: none
 
     def transition(self, event: str) -> None:
         new = _TRANSITIONS.get((self.state, event))

@@ -110,6 +110,14 @@ def render(stats: dict, rates: dict[str, dict[str, float]] | None = None) -> str
             for tier_name, row in cls.get("tiers", {}).items():
                 w.sample("kvstore_class_chunks", "gauge", "Chunks of a tier held by a size class.", row["chunks"],
                          tier=tier_name, **labels)
+        for tenant, tiers in sorted(store.get("tenants", {}).items()):  # quotas (kvstore/quotas.py)
+            for tier_name, use in tiers.items():
+                labels = {"node": node_label, "tenant": tenant, "tier": tier_name}
+                w.sample("kvstore_tenant_bytes", "gauge", "Bytes of a tenant's blocks in a tier of a node.",
+                         use["bytes"], **labels)
+                if use["quota"] is not None:
+                    w.sample("kvstore_tenant_quota_bytes", "gauge", "A tenant's quota in a tier of a node.",
+                             use["quota"], **labels)
         for key, doc in _DATAPLANE_COUNTERS.items():
             w.sample(f"kvstore_dataplane_{key}_total", "counter", doc, node.get("dataplane", {}).get(key, 0),
                      node=node_label)

@@ -276,6 +276,16 @@ def status_page(stats: dict) -> str:
             f"<td>{store.get('blocks', 0):,}</td><td>{''.join(tiers)}</td><td>{hit_rate}</td>"
             f"<td>{_fmt_bytes(dp.get('bytes_sent', 0))} out<br>{_fmt_bytes(dp.get('bytes_received', 0))} in</td>"
             f"<td>{store.get('corrupt_dropped', 0) + store.get('io_errors', 0) + dp.get('errors', 0):,}</td></tr>")
+    tenant_rows = []
+    for node_id, node in sorted(stats.get("nodes", {}).items()):
+        for tenant, tiers in sorted(node.get("store", {}).get("tenants", {}).items()):
+            use = " &middot; ".join(
+                f"<b>{e(tier)}</b> {_fmt_bytes(u['bytes'])}"
+                + (f" / {_fmt_bytes(u['quota'])}" if u["quota"] is not None else "")
+                for tier, u in tiers.items())
+            tenant_rows.append(f"<tr><td>{e(tenant)}</td><td>{e(node_id[:12])}</td><td>{use}</td></tr>")
+    tenants = ("<h2>Tenants</h2><table><tr><th>tenant</th><th>node</th><th>bytes / quota per tier</th></tr>"
+               + "".join(tenant_rows) + "</table>") if tenant_rows else ""
     return f"""<!doctype html>
 <html><head><meta charset=utf-8><meta http-equiv=refresh content=5><title>kvstore</title>
 <style>
@@ -294,5 +304,5 @@ table{{border-collapse:collapse;width:100%}} td,th{{border-bottom:1px solid #ddd
 <span><b{' class=bad' if verification.get('quarantined') else ''}>{len(verification.get('quarantined', []))}</b>sources quarantined</span></p>
 <table><tr><th>node</th><th>data plane</th><th>blocks</th><th>tiers</th><th>hit rate</th><th>moved</th><th>errors</th></tr>
 {''.join(rows) or '<tr><td colspan=7>no nodes yet</td></tr>'}
-</table><p>Refreshes every 5 s. Metrics: <code>/metrics</code> &middot; JSON: <code>/v1/stats</code></p>
+</table>{tenants}<p>Refreshes every 5 s. Metrics: <code>/metrics</code> &middot; JSON: <code>/v1/stats</code></p>
 </body></html>"""

@@ -53,6 +53,7 @@ from kvstore.keys import check_key, check_keys
 from kvstore.layout import Layout
 from kvstore.payload import Blocks, block_rows
 from kvstore.policy import EvictionPolicy, make_policy
+from kvstore.quotas import OwnerUsage, QuotaOf
 from kvstore.tiers.base import SlotMeta, Tier
 from kvstore.tiers.geometry import SizeClasses, rounding_loss
 
@@ -114,6 +115,7 @@ class TieredStore:
         listener: Callable[[list[Event]], None] | None = None,
         verifier: ReadVerifier | None = None,
         fence_grace_s: float = 10.0,
+        quota_of: QuotaOf | None = None,
     ) -> None:
         if not tiers:
             raise InvalidLayoutError("a store needs at least one tier")
@@ -148,6 +150,7 @@ class TieredStore:
         # with several classes the block itself (to empty a chunk that goes to another class).
         self._nbytes = [np.zeros(t.num_slots, dtype=np.uint32) for t in self.tiers]
         self._occupants: list[dict[int, BlockEntry]] = [{} for _ in self.tiers]
+        self._usage = OwnerUsage([t.name for t in self.tiers], [t.num_slots for t in self.tiers], quota_of)
         self._demand: list[dict[int, float]] = [{} for _ in self.tiers]  # per tier: class -> bytes asked, decayed
         self._chunks_taken = [0] * len(self.tiers)
         self._tier_counters = [_TierCounters() for _ in self.tiers]
@@ -159,7 +162,8 @@ class TieredStore:
 
     @classmethod
     def from_config(cls, config: Config, *, shm_name: str | None = None,
-                    listener: Callable[[list[Event]], None] | None = None) -> "TieredStore":
+                    listener: Callable[[list[Event]], None] | None = None,
+                    quota_of: QuotaOf | None = None) -> "TieredStore":
         """The tiers the configuration asks for, top to bottom: hbm (if sized), host, nvme (if sized)."""
         from kvstore.tiers.hbm import HBMTier
         from kvstore.tiers.host import HostTier
@@ -179,7 +183,7 @@ class TieredStore:
             return cls(tiers, policy=config.eviction_policy, prefix_aware=config.prefix_aware_eviction,
                        promote_on_hit=config.promote_on_hit, listener=listener,
                        verifier=ReadVerifier(config.verify_reads, config.verify_sample_fraction),
-                       fence_grace_s=config.fence_grace_s)
+                       fence_grace_s=config.fence_grace_s, quota_of=quota_of)
         except BaseException:
             for tier in tiers:
                 tier.close()
@@ -188,13 +192,14 @@ class TieredStore:
     # -- public API ----------------------------------------------------------------------
 
     def put(self, layout: Layout, keys: Sequence[bytes], blocks: Blocks,
-            parents: Sequence[bytes | None] | None = None) -> PutResult:
+            parents: Sequence[bytes | None] | None = None, owner: str | None = None) -> PutResult:
         """Stores blocks under keys in the top tier. Keys already present are skipped.
 
         `parents[i]` is the key of block i's predecessor in its prompt (see keys.chain_parents);
         it orders prefix-aware eviction and goes into the BlockStored events. A batch larger
         than a quarter of the top tier goes in chunks, so earlier chunks can be demoted to make
         room for later ones. Blocks that find no room (everything pinned) are in `rejected`.
+        `owner`: the tenant whose quotas the blocks count against (kvstore/quotas.py).
         """
         stride = self.check_layout(layout)
         keys = check_keys(keys)
@@ -204,17 +209,17 @@ class TieredStore:
         chunk = max(1, self.tiers[0].geometry.num_chunks * self.tiers[0].geometry.slots_per_chunk(stride) // 4)
         for start in range(0, len(keys), chunk):
             end = start + chunk
-            self._put_chunk(layout, keys[start:end], rows[start:end], parents[start:end], result)
+            self._put_chunk(layout, keys[start:end], rows[start:end], parents[start:end], result, owner)
         if result.rejected:
             log.debug("put: no room for %d blocks (everything else is pinned or being written)",
                       len(result.rejected))
         return result
 
     def _put_chunk(self, layout: Layout, keys: list[bytes], rows: list[torch.Tensor],
-                   parents: list[bytes | None], result: PutResult) -> None:
+                   parents: list[bytes | None], result: PutResult, owner: str | None) -> None:
         row_of = dict(zip(keys, rows))
         with self._lock:
-            entries, present, rejected = self._begin_writes(layout, keys, parents)
+            entries, present, rejected = self._begin_writes(layout, keys, parents, owner)
         sums: list[int | None] = []
         try:
             errors = self.tiers[0].write_many([(e.slot, row_of[e.key], self._meta(e)) for e in entries], sums) \
@@ -274,7 +279,7 @@ class TieredStore:
                     served[i] = self.tiers[tier].name
                     self._tier_counters[tier].hits += 1
                     if entry.state is BlockState.READY:
-                        self._policy_of(entry).touch(entry.key)
+                        self._touch(entry)
                         if tier > 0 and self.promote_on_hit and entry.pins == 0:
                             promote.append((entry, rows[i]))
                 hits = sum(s is not None for s in served)
@@ -349,13 +354,13 @@ class TieredStore:
                 self._discard(entry, announce=False)
             self._emit([AllBlocksCleared()])
 
-    def reserve(self, layout: Layout, keys: Sequence[bytes],
-                parents: Sequence[bytes | None] | None = None) -> list[BlockHandle | None]:
+    def reserve(self, layout: Layout, keys: Sequence[bytes], parents: Sequence[bytes | None] | None = None,
+                owner: str | None = None) -> list[BlockHandle | None]:
         """Reserves top-tier slots for blocks another party will write in place.
 
         Returns a WRITING handle per key, or None where the key is present already (or repeats
-        an earlier key of the call) or no room could be made. The writer fills
-        `handle.view[:nbytes]`, then calls `commit` (or `abort`).
+        an earlier key of the call) or no room could be made (within `owner`'s quota, as in
+        `put`). The writer fills `handle.view[:nbytes]`, then calls `commit` (or `abort`).
         """
         self.check_layout(layout)
         keys = check_keys(keys)
@@ -364,7 +369,7 @@ class TieredStore:
         if top.durable:
             raise InvalidLayoutError(f"the top tier {top.name!r} cannot be written in place")
         with self._lock:
-            entries, _, _ = self._begin_writes(layout, keys, parents)
+            entries, _, _ = self._begin_writes(layout, keys, parents, owner)
             generations = {e.key: int(top.generations[e.slot]) for e in entries}
         mine = {e.key: e for e in entries}
         handles: list[BlockHandle | None] = []
@@ -455,7 +460,7 @@ class TieredStore:
                     continue
                 tier = self.tiers[entry.tier]
                 self._tier_counters[entry.tier].hits += 1
-                self._policy_of(entry).touch(entry.key)
+                self._touch(entry)
                 handles.append(BlockHandle(entry.key, tier.name, entry.slot, entry.nbytes,
                                            tier.view(entry.slot)[:entry.nbytes], entry, entry.checksum))
             hits = sum(h is not None for h in handles)
@@ -486,7 +491,7 @@ class TieredStore:
             for tier, counters in zip(self.tiers, self._tier_counters):
                 tiers.append({**tier.stats(), **dataclasses.asdict(counters)})
             return {"blocks": len(self._index), "slot_bytes": self.slot_nbytes, **self._counters, "tiers": tiers,
-                    **self._class_stats()}
+                    **self._class_stats(), "tenants": self._usage.stats()}
 
     def _class_stats(self) -> dict:
         """Per size class: its slots and blocks in every tier, and what rounding loses (the part
@@ -659,12 +664,20 @@ class TieredStore:
         """The policy of the block's tier and class (its slot's)."""
         return self._class_policy(entry.tier, self.tiers[entry.tier].stride_of(entry.slot))
 
+    def _touch(self, entry: BlockEntry) -> None:
+        """A READY block was read: its policy, and its owner's order of blocks, hear of it."""
+        self._policy_of(entry).touch(entry.key)
+        if entry.owner:
+            self._usage.touched(entry.tier, entry.slot)
+
     def _occupy(self, t: int, slot: int, entry: BlockEntry) -> None:
         self._nbytes[t][slot] = entry.nbytes
+        self._usage.occupied(t, slot, entry.key, entry.owner, entry.nbytes)
         if self._several:
             self._occupants[t][slot] = entry
 
     def _vacate(self, t: int, slot: int) -> None:
+        self._usage.vacated(t, slot, int(self._nbytes[t][slot]))
         self._nbytes[t][slot] = 0
         if self._several:
             self._occupants[t].pop(slot, None)
@@ -725,7 +738,7 @@ class TieredStore:
         for slot, key in tier.take_touched():  # read without the store: a second chance
             entry = self._index.get(key)
             if entry is not None and entry.tier == t and entry.slot == slot and entry.state is BlockState.READY:
-                self._policy_of(entry).touch(key)
+                self._touch(entry)
         policy = self._policies[t].get(stride)
         if policy is None:
             return []
@@ -751,9 +764,11 @@ class TieredStore:
         if t + 1 < len(self.tiers):
             for entry in victims:
                 entry.transition("start_move")
-            dst_slots = self._reserve(t + 1, stride, len(victims))
-            self._move(victims[:len(dst_slots)], t + 1, dst_slots)
-            unmoved = victims[len(dst_slots):]
+            movable = self._within_quota(t + 1, victims)  # the rest: their owners are over quota below
+            dst_slots = self._reserve(t + 1, stride, len(movable))
+            self._move(movable[:len(dst_slots)], t + 1, dst_slots)
+            moving = set(map(id, movable[:len(dst_slots)]))
+            unmoved = [e for e in victims if id(e) not in moving]
             for entry in unmoved:
                 if entry.state is BlockState.DOOMED:
                     entry.transition("release")
@@ -765,6 +780,54 @@ class TieredStore:
                 self._drop(entry)
         self._moved.notify_all()
         return freed
+
+    def _within_quota(self, t: int, entries: list[BlockEntry]) -> list[BlockEntry]:
+        """Of blocks about to go into tier t, those within their owners' quotas there (in order),
+        after demoting the owners' own least recently used blocks of tier t to make room. May
+        release the lock."""
+        need: dict[int, int] = {}
+        for entry in entries:
+            if entry.owner:
+                need[entry.owner] = need.get(entry.owner, 0) + entry.nbytes
+        room: dict[int, int] = {}
+        for owner, nbytes in need.items():
+            left = self._usage.room(t, owner)
+            if left is not None and nbytes > left:
+                self._evict_own(t, owner, nbytes - left)
+                left = self._usage.room(t, owner)
+            if left is not None:
+                room[owner] = left
+        if not room:
+            return entries
+        fits = []
+        for entry in entries:
+            left = room.get(entry.owner)
+            if left is not None:
+                if entry.nbytes > left:
+                    continue
+                room[entry.owner] = left - entry.nbytes
+            fits.append(entry)
+        return fits
+
+    def _evict_own(self, t: int, owner: int, nbytes: int) -> None:
+        """Demotes (drops, from the bottom tier) at least `nbytes` of owner's blocks in tier t,
+        least recently used first, as far as its unpinned blocks go."""
+        victims: list[BlockEntry] = []
+        freed = 0
+        for key in self._usage.oldest(t, owner):
+            entry = self._index.get(key)
+            if entry is not None and entry.tier == t and entry.evictable:
+                victims.append(entry)
+                freed += entry.nbytes
+                if freed >= nbytes:
+                    break
+        by_class: dict[int, list[BlockEntry]] = {}
+        for entry in victims:
+            self._policy_of(entry).remove(entry.key)
+            by_class.setdefault(self.tiers[t].stride_of(entry.slot), []).append(entry)
+        for stride, group in by_class.items():
+            for slot in self._evict_entries(t, stride, group):
+                self._release_slot(t, slot)
 
     def _move(self, entries: list[BlockEntry], dst: int, dst_slots: list[int],
               sources: list[torch.Tensor] | None = None) -> None:
@@ -853,26 +916,28 @@ class TieredStore:
                 # Erased, so a block deleted later up there cannot come back from here at restart.
                 self._release_slot(t, slot, erase=True)
 
-    def _begin_writes(self, layout: Layout, keys: list[bytes],
-                      parents: list[bytes | None]) -> tuple[list[BlockEntry], int, list[bytes]]:
+    def _begin_writes(self, layout: Layout, keys: list[bytes], parents: list[bytes | None],
+                      owner: str | None = None) -> tuple[list[BlockEntry], int, list[bytes]]:
         """WRITING entries with top-tier slots for the keys not present, in order.
 
-        Returns (the entries, how many keys were present, the keys that found no room). May
-        release the lock while making room; the entries are in the index all along, so a
-        concurrent writer of the same key sees them.
+        Returns (the entries, how many keys were present, the keys that found no room, or no
+        room within the owner's quota). May release the lock while making room; the entries
+        are in the index all along, so a concurrent writer of the same key sees them.
         """
         self._counters["puts"] += len(keys)
         stride = self._layout_class[layout.id]  # check_layout found it
+        owner_id = self._usage.owner_id(owner)
         present = 0
         fresh: list[BlockEntry] = []
         for key, parent in zip(keys, parents):
             if key in self._index:
                 present += 1
                 continue
-            entry = BlockEntry(key, layout.id, layout.block_nbytes, 0, -1, parent)
+            entry = BlockEntry(key, layout.id, layout.block_nbytes, 0, -1, parent, owner=owner_id)
             self._index[key] = entry
             fresh.append(entry)
-        slots = self._reserve(0, stride, len(fresh))
+        allowed = len(self._within_quota(0, fresh))  # the owner's own blocks make room first
+        slots = self._reserve(0, stride, allowed)
         for entry, slot in zip(fresh, slots):
             entry.slot = slot
             self._occupy(0, slot, entry)

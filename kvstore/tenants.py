@@ -10,6 +10,9 @@ added, removed and rotated without a restart):
         token: "..."          # the tenant's secret credential (Flight and HTTP)
         key_secret: "..."     # optional: what its key scope derives from (default: the token)
         shared: false         # optional: true lets every tenant read (never write) its blocks
+        quota:                # optional: the most its blocks may take per tier (kvstore/quotas.py)
+          host: 4GiB
+          nvme: 64GiB
 
 A tenant's blocks live under *scoped* keys: the key a client computes (from the prompt and a
 namespace, kvstore.keys) is stored as BLAKE2b-128 keyed with the tenant's scope, a secret
@@ -21,6 +24,8 @@ caller's own space. Rotating a token without a key secret starts that tenant on 
 A tenant that opts in (`shared: true`, e.g. one holding public system prompts) is read by every
 tenant: a get looks in the caller's own scope first, then in the shared tenants' (`readable`);
 writes always go to the caller's own scope, so only its owner writes a shared block.
+A tenant's puts count against its quotas, node by node: over one, its own least recently used
+blocks make room, never another's.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from typing import Callable, Sequence
 
 import yaml
 
+from kvstore.config import parse_size
 from kvstore.errors import ConfigError
 from kvstore.keys import KEY_BYTES
 
@@ -52,12 +58,14 @@ class Tenant:
     token: str = dataclasses.field(repr=False)
     scope: bytes = dataclasses.field(repr=False)  # empty for the admin (see admin())
     shared: bool = False  # every tenant may read its blocks
+    quota: tuple[tuple[str, int], ...] = ()  # (tier name, bytes) per tier it is limited in, per node
 
     @classmethod
-    def make(cls, name: str, token: str, key_secret: str = "", shared: bool = False) -> "Tenant":
+    def make(cls, name: str, token: str, key_secret: str = "", shared: bool = False,
+             quota: dict[str, int] | None = None) -> "Tenant":
         scope = hmac.new((key_secret or token).encode(), b"kvstore tenant scope v1:" + name.encode(),
                          hashlib.sha256).digest()
-        return cls(name, token, scope, shared)
+        return cls(name, token, scope, shared, tuple(sorted((quota or {}).items())))
 
     @property
     def is_admin(self) -> bool:
@@ -84,6 +92,7 @@ class Tenants:
         self._admin = admin(admin_token)
         self._path = path
         self._by_token: dict[bytes, Tenant] = {}
+        self._by_name: dict[str, Tenant] = {}
         self._mtime: float | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
@@ -127,6 +136,12 @@ class Tenants:
         self._reload()
         return sorted(t.name for t in self._by_token.values())
 
+    def quota(self, name: str, tier: str) -> int | None:
+        """Tenant `name`'s quota in bytes on tier `tier` of a node; None: no limit there (or no
+        such tenant now: a removed tenant's blocks stay until evicted, no longer bounded)."""
+        tenant = self._by_name.get(name)
+        return None if tenant is None else dict(tenant.quota).get(tier)
+
     def _reload(self, force: bool = False) -> None:
         """Rereads the tenants file if it changed (looked at once a second at most). A file that
         no longer parses keeps the tenants it last had, and says why in the log."""
@@ -154,6 +169,7 @@ class Tenants:
                 log.warning("tenants_file %s is not valid (%s); keeping the tenants it had", self._path, e)
                 return
             self._by_token = {hashlib.sha256(t.token.encode()).digest(): t for t in tenants}
+            self._by_name = {t.name: t for t in tenants}
             self._mtime = mtime
             log.info("tenants: %d from %s", len(tenants), self._path)
 
@@ -171,8 +187,9 @@ def load_tenants(text: str, admin_token: str = "") -> list[Tenant]:
         raise ConfigError(f"'tenants' must be a list of at most {MAX_TENANTS}")
     tenants, names, tokens = [], set(), set()
     for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or set(entry) - {"name", "token", "key_secret", "shared"}:
-            raise ConfigError(f"tenants[{i}] must be a mapping of name, token and (optional) key_secret and shared")
+        if not isinstance(entry, dict) or set(entry) - {"name", "token", "key_secret", "shared", "quota"}:
+            raise ConfigError(f"tenants[{i}] must be a mapping of name, token and (optional) key_secret, shared "
+                              "and quota")
         name, token, key_secret = entry.get("name"), entry.get("token"), entry.get("key_secret", "")
         shared = entry.get("shared", False)
         if not isinstance(name, str) or not 0 < len(name) <= 64 or set(name) - _NAME_CHARS:
@@ -187,7 +204,20 @@ def load_tenants(text: str, admin_token: str = "") -> list[Tenant]:
             raise ConfigError(f"tenants[{i}].name={name!r} is taken (twice, or the admin's)")
         if token in tokens or token == admin_token:
             raise ConfigError(f"tenants[{i}] ({name}): its token is another's (a tenant's, or the admin's)")
+        quota = _quota(entry.get("quota"), f"tenants[{i}] ({name}).quota")
         names.add(name)
         tokens.add(token)
-        tenants.append(Tenant.make(name, token, key_secret, shared))
+        tenants.append(Tenant.make(name, token, key_secret, shared, quota))
     return tenants
+
+
+QUOTA_TIERS = ("hbm", "host", "nvme")
+
+
+def _quota(value, where: str) -> dict[str, int]:
+    """A tenant's quota mapping (tier name -> size); ConfigError naming what is wrong."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or set(value) - set(QUOTA_TIERS):
+        raise ConfigError(f"{where}={value!r} must map some of {', '.join(QUOTA_TIERS)} to sizes")
+    return {tier: parse_size(size, f"{where}.{tier}") for tier, size in value.items()}

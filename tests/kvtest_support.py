@@ -118,10 +118,10 @@ class StoreFactory:
 
     def __call__(self, spec: Iterable[str] = ("host",), *, listener=None, policy: str = "lru",
                  prefix_aware: bool = True, promote_on_hit: bool = True, verify_reads: str = "sampled",
-                 fence_grace_s: float = 10.0, **tier_kw) -> TieredStore:
+                 fence_grace_s: float = 10.0, quota_of=None, **tier_kw) -> TieredStore:
         return TieredStore(self.tiers(spec, **tier_kw), listener=listener, policy=policy,
                            prefix_aware=prefix_aware, promote_on_hit=promote_on_hit,
-                           verifier=ReadVerifier(verify_reads), fence_grace_s=fence_grace_s)
+                           verifier=ReadVerifier(verify_reads), fence_grace_s=fence_grace_s, quota_of=quota_of)
 
     def close(self) -> None:
         """Closes every tier, even when one fails to close (the first failure is raised)."""

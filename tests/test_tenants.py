@@ -21,7 +21,8 @@ ADMIN = "admin-token-0123456789"
     ("tenants: [{name: a, token: aaaaaaaaaaaaaaaaaaaa}, {name: a, token: bbbbbbbbbbbbbbbbbbbb}]", "is taken"),
     ("tenants: [{name: a, token: aaaaaaaaaaaaaaaaaaaa}, {name: b, token: aaaaaaaaaaaaaaaaaaaa}]", "another's"),
     (f"tenants: [{{name: a, token: {ADMIN}}}]", "another's"),
-    ("tenants: [{name: a, token: aaaaaaaaaaaaaaaaaaaa, quota: 1}]", "mapping of name, token"),
+    ("tenants: [{name: a, token: aaaaaaaaaaaaaaaaaaaa, limit: 1}]", "mapping of name, token"),
+    ("tenants: [{name: a, token: aaaaaaaaaaaaaaaaaaaa, quota: 1}]", r"quota=1 must map some of hbm, host, nvme"),
     ("tenants: [{name: a, token: aaaaaaaaaaaaaaaaaaaa, shared: 1}]", "must be true or false"),
     ("tenants: [unclosed", "not valid YAML"),
 ])

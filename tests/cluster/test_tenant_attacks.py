@@ -35,12 +35,12 @@ A_TOKEN, A_ROTATED, B_TOKEN = ("tenant-a-" + os.urandom(8).hex(), "tenant-a2-" +
 TENANTS_FILE = os.path.join(tempfile.mkdtemp(prefix="kvstore-tenants-"), "tenants.yaml")
 
 
-def write_tenants(a_token: str) -> None:
+def write_tenants(a_token: str, b_quota: str = "") -> None:
     """A keeps its key_secret across a rotation, so its blocks stay its own under the new token."""
     tmp = TENANTS_FILE + ".tmp"
     with open(tmp, "w") as f:
         f.write(f"tenants:\n  - name: a\n    token: {a_token}\n    key_secret: a-keys-{ADMIN}\n"
-                f"  - name: b\n    token: {B_TOKEN}\n")
+                f"  - name: b\n    token: {B_TOKEN}\n" + (f"    quota: {{host: {b_quota}}}\n" if b_quota else ""))
     os.replace(tmp, TENANTS_FILE)
 
 
@@ -206,3 +206,36 @@ def test_a_tenants_file_that_breaks_keeps_the_tenants_it_had(cluster):
     finally:
         with open(TENANTS_FILE, "w") as f:
             f.write(good)
+
+
+def test_a_tenant_over_its_quota_evicts_only_its_own_blocks(cluster, http):
+    """B's host quota (read from the tenants file without a restart) is 4 blocks: ten puts keep B
+    at or under it on the node, A's blocks there stay, and the usage shows in stats and metrics."""
+    _, client = cluster
+    address = sorted(n["address"] for n in client.nodes())[0]
+    a_keys = block_keys(list(range(2 * LAYOUT.block_tokens)), LAYOUT, "a-quota")
+    a_blocks = payload(11, 2)
+    peer_a = DataPlaneClient(address, A_ROTATED, timeout_s=10)
+    assert peer_a.put(LAYOUT, a_keys, a_blocks)["stored"] == 2
+    peer_a.close()
+    write_tenants(A_ROTATED, b_quota=str(4 * LAYOUT.block_nbytes))
+    time.sleep(RELOAD_EVERY_S + 0.2)
+    peer_b = DataPlaneClient(address, B_TOKEN, timeout_s=10)
+    b_keys = block_keys(list(range(10 * LAYOUT.block_tokens)), LAYOUT, "b-quota")
+    b_blocks = payload(12, 10)
+    try:
+        for i in range(0, 10, 2):  # each put over the quota makes room with B's own oldest blocks
+            assert peer_b.put(LAYOUT, b_keys[i:i + 2], b_blocks[i:i + 2])["stored"] == 2
+    finally:
+        peer_b.close()
+    assert pull(address, A_ROTATED, a_keys) == {k: bytes(b.numpy()) for k, b in zip(a_keys, a_blocks)}
+    held = pull(address, B_TOKEN, b_keys)
+    assert set(held) == set(b_keys[6:])  # the newest four: B's older ones made the room
+    status, text = _http(http + "/v1/stats", token=ADMIN)
+    node = next(n for n in json.loads(text)["nodes"].values() if n.get("address") == address)
+    assert node["store"]["tenants"]["b"]["host"] == {"bytes": 4 * LAYOUT.block_nbytes, "quota": 4 * LAYOUT.block_nbytes}
+    assert "a" not in node["store"]["tenants"] or node["store"]["tenants"]["a"]["host"]["quota"] is None
+    status, text = _http(http + "/metrics", token=ADMIN)
+    assert 'kvstore_tenant_quota_bytes{' in text and 'tenant="b",tier="host"} 8192' in text
+    status, text = _http(http + "/", token=ADMIN)
+    assert status == 200 and "Tenants" in text

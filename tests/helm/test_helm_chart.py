@@ -672,7 +672,8 @@ def test_network_policy_disabled_cleanly(helm_bin, rendered_default):
 TENANT_TOKENS = {"acme": "acme-token-0123456789abcdef", "globex": "globex-token-0123456789abcdef"}
 TENANTS_LIST = (
     "tenants:\n  list:\n"
-    f"    - {{name: acme, token: {TENANT_TOKENS['acme']}, key_secret: acme-scope-secret-0123456789}}\n"
+    f"    - {{name: acme, token: {TENANT_TOKENS['acme']}, key_secret: acme-scope-secret-0123456789,"
+    " quota: {host: 2GiB, nvme: 100GiB}}\n"
     f"    - {{name: globex, token: {TENANT_TOKENS['globex']}}}\n"
 )
 TLS_ON = "tls: {enabled: true, existingSecret: kvstore-tls}\n"
@@ -729,6 +730,7 @@ def test_tenants_list_becomes_a_secret_the_service_loads(rendered_tenants, kuber
     by_name = {t.name: t for t in tenants}
     assert by_name["acme"].scope == Tenant.make("acme", "other-token-0123456789", "acme-scope-secret-0123456789").scope
     assert by_name["globex"].scope == Tenant.make("globex", TENANT_TOKENS["globex"]).scope
+    assert dict(by_name["acme"].quota) == {"host": 2 * 1024**3, "nvme": 100 * 1024**3} and not by_name["globex"].quota
     assert yaml.safe_load(text)["tenants"][1] == {"name": "globex", "token": TENANT_TOKENS["globex"]}
 
 
@@ -942,6 +944,10 @@ WORKER = "workerGroups:\n  - {groupName: w, replicas: 1, minReplicas: 1, maxRepl
      "tenants.list.0.token: Invalid type. Expected: string, given: integer"),
     (["--values", "tenants: {list: [{name: acme, token: acme-token-0123456789, scope: x}]}"],
      "tenants.list.0: Additional property scope is not allowed"),
+    (["--values", "tenants: {list: [{name: acme, token: acme-token-0123456789, quota: {disk: 1GiB}}]}"],
+     "tenants.list.0.quota: Additional property disk is not allowed"),
+    (["--values", "tenants: {list: [{name: acme, token: acme-token-0123456789, quota: {host: lots}}]}"],
+     "tenants.list.0.quota.host: Does not match pattern"),
     (["--set", "tenants.secretKey=a/b"], "tenants.secretKey: Does not match pattern"),
     (["--set", "tenants.existingSecret=Not_A_Name"], "tenants.existingSecret: Does not match pattern"),
     # TLS needs its Secret.

@@ -256,6 +256,9 @@ The tenants file the chart writes from tenants.list (kvstore/tenants.py's format
 {{- if .shared -}}
 {{- $_ := set $tenant "shared" true -}}
 {{- end -}}
+{{- if .quota -}}
+{{- $_ := set $tenant "quota" .quota -}}
+{{- end -}}
 {{- $tenants = append $tenants $tenant -}}
 {{- end -}}
 {{- toYaml (dict "tenants" $tenants) -}}
