@@ -15,6 +15,9 @@ import sys
 import time
 from typing import Callable
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
 import torch
 
 
@@ -109,6 +112,107 @@ while True:
                 conn.sendall(view[:k])
                 n -= k
 """
+
+
+_FLIGHT_SENDER = r"""
+import os, struct, sys
+import numpy as np, pyarrow as pa, pyarrow.flight as fl
+ip, size = sys.argv[1], int(sys.argv[2])
+chunk = os.urandom(1 << 20)
+data = np.frombuffer(chunk * (size // len(chunk) + 1), dtype=np.uint8)[:size]  # touched
+SCHEMA = pa.schema([("data", pa.large_binary())])
+PIECE = 4 << 20  # as kvstore's data plane: small blocks packed up to this much a batch, large ones cut
+class Sender(fl.FlightServerBase):
+    def do_exchange(self, context, descriptor, reader, writer):
+        writer.begin(SCHEMA)
+        while True:
+            try:
+                count, block = struct.unpack("<QQ", reader.read_chunk().app_metadata.to_pybytes())
+            except StopIteration:
+                return
+            if block < PIECE:
+                per = max(1, PIECE // block)
+                lengths = [min(per, count - i) * block for i in range(0, count, per)]
+            else:
+                lengths = [min(PIECE, block - o) for _ in range(count) for o in range(0, block, PIECE)]
+            for i, n in enumerate(lengths):
+                offsets = pa.py_buffer(np.array([0, n], dtype=np.int64))
+                batch = pa.RecordBatch.from_arrays(
+                    [pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(data[:n])])], schema=SCHEMA)
+                if i == len(lengths) - 1:
+                    writer.write_with_metadata(batch, pa.py_buffer(b"end"))
+                else:
+                    writer.write_batch(batch)
+server = Sender(f"grpc+tcp://{ip}:0")
+print(server.port, flush=True)
+server.serve()
+"""
+
+
+class FlightBound:
+    """The same bytes over a bare Arrow Flight session (pyarrow, no kvstore code): a sender
+    process on `sender_ip` answers each request for `count` blocks of `block` bytes with them
+    packed (or cut) into 4 MiB record batches, as kvstore's data plane sends them; the caller
+    copies each batch into its buffer. What any Python server behind Flight costs at least, the
+    floor under kvstore's cross-node figures. Stop it with `close`."""
+
+    def __init__(self, sender_ip: str = "127.0.0.1", max_bytes: int = 64 * 1024**2) -> None:
+        import subprocess
+
+        self.proc = subprocess.Popen([sys.executable, "-c", _FLIGHT_SENDER, sender_ip, str(max_bytes)],
+                                     stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line.strip().isdigit():
+            self.proc.kill()
+            raise RuntimeError(f"the Flight bound's sender did not start on {sender_ip}")
+        self._client = flight.FlightClient(f"grpc+tcp://{sender_ip}:{int(line)}")
+        self._writer, self._reader = self._client.do_exchange(flight.FlightDescriptor.for_command(b"bound"))
+        self._writer.begin(pa.schema([("data", pa.large_binary())]))
+
+    def _get(self, view: np.ndarray, block: int) -> None:
+        import struct
+
+        self._writer.write_metadata(pa.py_buffer(struct.pack("<QQ", len(view) // block, block)))
+        got = 0
+        while True:
+            chunk = self._reader.read_chunk()
+            data = chunk.data.column(0)
+            _, offsets, payload = data.buffers()
+            start, end = np.frombuffer(offsets, dtype=np.int64, count=2)
+            piece = np.frombuffer(payload, dtype=np.uint8, count=int(end - start), offset=int(start))
+            view[got:got + len(piece)] = piece
+            got += len(piece)
+            if chunk.app_metadata is not None:
+                return
+
+    def stream(self, buf, block: int) -> float:
+        """Seconds to receive len(buf) bytes as blocks of `block` bytes into buf (touched)."""
+        view = np.frombuffer(memoryview(buf).cast("B"), dtype=np.uint8)
+        start = time.perf_counter()
+        self._get(view, block)
+        return time.perf_counter() - start
+
+    def roundtrips(self, buf, count: int) -> list[float]:
+        """Seconds of each of `count` gets of one block of len(buf) bytes."""
+        view = np.frombuffer(memoryview(buf).cast("B"), dtype=np.uint8)
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            self._get(view, len(view))
+            times.append(time.perf_counter() - start)
+        return times
+
+    def close(self) -> None:
+        try:
+            self._writer.done_writing()
+            self._writer.close()
+            self._client.close()
+        except Exception:  # noqa: BLE001 - the sender is killed below either way
+            pass
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait(timeout=10)
 
 
 class TcpBound:

@@ -21,6 +21,9 @@ and every figure is also given as a ratio to one raw TCP stream measured in the 
   from the server; Mooncake: from its own segment; LMCache: its LocalCPUBackend hot cache).
 - single-block get latency p50/p99 (64 KiB and 2 MiB), cross-node and same-node likewise, each
   get verified; the TCP bound is one request/response of the block's size on a warm connection.
+- kvstore's transport floor: its cross-node batches and 64 KiB / 2 MiB gets also over one bare
+  pyarrow Flight session from B's address (bench.common.FlightBound, no kvstore code), in the
+  same rounds: `flight_floor_gbps_*`, `kv_vs_flight_floor_*`, `flight_floor_get_p50_us_64k`.
 
 32 MiB blocks: 64 of them are 2 GiB per batch, resident several times over per system (the
 writer's source, the store, the reader's buffer, kvstore's cached copy, the TCP bound's buffers)
@@ -903,7 +906,7 @@ def measure_kvstore(sizes: dict, args) -> tuple[dict, dict]:
     import ray
     import torch
 
-    from bench.common import TcpBound
+    from bench.common import FlightBound, TcpBound
     from kvstore import Layout, block_keys, connect
     from kvstore.cluster.localcluster import RayTestCluster
     from kvstore.cluster.node import node_actor_name
@@ -913,10 +916,11 @@ def measure_kvstore(sizes: dict, args) -> tuple[dict, dict]:
     info: dict = {"name": "kvstore"}
     max_batch = max(size * count for size, count in sizes.values())
     rc = RayTestCluster(2, object_store_bytes=256 * MiB).start()
-    tcp = None
+    tcp = floor = None
     try:
         a_id, b_id = rc.node_id(0), rc.node_id(1)
         tcp = TcpBound(rc.ips[1], max_batch)  # B's address to a buffer on A, as in bench.cluster
+        floor = FlightBound(rc.ips[1], max_batch)  # the same over bare Flight: what kvstore's transport allows
         KvWriter = kv_writer_class()
         for tag, (size, count) in sizes.items():
             _, layers, tokens = SIZES[tag]
@@ -947,9 +951,10 @@ def measure_kvstore(sizes: dict, args) -> tuple[dict, dict]:
                         raise AssertionError(f"kvstore {where} get of {tag} returned wrong bytes for blocks {bad[:8]}")
 
                 def batch(where: str, drop: bool) -> dict:
-                    times, bound = [], []
+                    times, bound, flight_times = [], [], []
                     for rnd in range(args.repeats + 1):
                         t_tcp = tcp.stream(buf)
+                        t_flight = floor.stream(buf, size) if drop else None
                         if drop:
                             ray.get(node_a.delete.remote(keys))
                         out_np[:, :16] = 0
@@ -964,7 +969,12 @@ def measure_kvstore(sizes: dict, args) -> tuple[dict, dict]:
                         if rnd:
                             times.append(elapsed)
                             bound.append(t_tcp)
-                    return _batch_entry(size * count, times, bound)
+                            flight_times.append(t_flight)
+                    entry = _batch_entry(size * count, times, bound)
+                    if drop:
+                        entry["flight_floor_gbps"] = size * count / statistics.median(flight_times) / 1e9
+                        entry["vs_flight_floor"] = entry["gbps"] / entry["flight_floor_gbps"]
+                    return entry
 
                 row["cross_node"] = batch("cross-node", drop=True)
                 row["cross_node"]["caches_pulled_blocks"] = False
@@ -1000,6 +1010,9 @@ def measure_kvstore(sizes: dict, args) -> tuple[dict, dict]:
                                 times.append(elapsed)
                         bound = tcp.roundtrips(one, args.latency_samples)
                         row["latency"][where] = _latency_entry(times, bound)
+                        if drop:
+                            row["latency"][where]["flight_floor_p50_us"] = statistics.median(
+                                floor.roundtrips(one, args.latency_samples)) * 1e6
                 table[tag] = row
                 print(f"  kvstore {tag}: cross-node {row['cross_node']['gbps']:.2f} GB/s ({row['cross_node']['vs_tcp']:.2f} of TCP), "
                       f"same-node {row['same_node']['gbps']:.2f} GB/s"
@@ -1017,8 +1030,9 @@ def measure_kvstore(sizes: dict, args) -> tuple[dict, dict]:
         info["version"] = getattr(kvstore, "__version__", "0.1.0")
         info["ray"] = ray.__version__
     finally:
-        if tcp is not None:
-            tcp.close()
+        for bound in (tcp, floor):
+            if bound is not None:
+                bound.close()
         rc.stop()
     return table, info
 
@@ -1103,6 +1117,12 @@ def main(argv=None) -> int:
         lat = [(row(n, tag)["latency"]["cross_node"]["p50_us"], n) for n in measured if row(n, tag)]
         figures[f"best_peer_get_p50_us_cross_node_{tag}"] = min(lat)[0] if lat else None
         figures[f"best_peer_get_cross_node_{tag}"] = min(lat)[1] if lat else None
+    for tag in sizes:  # kvstore over one bare Flight session of the same bytes: its transport's floor
+        if tag in kv:
+            figures[f"kv_vs_flight_floor_{tag}"] = kv[tag]["cross_node"].get("vs_flight_floor")
+            figures[f"flight_floor_gbps_{tag}"] = kv[tag]["cross_node"].get("flight_floor_gbps")
+    if "64k" in kv and "latency" in kv["64k"]:
+        figures["flight_floor_get_p50_us_64k"] = kv["64k"]["latency"]["cross_node"].get("flight_floor_p50_us")
     if figures.get("get_p50_us_cross_node_64k") and figures.get("best_peer_get_p50_us_cross_node_64k"):
         figures["kv_get_p50_cross_node_64k_over_best_peer"] = (figures["get_p50_us_cross_node_64k"]
                                                               / figures["best_peer_get_p50_us_cross_node_64k"])
@@ -1128,6 +1148,9 @@ def main(argv=None) -> int:
         "same_node": "kvstore: blocks in A's arena; peers: the writer process reading back its own blocks",
         "tcp_bound": "one raw TCP stream (bench.common.TcpBound) interleaved with each system's rounds; latency bound: "
                      "one request/response of the block's size on a warm connection",
+        "flight_floor": "kvstore's cross-node figures also over one bare pyarrow Flight session moving the same bytes "
+                        "from node B's address, packed in 4 MiB batches as kvstore's data plane sends them "
+                        "(bench.common.FlightBound): the most kvstore's transport allows here",
         "32m": ("64 blocks of 32 MiB" if sizes.get("32m", (0, 64))[1] == 64
                 else f"{sizes['32m'][1]} blocks of 32 MiB per batch, not 64 (memory; --blocks-32m 64 runs the full batch)")
                 if "32m" in sizes else "not run",
