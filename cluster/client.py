@@ -35,6 +35,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from kvstore.cluster.commits import PendingCommits
 from kvstore.cluster.controller import CONTROLLER_NAME, ControllerActor
 from kvstore.cluster.dataplane import Peers
+from kvstore.cluster.leases import Lease, lease_parts
 from kvstore.cluster.locations import LocationCache, PeerBreaker
 from kvstore.cluster.lookups import IndexReader
 from kvstore.cluster.shardmap import shard_actor_name
@@ -76,23 +77,6 @@ class ReadHold:
     keys: list[bytes]
     views: list  # per key: a uint8 tensor aliasing its slot, or None (not on this node)
     checksums: list  # per key: the block's checksum, or None
-
-
-@dataclasses.dataclass(frozen=True)
-class Lease:
-    lease_id: str  # "<hold id>@<node id>": the hold on the owner that pins the blocks
-    node_id: str
-    keys: list[bytes]  # the ones pinned
-    expires_in_s: float
-
-
-def _lease_parts(lease: "Lease | str") -> tuple[str, str]:
-    """(hold id, node id) of a lease or lease id; LeaseError if it is not one."""
-    lease_id = lease.lease_id if isinstance(lease, Lease) else lease
-    hold_id, _, node_id = lease_id.partition("@") if isinstance(lease_id, str) else ("", "", "")
-    if not hold_id or not node_id:
-        raise LeaseError(f"lease id {lease_id!r} is not '<hold id>@<node id>'")
-    return hold_id, node_id
 
 
 class Client:
@@ -326,7 +310,7 @@ class Client:
         if owner is not None and owner != self.node_id:
             for i in missing:
                 self._locations.learn(keys[i], owner)
-        release = _lease_parts(lease) if lease is not None else None
+        release = lease_parts(lease) if lease is not None else None
         if missing:
             if self._pull(layout, keys, rows, missing, sources,
                           self.config.cache_pulled_blocks if cache is None else cache, release, landing):
@@ -546,7 +530,7 @@ class Client:
 
     def release_lease(self, lease: Lease | str) -> None:
         """Unpins a lease's blocks; LeaseError if it expired or was released already."""
-        hold_id, node_id = _lease_parts(lease)
+        hold_id, node_id = lease_parts(lease)
         self._call_node("release", hold_id, node_id=node_id)
 
     def _node_actor(self, node_id: str):

@@ -223,7 +223,8 @@ class DataPlaneServer(flight.FlightServerBase):
 
     def _stream(self, req, tenant: Tenant):
         """The blocks of a get request this node has, as record batches; then gives back the hold
-        `req.release` (a lease the get ends), whether or not its blocks were all sent. A tenant's
+        `req.release` (a lease the get ends; the admin's gets only), whether or not its blocks
+        were all sent. A tenant's
         keys are looked up in its scope, then in shared tenants' (kvstore/tenants.py), and its
         blocks go out under the keys it asked for."""
         stored = self._tenants.readable(tenant, req.keys, self._store.contains)
@@ -238,7 +239,9 @@ class DataPlaneServer(flight.FlightServerBase):
             for batch in batches:
                 yield batch if asked is None else _renamed(batch, asked)
         finally:
-            if req.release is not None and self._release_hold is not None:
+            # Only the admin ends a lease here: a tenant's would be anyone's it could name (its
+            # own it ends over HTTP, where the service knows who took it: cluster/leases.py).
+            if req.release is not None and self._release_hold is not None and tenant.is_admin:
                 self._release_hold(req.release)
 
     def _whole(self, layout: Layout, keys: list[bytes]):

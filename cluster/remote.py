@@ -12,8 +12,10 @@ this module does not import it (tests/test_remote.py checks with Ray made unimpo
   then pulls from every owner at once, one Flight session per owner, straight into the caller's
   buffer; every block is checked against the checksum it travelled with (cluster/pulled.py), a
   damaged one is a miss. An owner that fails is left alone for a while (PeerBreaker) and its
-  blocks are asked about once more. A lease named by the get rides on the pull from its node,
-  or is given back by an empty get there.
+  blocks are asked about once more. A lease named by the get is given back over HTTP once the
+  pull is over.
+- Leases (`lease`, `release_lease`) are POST /v1/leases and /v1/leases/release: the service pins
+  the blocks on their owner and lets a tenant end only the leases it took (cluster/leases.py).
 - A put streams the blocks to one node (Flight do_put): the node holding the first block's
   parent when this client knows it (a chain stays on one node, for KV-aware routing), else the
   node this client picked at connect (at random, so engines spread over the nodes); another if
@@ -27,7 +29,8 @@ certificate against `tls_ca_file` and the URL's host name, the nodes' against `t
 with the scheme is refused at connect, naming the scheme to use.
 
 There is no host arena here: nothing is cached locally (`cache` is accepted and ignored), and
-the Ray client's slot-level calls (reserve, acquire, lease) are not offered.
+the Ray client's slot-level calls (reserve, acquire) are not offered. `node_id` is the node puts
+go to by default, which a handoff names for its reader.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from kvstore.cluster.dataplane import Peers
+from kvstore.cluster.leases import Lease, lease_parts
 from kvstore.cluster.locations import LocationCache, PeerBreaker
 from kvstore.cluster.protocol import MAX_KEYS
 from kvstore.cluster.pulled import ClusterGetResult, Landing, PulledBlocks
@@ -327,7 +331,7 @@ class RemoteClient:
             rows = block_rows(layout, out, len(keys), "out")
             if owner is not None and not isinstance(owner, str):
                 raise KVStoreError(f"owner={owner!r} must be a node id (a string)")
-            release = _lease_parts(lease) if lease is not None else None
+            release = lease_parts(lease) if lease is not None else None
             first = {}  # key -> its first position (a key named twice is pulled once)
             for i, key in enumerate(keys):
                 first.setdefault(key, i)
@@ -336,9 +340,9 @@ class RemoteClient:
                     self._locations.learn(key, owner)
             sink = PulledBlocks({k: rows[i] for k, i in first.items()}, layout.block_nbytes, self._copier,
                                 landing=landing)
-            delivered, released = self._pull(layout, list(first), sink, release, landing is not None)
-            if release is not None and not released:
-                self._release(layout, *release)
+            delivered = self._pull(layout, list(first), sink, landing is not None)
+            if release is not None:
+                self._end_lease(lease)
         finally:
             if landing is not None:
                 landing.end()
@@ -352,20 +356,16 @@ class RemoteClient:
             sources[i] = (node, "remote")
         return ClusterGetResult(sources)
 
-    def _pull(self, layout: Layout, keys: list[bytes], sink: PulledBlocks, release: tuple[str, str] | None,
-              by_layer: bool) -> tuple[dict[bytes, str], bool]:
+    def _pull(self, layout: Layout, keys: list[bytes], sink: PulledBlocks, by_layer: bool) -> dict[bytes, str]:
         """Pulls keys into the sink: owners from the location cache, the lookup asked for the
         rest, and once more for blocks whose remembered owner no longer had them. Returns key ->
-        the node it came from (checked blocks only), and whether the lease was given back."""
+        the node it came from (checked blocks only)."""
         delivered: dict[bytes, str] = {}
-        released = False
         try:
             todo = keys
             for refresh in (False, True):
                 by_owner, looked_up = self._owners(todo, refresh)
-                got, done = self._stream(layout, by_owner, sink, None if released else release, by_layer)
-                delivered.update(got)
-                released |= done
+                delivered.update(self._stream(layout, by_owner, sink, by_layer))
                 todo = [k for k in todo if k not in delivered and k not in looked_up]
                 self._locations.forget(todo)
                 if not todo:
@@ -373,7 +373,7 @@ class RemoteClient:
         finally:
             sink.wait()
         self.corrupt_received += len(sink.damaged)
-        return {k: n for k, n in delivered.items() if k not in sink.damaged}, released
+        return {k: n for k, n in delivered.items() if k not in sink.damaged}
 
     def _owners(self, keys: list[bytes], refresh: bool) -> tuple[dict[str, list[bytes]], set[bytes]]:
         """Keys grouped by the node to pull each from, and which of them the lookup was asked about."""
@@ -399,44 +399,72 @@ class RemoteClient:
         return by_owner, set(unknown)
 
     def _stream(self, layout: Layout, by_owner: dict[str, list[bytes]], sink: PulledBlocks,
-                release: tuple[str, str] | None, by_layer: bool) -> tuple[dict[bytes, str], bool]:
-        """Flight streams to every owner at once; key -> owner of the blocks received, and
-        whether the lease was given back (it rides on the pull from its node, if that is one
-        stream). An owner that fails is forgotten and left alone for a while."""
+                by_layer: bool) -> dict[bytes, str]:
+        """Flight streams to every owner at once; key -> owner of the blocks received. An owner
+        that fails is forgotten and left alone for a while."""
         jobs = []
         for node, node_keys in by_owner.items():
             n = max(1, min(self._pull_streams, len(node_keys) * layout.block_nbytes // _STREAM_MIN_BYTES))
             n = max(n, -(-len(node_keys) // self._batch(layout)))  # and each within what one request may ask
-            hold_id = release[0] if release is not None and release[1] == node and n == 1 else None
-            jobs += [(node, node_keys[j::n], hold_id) for j in range(n)]
+            jobs += [(node, node_keys[j::n]) for j in range(n)]
 
-        def pull(job) -> tuple[str, set[bytes], bool]:
-            node, node_keys, hold_id = job
+        def pull(job) -> tuple[str, set[bytes]]:
+            node, node_keys = job
             address = self._addresses.get(node)
             if address is None:
-                return node, set(), False
+                return node, set()
             try:
-                got = self._peers.get(address).get(layout, node_keys, sink, verify=False, release=hold_id,
-                                              by_layer=by_layer)
+                got = self._peers.get(address).get(layout, node_keys, sink, verify=False, by_layer=by_layer)
             except TransferError as e:
                 self._drop_peer(node, address, e)
-                return node, set(), False
+                return node, set()
             self._breaker.succeeded(node)
-            return node, got, hold_id is not None
+            return node, got
 
         results = [pull(jobs[0])] if len(jobs) == 1 else list(self._streams.map(pull, jobs))
-        return {key: node for node, got, _ in results for key in got}, any(done for _, _, done in results)
+        return {key: node for node, got in results for key in got}
 
-    def _release(self, layout: Layout, hold_id: str, node: str) -> None:
-        """Gives back a lease whose blocks were not pulled from its node: an empty get naming it."""
-        address = self._addresses.get(node) or self._refresh_nodes().get(node)
-        if address is None:
-            log.info("lease %s@%s: its node is not known (gone?); it ends at its TTL", hold_id, node)
-            return
+    # -- leases, over HTTP (cluster/leases.py) ---------------------------------------------------
+
+    @property
+    def node_id(self) -> str | None:
+        """The node this client's puts go to by default (`put_node`): where a handoff's reader
+        looks first."""
+        return self.put_node
+
+    def lease(self, layout: Layout, keys: Sequence[bytes], ttl_s: float | None = None,
+              node_id: str | None = None) -> Lease:
+        """Pins keys on their node (`node_id`, default the first holder's) for a reader to come,
+        until `release_lease`, a get naming the lease, or the TTL (default the cluster's
+        lease_ttl_s). One call to the service; `keys` of the lease are the ones pinned."""
+        keys = check_keys(keys)
+        body: dict = {"keys": [k.hex() for k in keys], "layout": layout.to_dict()}
+        if ttl_s is not None:
+            body["ttl_s"] = ttl_s
+        if node_id is not None:
+            body["node_id"] = node_id
+        answer = self._http.call("POST", "/v1/leases", body)
+        if answer["lease_id"] is None:
+            raise LeaseError(f"none of the {len(keys)} blocks is held anywhere: nothing to lease")
+        return Lease(answer["lease_id"], answer["node_id"], [bytes.fromhex(k) for k in answer["pinned"]],
+                     answer["expires_in_s"])
+
+    def release_lease(self, lease: "Lease | str") -> None:
+        """Unpins a lease this caller took; LeaseError if it is not open (ended, or another's)."""
+        hold_id, node_id = lease_parts(lease)
         try:
-            self._peers.get(address).get(layout, [], lambda *_: None, release=hold_id)
-        except TransferError as e:
-            log.info("lease %s@%s: %s; it ends at its TTL", hold_id, node, e)
+            self._http.call("POST", "/v1/leases/release", {"lease_id": f"{hold_id}@{node_id}"})
+        except AuthError:
+            raise
+        except KVStoreError as e:
+            raise LeaseError(str(e)) from None
+
+    def _end_lease(self, lease: "Lease | str") -> None:
+        """A get's lease, once its blocks are pulled (or not: it ends at its TTL otherwise)."""
+        try:
+            self.release_lease(lease)
+        except (LeaseError, TransferError) as e:
+            log.info("lease %s: %s; it ends at its TTL", getattr(lease, "lease_id", lease), e)
 
     def put(self, layout: Layout, keys: Sequence[bytes], blocks: Blocks,
             parents: Sequence[bytes | None] | None = None, wait_index: bool = False) -> PutResult:
@@ -555,13 +583,6 @@ class RemoteClient:
         self.close()
 
 
-def _lease_parts(lease: object) -> tuple[str, str]:
-    """(hold id, node id) of a lease (anything with `lease_id`) or lease id; LeaseError if not one."""
-    lease_id = getattr(lease, "lease_id", lease)
-    hold_id, _, node_id = lease_id.partition("@") if isinstance(lease_id, str) else ("", "", "")
-    if not hold_id or not node_id:
-        raise LeaseError(f"lease id {lease_id!r} is not '<hold id>@<node id>'")
-    return hold_id, node_id
 
 
 def connect_remote(url: str, token: str | None = None, *, config: Config | None = None,

@@ -2,15 +2,15 @@
 
 An engine's core and workers are often processes Ray did not start (vLLM spawns them), where
 `kvstore.connect(None)` would quietly start a kvstore of their own that no other engine shares:
-the connector never does that unasked (`join_address`).
+the connector never does that unasked (`join_address`). An engine outside any Ray cluster gives
+the HTTP service's `kvstore://HOST:PORT` (or `kvstores://`) address and a token file instead: its
+processes then use the remote client (cluster/remote.py) and never import Ray.
 """
 from __future__ import annotations
 
 import os
 import threading
 from typing import TYPE_CHECKING, Any
-
-import ray
 
 import kvstore
 from kvstore.errors import KVStoreError
@@ -37,21 +37,26 @@ def shared_client(settings: "Settings"):
 
 
 def join_address(address: str) -> str | None:
-    """The Ray address the connector's client joins (None: this process's own cluster, or with
-    EMBEDDED a private one): the setting, else the Ray cluster this process is in, else
-    RAY_ADDRESS, else the cluster of the Ray worker that spawned this process.
-    Raises KVStoreError, naming what to set, when there is nothing to join."""
+    """The address the connector's client joins (None: this process's own Ray cluster, or with
+    EMBEDDED a private one): the setting (a Ray address, or a kvstore:// URL), else the Ray
+    cluster this process is in, else RAY_ADDRESS, else the cluster of the Ray worker that spawned
+    this process. Raises KVStoreError, naming what to set, when there is nothing to join."""
     if address == EMBEDDED:
         return None
-    if address or ray.is_initialized():
-        return address or None
+    if address:
+        return address
+    import ray  # only to find a Ray cluster: a kvstore:// address needs no Ray in the engine
+
+    if ray.is_initialized():
+        return None
     found = os.environ.get("RAY_ADDRESS") or _spawners_cluster()
     if not found:
         raise KVStoreError(
             "the kvstore connector has no kvstore cluster to join: this process is in no Ray cluster, RAY_ADDRESS "
             "is unset and no Ray worker spawned it; set kv_connector_extra_config.kvstore_address to the cluster's "
-            f"Ray address (or RAY_ADDRESS), or run the engine inside it ({EMBEDDED!r} starts a private one: tests "
-            "and demos only)")
+            "Ray address (or RAY_ADDRESS), or to its HTTP service's kvstore://HOST:PORT with kvstore_token_file "
+            f"(no Ray in the engine), or run the engine inside it ({EMBEDDED!r} starts a private one: tests and "
+            "demos only)")
     return found
 
 

@@ -15,11 +15,12 @@ if TYPE_CHECKING:
 
 # Every key the connector reads, with what it means; any other `kvstore_*` key is an error.
 _SETTINGS = {
-    "kvstore_address": "Ray address of the kvstore cluster; empty: the Ray cluster this process is in, else "
-                       "RAY_ADDRESS, else that of the Ray worker that spawned the engine; 'embedded': a kvstore "
-                       "private to this process (tests and demos only)",
+    "kvstore_address": "Ray address of the kvstore cluster, or kvstore://HOST:PORT of its HTTP service (an engine "
+                       "outside Ray: no Ray in its processes; needs kvstore_token_file); empty: the Ray cluster this "
+                       "process is in, else RAY_ADDRESS, else that of the Ray worker that spawned the engine; "
+                       "'embedded': a kvstore private to this process (tests and demos only)",
     "kvstore_namespace": "tenant namespace salted into every key (default: the kvstore config's)",
-    "kvstore_token_file": "file holding the data plane's auth token",
+    "kvstore_token_file": "file holding the credential: a tenant's token or the admin's (auth token)",
     "kvstore_model_id": "model id in the layout (default: the model path/name and revision)",
     "kvstore_load_mode": "async (default) or sync",
     "kvstore_save_mode": "sync (default for kv_producer) or async (default for kv_both)",
@@ -63,8 +64,9 @@ class Settings:
         address = str(extra.get("kvstore_address") or "")
         if address.startswith(("http://", "https://")):
             raise ValueError(
-                f"kvstore_address={address!r} is an HTTP URL; the connector joins kvstore's Ray cluster, so "
-                f"give its Ray address (host:port of the Ray head's GCS, 'ray://host:10001' or 'auto')")
+                f"kvstore_address={address!r} is an HTTP URL; give the kvstore cluster's Ray address (host:port "
+                "of the Ray head's GCS, 'ray://host:10001' or 'auto'), or its HTTP service as kvstore://HOST:PORT "
+                "(kvstores:// for TLS) with kvstore_token_file, for an engine outside Ray")
 
         def mode(key: str, default: str) -> bool:
             value = str(extra.get(key, default))

@@ -8,17 +8,23 @@
     POST /v1/lookup      {"keys": [hex, ...]} or {"token_ids": [...], "layout": {...}, "namespace": "..."}
                          (optional "best_node": false skips the best node) -> prefix length, best node,
                          where each block lives, and the data-plane addresses of the nodes named
+    POST /v1/leases      {"keys": [hex, ...], "layout": {...}, "ttl_s": s (optional), "node_id": "..." (optional:
+                         the owner; default the first holder)} -> {"lease_id", "node_id", "pinned": [hex, ...],
+                         "expires_in_s"}: pins the blocks on their node for a reader to come (cluster/leases.py)
+    POST /v1/leases/release  {"lease_id": "..."} -> {"released": true}; 404 for a lease the caller did
+                         not take (or that ended)
     GET  /               the status page (HTML, refreshes itself)
 
 Auth: `Authorization: Bearer <token>`, or HTTP Basic auth with the token as the password (a
 browser opening the page asks for it): never a credential in the URL, where logs and browser
 histories keep it. The admin token opens everything; a tenant's (kvstore/tenants.py) opens
-/v1/lookup, in its own key scope, and /v1/dataplane (nodes' ids and Flight addresses, nothing
-else: what a remote client, kvstore/cluster/remote.py, needs to reach them), and gets 403 on the
-cluster-wide views.
+/v1/lookup and /v1/leases, in its own key scope, and /v1/dataplane (nodes' ids and Flight
+addresses, nothing else: what a remote client, kvstore/cluster/remote.py, needs to reach them),
+and gets 403 on the cluster-wide views. A tenant ends only the leases it took through this
+service (it remembers who took each, until its TTL is over).
 The service talks to the cluster through `backend`, any object with the cluster client's
-`stats()`, `nodes()`, `where(keys)`, `longest_prefix(keys)` and `best_node(keys)` (so this module
-does not import Ray). Backend calls block, so they run in worker threads; stats are cached for
+`stats()`, `nodes()`, `where(keys)`, `longest_prefix(keys)`, `best_node(keys)`, `lease(layout,
+keys, ttl_s, node_id)` and `release_lease(lease_id)` (so this module does not import Ray). Backend calls block, so they run in worker threads; stats are cached for
 `STATS_TTL_S` so a busy scraper does not load the controller, nodes' addresses for
 `ADDRESSES_TTL_S` (sooner when a lookup names a node not among them).
 """
@@ -46,7 +52,9 @@ STATS_TTL_S = 1.0
 ADDRESSES_TTL_S = 2.0
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_LOOKUP_KEYS = 65536
-TENANT_PATHS = {"/v1/lookup", "/v1/dataplane"}  # what a tenant's credential opens; the rest is the admin's
+TENANT_PATHS = {"/v1/lookup", "/v1/dataplane", "/v1/leases", "/v1/leases/release"}  # a tenant's; the rest is the admin's
+MAX_LEASE_TTL_S = 3600.0
+MAX_LEASES_REMEMBERED = 100_000  # leases taken through this service whose taker it remembers
 
 
 class Service:
@@ -62,6 +70,7 @@ class Service:
         self._addresses: dict[str, dict] = {}  # node id -> {"node_id", "address", "tls"}
         self._addresses_at = 0.0
         self._addresses_lock = asyncio.Lock()
+        self._lease_takers: dict[str, tuple[str, float]] = {}  # lease id -> (tenant, ends), oldest first
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._auth, _errors])
@@ -72,6 +81,8 @@ class Service:
             web.get("/v1/nodes", self.nodes),
             web.get("/v1/dataplane", self.dataplane),
             web.post("/v1/lookup", self.lookup),
+            web.post("/v1/leases", self.lease),
+            web.post("/v1/leases/release", self.release_lease),
             web.get("/", self.page),
         ])
         return app
@@ -140,12 +151,7 @@ class Service:
         return web.json_response({"nodes": [nodes[n] for n in sorted(nodes)]})
 
     async def lookup(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise _bad("body must be JSON") from None
-        except RecursionError:
-            raise _bad("body is nested too deeply") from None
+        body = await _json_body(request)
         asked = _lookup_keys(body)
         want_best = body.get("best_node", True)
         if not isinstance(want_best, bool):
@@ -172,6 +178,55 @@ class Service:
             "addresses": {n: addresses[n]["address"] for n in sorted(named) if n in addresses},
         })
 
+    async def lease(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        asked = _lookup_keys(body)
+        if "layout" not in body:
+            raise _bad("a lease needs 'layout' (its blocks' layout) with its 'keys'")
+        layout = Layout.from_dict(body["layout"])
+        ttl_s, node_id = body.get("ttl_s"), body.get("node_id")
+        if ttl_s is not None and (isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float))
+                                  or not 0 < ttl_s <= MAX_LEASE_TTL_S):
+            raise _bad(f"ttl_s={ttl_s!r:.80} must be a number of seconds in (0, {MAX_LEASE_TTL_S:.0f}]")
+        if node_id is not None and not isinstance(node_id, str):
+            raise _bad(f"node_id={node_id!r:.80} must be a node id (a string)")
+        tenant = self._caller(request)
+        keys = await asyncio.to_thread(self._tenants.readable, tenant, asked,
+                                       lambda stored: [bool(h) for h in self.backend.where(stored)])
+        if node_id is None:  # the owner: the first holder of the first block held
+            holders = await asyncio.to_thread(self.backend.where, keys)
+            node_id = next((hs[0][0] for hs in holders if hs), None)
+            if node_id is None:
+                return web.json_response({"lease_id": None, "node_id": None, "pinned": [], "expires_in_s": 0})
+        lease = await asyncio.to_thread(self.backend.lease, layout, keys, ttl_s, node_id)
+        self._remember_lease(lease.lease_id, tenant.name, lease.expires_in_s)
+        pinned = set(lease.keys)
+        return web.json_response({"lease_id": lease.lease_id, "node_id": lease.node_id,
+                                  "pinned": [a.hex() for a, k in zip(asked, keys) if k in pinned],
+                                  "expires_in_s": lease.expires_in_s})
+
+    async def release_lease(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        lease_id = body.get("lease_id") if isinstance(body, dict) else None
+        if not isinstance(lease_id, str) or len(lease_id) > 256:
+            raise _bad(f"lease_id={lease_id!r:.80} must be a lease id ('<hold id>@<node id>')")
+        tenant = self._caller(request)
+        taker = self._lease_takers.get(lease_id)
+        if not tenant.is_admin and (taker is None or taker[0] != tenant.name):
+            raise web.HTTPNotFound(text=json.dumps({"error": f"no lease {lease_id!r:.80} of yours is open"}),
+                                   content_type="application/json")
+        self._lease_takers.pop(lease_id, None)
+        await asyncio.to_thread(self.backend.release_lease, lease_id)
+        return web.json_response({"released": True})
+
+    def _remember_lease(self, lease_id: str, tenant: str, ttl_s: float) -> None:
+        """Who took a lease, until it ends (the oldest forgotten first past the bound)."""
+        now = time.monotonic()
+        takers = self._lease_takers
+        while takers and (len(takers) >= MAX_LEASES_REMEMBERED or next(iter(takers.values()))[1] < now):
+            del takers[next(iter(takers))]
+        takers[lease_id] = (tenant, now + ttl_s)
+
     async def page(self, request: web.Request) -> web.Response:
         return web.Response(text=status_page(await self._snapshot()), content_type="text/html")
 
@@ -185,6 +240,15 @@ async def _errors(request: web.Request, handler):
         raise
     except (KVStoreError, ValueError) as e:
         raise _bad(str(e)) from None
+
+
+async def _json_body(request: web.Request):
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise _bad("body must be JSON") from None
+    except RecursionError:
+        raise _bad("body is nested too deeply") from None
 
 
 def _credential(header: str) -> str:

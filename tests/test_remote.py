@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import kvstore
-from kvstore.cluster.dataplane import DataPlaneServer
+from kvstore.cluster.dataplane import DataPlaneClient, DataPlaneServer
+from kvstore.cluster.leases import Lease
 from kvstore.cluster.remote import RemoteClient, connect_remote, is_remote_url, parse_url
 from kvstore.errors import AuthError, ConfigError, InvalidKeyError, LeaseError, PayloadError, TransferError
 from kvstore.layout import Layout
@@ -95,9 +96,25 @@ class Nodes:
         self.stores = [TieredStore([HostTier(shm_name(), LAYOUT.block_nbytes, slots * LAYOUT.block_nbytes)])
                        for _ in range(count)]
         self.released: list[str] = []
+        self.holds: dict[str, tuple] = {}  # leases taken through the service: hold id -> (store, handles)
         self.servers = [DataPlaneServer(store, "127.0.0.1", 0, tenants, 1 << 30, release_hold=self.released.append)
                         .start() for store in self.stores]
         self.ids = [f"node{i}-" + os.urandom(6).hex() for i in range(count)]
+
+    def lease(self, layout, keys, ttl_s, node_id):
+        store = self.stores[self.ids.index(node_id)]
+        handles = store.acquire(layout, keys)
+        hold = "hold" + os.urandom(4).hex()
+        self.holds[hold] = (store, handles)
+        return Lease(f"{hold}@{node_id}", node_id, [h.key for h in handles if h is not None], ttl_s or 30.0)
+
+    def release_lease(self, lease_id):
+        hold = lease_id.partition("@")[0]
+        if hold not in self.holds:
+            raise LeaseError(f"no hold {hold}")
+        store, handles = self.holds.pop(hold)
+        store.release(handles)
+        self.released.append(hold)
 
     def nodes(self) -> list[dict]:
         return [{"node_id": n, "address": s.address, "tls": False, "pid": 1, "shm_name": "secret-ish"}
@@ -262,16 +279,39 @@ def test_concurrent_gets_from_threads_each_get_their_own_blocks(cluster):
             assert all(pool.map(read, range(36)))
 
 
-def test_a_lease_is_given_back_by_the_get_that_ends_it(cluster):
+def test_a_lease_is_taken_over_http_ended_by_the_get_naming_it_and_by_no_other_tenant(cluster):
     nodes, url = cluster
-    with connect_remote(url, token=A_TOKEN) as a:
+    with connect_remote(url, token=A_TOKEN) as a, connect_remote(url, token=B_TOKEN) as b:
         keys = keys_of(2)
         a.put_node = nodes.ids[0]
         a.put(LAYOUT, keys, blocks(4, 2), wait_index=True)
+        lease = a.lease(LAYOUT, keys, ttl_s=30)
+        hold = lease.lease_id.partition("@")[0]
+        assert lease.node_id == nodes.ids[0] and lease.keys == keys and hold in nodes.holds
+        with pytest.raises(LeaseError, match="no lease"):
+            b.release_lease(lease)  # another tenant's: as if there were none
         out = torch.zeros(2, LAYOUT.block_nbytes, dtype=torch.uint8)
-        assert a.get(LAYOUT, keys, out, lease=f"hold1@{nodes.ids[0]}").hits == 2  # rides on the pull
-        assert a.get(LAYOUT, keys_of(1), out[:1], lease=f"hold2@{nodes.ids[1]}").hits == 0  # nothing pulled there
-        assert nodes.released[-2:] == ["hold1", "hold2"]
+        assert b.get(LAYOUT, keys, out, lease=lease).hits == 0  # B's own scope; A's lease stays
+        assert hold in nodes.holds
+        assert a.get(LAYOUT, keys, out, lease=lease).hits == 2 and hold not in nodes.holds
+        with pytest.raises(LeaseError, match="no lease"):
+            a.release_lease(lease)  # ended already
+        with pytest.raises(LeaseError, match="nothing to lease"):
+            a.lease(LAYOUT, keys_of(1))
+
+
+def test_only_the_admin_ends_a_hold_by_naming_it_in_a_flight_get(cluster):
+    """A get may name a hold to end once its blocks are out (a handoff's lease): a tenant's
+    would end anyone's it could name, so the data plane honours it from the admin only."""
+    nodes, _ = cluster
+    address = nodes.servers[0].address
+    for token, hold, ended in ((B_TOKEN, "hold-b", False), (ADMIN, "hold-admin", True)):
+        peer = DataPlaneClient(address, token)
+        try:
+            peer.get(LAYOUT, [], lambda *_: None, release=hold)
+        finally:
+            peer.close()
+        assert (hold in nodes.released) == ended
 
 
 def test_bad_input_is_a_typed_error_naming_the_value(cluster):
@@ -407,3 +447,21 @@ def _connected(url: str, settings: dict):
         if "refused" in str(e):
             return None
         raise
+
+
+@pytest.mark.parametrize("path, body, status, words", [
+    ("/v1/leases", {"keys": ["00" * 16]}, 400, ["layout"]),
+    ("/v1/leases", {"keys": ["00" * 16], "layout": LAYOUT.to_dict(), "ttl_s": -1}, 400, ["ttl_s=-1"]),
+    ("/v1/leases", {"keys": ["00" * 16], "layout": LAYOUT.to_dict(), "ttl_s": True}, 400, ["ttl_s=True"]),
+    ("/v1/leases", {"keys": ["00" * 16], "layout": LAYOUT.to_dict(), "node_id": 7}, 400, ["node_id=7"]),
+    ("/v1/leases", {"keys": ["zz"], "layout": LAYOUT.to_dict()}, 400, ["keys[0]"]),
+    ("/v1/leases", b"{not json", 400, ["JSON"]),
+    ("/v1/leases/release", {"lease_id": 5}, 400, ["lease_id=5"]),
+    ("/v1/leases/release", {"lease_id": "hold@node"}, 404, ["no lease"]),
+])
+def test_bad_lease_requests_get_a_4xx_naming_the_value(cluster, path, body, status, words):
+    _, url = cluster
+    got, text = http_call("http://" + url.removeprefix("kvstore://") + path, body, A_TOKEN)
+    assert got == status, text
+    for word in words:
+        assert word in text

@@ -4,7 +4,9 @@
 
 spec: model (dir), max_tokens, connector (None or a dict: kv_role, extra config,
 kv_load_failure_policy), ray (None or {"address", "node_ip"}: join the test's Ray cluster as a
-driver on that node first, so the connector's kvstore.connect() reuses it), max_lora_rank
+driver on that node first, so the connector's kvstore.connect() reuses it), no_ray (optional:
+Ray made unimportable in this process, an engine outside Ray that reaches kvstore through a
+kvstore:// address), max_lora_rank
 (optional: enables LoRA), and rounds: a list of {prompts (each a list of token ids, or a dict
 {"tokens", "cache_salt" (optional), "lora" (optional: [name, int id, path])}), handoffs (per
 prompt: kv_transfer_params to pass, or None), corrupt (optional: hex keys whose blocks are
@@ -25,6 +27,11 @@ import sys
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    if spec.get("no_ray"):
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from kvtest_support import NO_RAY
+
+        exec(NO_RAY)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -81,10 +88,11 @@ def connector_report(returned: list, handoffs: list) -> dict:
 
     get_kv_transfer_group().wait_idle()  # async saves of this round are in the store
     client = next(iter(vllm_client._CLIENTS.values()))
-    client.flush()  # copies cached by this round's pulls are committed ...
-    client.sync()   # ... and in the cluster's index
+    if hasattr(client, "flush"):  # the Ray client (a remote client's puts are indexed when they return)
+        client.flush()  # copies cached by this round's pulls are committed ...
+        client.sync()   # ... and in the cluster's index
     keys = [bytes.fromhex(k) for p in returned + handoffs if p for k in p.get("kvstore_keys", [])]
-    return {"totals": dict(vllm_stats.TOTALS), "node_id": client.node_id,
+    return {"totals": dict(vllm_stats.TOTALS), "node_id": client.node_id, "ray_imported": "ray" in sys.modules,
             "worker_verify": get_kv_transfer_group().verification(),
             "where": {k.hex(): sorted(n for n, _ in holders) for k, holders in zip(keys, client.where(keys))}}
 

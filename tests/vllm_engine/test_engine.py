@@ -116,6 +116,35 @@ def test_consumer_on_another_node_loads_instead_of_computing(tiny_model, kv_clus
     assert control["tokens"][0] != baseline[0]
 
 
+def test_engines_outside_ray_hand_off_through_the_http_service(tiny_model, kv_cluster, baseline, tmp_path):
+    """A producer and a consumer engine with Ray unimportable in their processes: they reach
+    kvstore through its HTTP service (kvstore://, here with the admin's token from a file) and
+    the nodes' Flight servers, the handoff's lease taken and ended over HTTP."""
+    from kvtest_support import http_service
+
+    rc, client = kv_cluster
+    token_file = tmp_path / "token"
+    token_file.write_text(client._token)
+    service = http_service(client, client._token)
+    base = next(service)
+    try:
+        extra = {"kvstore_address": "kvstore://" + base.removeprefix("http://"), "kvstore_token_file": str(token_file),
+                 "kvstore_namespace": "outside-ray"}
+        (made,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "no_ray": True,
+                              "connector": connector("kv_producer", **extra), "rounds": [{"prompts": [P4]}]})["rounds"]
+        assert made["tokens"] == baseline[3:] and not made["ray_imported"]
+        (handle,) = made["kv_transfer_params"]
+        assert handle["kvstore_lease"] and handle["kvstore_node"] in (rc.node_id(0), rc.node_id(1))
+        assert made["totals"]["blocks_saved"] == 2
+        (used,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "no_ray": True,
+                              "connector": connector("kv_consumer", **extra),
+                              "rounds": [{"prompts": [P4], "handoffs": [handle]}]})["rounds"]
+        assert used["tokens"] == baseline[3:] and not used["ray_imported"]
+        assert used["totals"]["blocks_loaded"] == 2 and used["totals"]["blocks_load_failed"] == 0
+    finally:
+        next(service, None)
+
+
 def test_a_failed_load_is_recomputed(tiny_model, kv_cluster, produced, baseline):
     """The blocks vanish between the lookup and the load (the worker deletes them first, a test
     hook): vLLM recomputes them (kv_load_failure_policy=recompute), tokens unchanged."""
