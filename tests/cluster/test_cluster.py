@@ -296,7 +296,7 @@ def test_a_stale_location_is_a_miss_or_a_fresh_lookup_never_wrong_bytes(cluster)
 def test_a_known_owner_is_pulled_from_without_a_lookup(cluster):
     rc, client = cluster
     keys = block_keys(tokens(13, 3), LAYOUT, "known-owner")
-    ray.get(on_node(rc, 1).put_keys.remote(keys))
+    put_on(rc, client, 1, keys)
     counting = client._index = Counting(client._index, "locate")  # the index shards' lookups
     try:
         out = torch.zeros((3, LAYOUT.block_nbytes), dtype=torch.uint8)
@@ -310,7 +310,7 @@ def test_a_known_owner_is_pulled_from_without_a_lookup(cluster):
 def test_a_lease_is_taken_on_its_owner_and_ended_by_the_pull(cluster):
     rc, client = cluster
     keys = block_keys(tokens(15, 3), LAYOUT, "lease-on-owner")
-    ray.get(on_node(rc, 1).put_keys.remote(keys))
+    put_on(rc, client, 1, keys)  # committed on B (another client's put is seen once indexed)
     node_b = ray.get_actor(f"kvstore-node-{rc.node_id(1)}", namespace="kvstore")
     holds = lambda: ray.get(node_b.stats.remote())["holds"]  # noqa: E731
     before = holds()
