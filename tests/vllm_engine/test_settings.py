@@ -71,8 +71,11 @@ def test_the_address_joined_is_never_a_silent_private_kvstore(monkeypatch, tmp_p
 
     for name in ("RAY_ADDRESS", "RAY_RAYLET_PID"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(vc.ray, "is_initialized", lambda: False)  # as in a process vLLM spawned
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a process vLLM spawned
     assert vc.join_address("10.0.0.5:6379") == "10.0.0.5:6379"
+    assert vc.join_address("kvstore://10.0.0.5:8470") == "kvstore://10.0.0.5:8470"  # the remote client's
     assert vc.join_address("embedded") is None  # asked for: a private one
     with pytest.raises(KVStoreError, match="no kvstore cluster to join.*kvstore_address"):
         vc.join_address("")
