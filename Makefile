@@ -20,11 +20,14 @@ demo: $(STAMP)
 	$(VENV)/bin/kvstore demo
 
 # Everything: the main suite (core, cluster, transformers, Helm), then the vLLM connector's tests
-# in their own environment (.venv-vllm: vLLM's CPU build pins its own torch).
+# against each supported vLLM, each in its own environment (scripts/vllm-env.sh: vLLM's CPU
+# build pins its own torch): 0.32 in .venv-vllm, 0.29 (what ray[llm] 2.60 pins) in .venv-vllm-0.29.0.
 test: $(STAMP)
 	HELM_BIN="$$(bash helm/install-tools.sh)" $(PY) -m pytest -q -p no:cacheprovider
 	bash scripts/vllm-env.sh
 	.venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests/vllm_engine -m vllm
+	VLLM_VERSION=0.29.0 bash scripts/vllm-env.sh
+	.venv-vllm-0.29.0/bin/python -m pytest -q -p no:cacheprovider tests/vllm_engine -m vllm
 
 bench: $(STAMP)
 	mkdir -p bench-results

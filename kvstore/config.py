@@ -253,7 +253,9 @@ def load_config(
 
 
 # KVSTORE_* variables that are not settings (they steer the tooling, not the service).
-_ENV_NOT_SETTINGS = {"config"}
+# KVSTORE_* variables that are not settings: the config file's path, and the vLLM connector's
+# version-check escape hatch (connectors/vllm.py), which its own error message tells users to set.
+_ENV_NOT_SETTINGS = {"config", "vllm_skip_version_check"}
 
 
 def markdown_table() -> str:

@@ -107,14 +107,27 @@ def vllm_request(tokens, *, mm=(), lora=None, cache_salt=None):
 
 
 def vllm_extra_keys(request, block_size: int) -> list[tuple]:
-    """vLLM's prefix-cache extra keys of each full block, as its block hasher computes them."""
+    """vLLM's prefix-cache extra keys of each full block, as its block hasher computes them, in
+    vLLM 0.32's tagged form: ("mm", identifier, offset), ("lora", name, path), ("cache_salt", salt).
+    vLLM 0.29 hashed them untagged, (identifier, offset), the LoRA's name alone and the salt as
+    is: those become ("mm", ...), ("lora", name, None) and ("cache_salt", salt) here."""
     from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys
 
     keys, mm_idx = [], 0
     for start in range(0, request.num_tokens - block_size + 1, block_size):
         extra, mm_idx = generate_block_hash_extra_keys(request, start, start + block_size, mm_idx)
-        keys.append(extra or ())
+        keys.append(tuple(_tagged(k, request) for k in extra or ()))
     return keys
+
+
+def _tagged(key, request):
+    if isinstance(key, tuple) and key and key[0] in ("mm", "lora", "cache_salt"):
+        return key  # vLLM 0.32
+    if isinstance(key, tuple):
+        return ("mm", *key)
+    if request.lora_request is not None and key == request.lora_request.lora_name:
+        return ("lora", key, None)
+    return ("cache_salt", key)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -145,7 +158,10 @@ def test_lora_and_cache_salt_extras_are_vllms():
     request = vllm_request(range(3, 40), lora=("adapter", 3, "/adapters/a"), cache_salt="tenant-7")
     extra, block_extra = cache_extras(request, 16)
     first = vllm_extra_keys(request, 16)[0]
-    assert ("lora", "adapter", "/adapters/a") in first and ("cache_salt", "tenant-7") in first
+    # vLLM 0.29 hashed the adapter's name only; the connector keys its path too (so a name
+    # re-pointed at another adapter never reuses KV), as vLLM 0.32 does.
+    assert {k[:2] for k in first} == {("lora", "adapter"), ("cache_salt", "tenant-7")}
+    assert all(k[2] == "/adapters/a" for k in first if k[0] == "lora" and k[2] is not None)
     assert msgpack.unpackb(extra) == {"lora": ["adapter", "/adapters/a"], "cache_salt": "tenant-7"}
     assert block_extra == {}
     # The LoRA's int id is not an input of its KV (vLLM does not hash it either); its path is.

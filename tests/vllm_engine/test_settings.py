@@ -19,11 +19,21 @@ def vllm_config(role: str = "kv_both", **extra):
 def test_version_pin():
     from kvstore.connectors import vllm as kvc
 
-    kvc._check_vllm_version("0.32.0")
-    kvc._check_vllm_version("0.32.3")
-    for other in ("0.33.0", "0.3.2", "0.320.0", "1.0.0"):
-        with pytest.raises(ImportError, match=re.escape(f"tested with vLLM 0.32.x, but vLLM {other} is installed")):
+    for supported in ("0.29.0", "0.29.1", "0.32.0", "0.32.3"):
+        kvc._check_vllm_version(supported)
+    for other in ("0.33.0", "0.30.0", "0.3.2", "0.320.0", "0.290.0", "1.0.0"):
+        with pytest.raises(ImportError, match=re.escape(f"tested with vLLM 0.29.x and 0.32.x, but vLLM {other} is "
+                                                        "installed")):
             kvc._check_vllm_version(other)
+
+
+def test_the_version_escape_hatch_is_not_mistaken_for_a_setting(monkeypatch):
+    """The version check's error tells users to set KVSTORE_VLLM_SKIP_VERSION_CHECK=1; kvstore's
+    config, which refuses KVSTORE_* variables that name no setting, must let it be."""
+    from kvstore.config import load_config
+
+    monkeypatch.setenv("KVSTORE_VLLM_SKIP_VERSION_CHECK", "1")
+    load_config(None)
 
 
 def test_settings_defaults_and_names():
