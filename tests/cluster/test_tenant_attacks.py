@@ -141,6 +141,27 @@ def test_every_surface_refuses_or_misses_another_tenants_blocks(cluster, http):
         status, text = _http(http + "/v1/lookup", body, B_TOKEN)
         found = json.loads(text)["prefix_blocks"] if status == 200 else None
         case("http /v1/lookup", "tenant B", f"{status}, prefix {found}", status == 200 and found == 0)
+    # Leases: A holds one on its blocks (taken over HTTP). B can neither pin A's blocks nor end
+    # A's lease, by the service or by naming its hold in a Flight get.
+    lease_body = {"keys": [k.hex() for k in keys], "layout": LAYOUT.to_dict(), "ttl_s": 30}
+    status, text = _http(http + "/v1/leases", lease_body, A_ROTATED)
+    a_lease = json.loads(text)
+    assert status == 200 and len(a_lease["pinned"]) == 4, text
+    status, text = _http(http + "/v1/leases", lease_body, B_TOKEN)
+    pinned = json.loads(text)["pinned"] if status == 200 else None
+    case("http /v1/leases", "tenant B", f"{status}, pinned {pinned}", status == 200 and pinned == [])
+    status, _ = _http(http + "/v1/leases/release", {"lease_id": a_lease["lease_id"]}, B_TOKEN)
+    case("http /v1/leases/release", "tenant B", str(status), status == 404)
+    peer_b = DataPlaneClient(address, B_TOKEN, timeout_s=10)
+    peer_b.get(LAYOUT, keys, lambda *_: None, release=a_lease["lease_id"].partition("@")[0])
+    peer_b.close()
+    for who, token in bad.items():
+        for path, body in (("/v1/leases", lease_body), ("/v1/leases/release", {"lease_id": a_lease["lease_id"]})):
+            status, _ = _http(http + path, body, token)
+            case(f"http {path}", who, str(status), status == 401)
+    status, _ = _http(http + "/v1/leases/release", {"lease_id": a_lease["lease_id"]}, A_ROTATED)
+    case("flight get naming A's hold", "tenant B", "A's lease still open" if status == 200 else "ended",
+         status == 200)  # A ends it itself: B's attempts ended nothing
     # Flight, do_put: B's bytes under A's keys land in B's own space only.
     garbage = payload(2, 4)
     peer_b = DataPlaneClient(address, B_TOKEN, timeout_s=10)
@@ -188,7 +209,7 @@ def test_every_surface_refuses_or_misses_another_tenants_blocks(cluster, http):
     assert pull(address, B_TOKEN, keys) == {k: bytes(g.numpy()) for k, g in zip(keys, garbage)}
     print("\nattack matrix (tenant A's blocks)")
     for surface, who, outcome in table:
-        print(f"  {surface:<20} {who:<20} {outcome}")
+        print(f"  {surface:<28} {who:<20} {outcome}")
     assert len(table) >= 30
 
 
