@@ -204,11 +204,30 @@ def test_head_lets_serve_deploy_in_through_port_forward_only(rendered_llm):
 
 # --- the README -----------------------------------------------------------------------------
 
+def supported_vllm() -> tuple[str, ...]:
+    """SUPPORTED_VLLM of connectors/vllm.py, read without importing vLLM."""
+    tree = ast.parse((REPO / "connectors" / "vllm.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "SUPPORTED_VLLM" for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    raise AssertionError("connectors/vllm.py has no SUPPORTED_VLLM")
+
+
+def test_the_image_recipe_is_in_the_repo_and_matches_the_cluster(values_llm):
+    """Dockerfile.ray-llm: the base's Ray is the chart's rayVersion, the vLLMs it accepts are the
+    connector's, and it copies every package directory pyproject.toml maps."""
+    dockerfile = (REPO / "Dockerfile.ray-llm").read_text()
+    assert re.search(rf"^FROM rayproject/ray-llm:{re.escape(values_llm['rayVersion'])}-", dockerfile, re.M)
+    accepted = re.search(r'case "\$VLLM" in ([^)]*)\)', dockerfile).group(1).split("|")
+    assert sorted(accepted) == sorted(f"{minor}.*" for minor in supported_vllm())
+    for directory in ("kvstore", "tiers", "cluster", "connectors"):
+        assert re.search(rf"^COPY .* {directory} /src/kvstore/{directory}$", dockerfile, re.M), directory
+
+
 def test_readme_builds_installs_and_deploys_these_files(values_llm):
     readme = README.read_text()
     image = f"{values_llm['image']['repository']}:{values_llm['image']['tag']}"
-    dockerfile = re.search(r"```dockerfile\n(.*?)```", readme, re.S).group(1)
-    assert re.match(rf"FROM rayproject/ray-llm:{re.escape(values_llm['rayVersion'])}-", dockerfile)
+    assert "Dockerfile.ray-llm" in readme
     assert f"docker build -f Dockerfile.ray-llm -t {image} ." in readme
     assert "helm install kvstore helm/kvstore --namespace llm --create-namespace -f helm/examples/values-llm.yaml" in readme
     assert "serve deploy --address http://127.0.0.1:8265 helm/examples/llm-pd-serve.yaml" in readme
