@@ -139,8 +139,10 @@ def _free_block(ip: str, count: int) -> int:
 
 class RayTestCluster:
     def __init__(self, num_nodes: int = 3, first_ip: int = 2, extra_env: dict | None = None,
-                 object_store_bytes: int = 100_000_000, node_names: list[str] | None = None) -> None:
+                 object_store_bytes: int = 100_000_000, node_names: list[str] | None = None,
+                 num_cpus: int = 1) -> None:
         self.num_nodes = num_nodes
+        self.num_cpus = num_cpus  # logical CPUs each node offers Ray (what actors and Serve replicas ask for)
         self.ips = [f"127.0.0.{first_ip + i}" for i in range(num_nodes)]
         self.resources = [f"node_{string.ascii_lowercase[i]}" for i in range(num_nodes)]
         # Stable across restarts of this cluster (Ray's node ids are not): each node's NVMe directory.
@@ -167,7 +169,7 @@ class RayTestCluster:
         self.temp_dirs[i] = temp_dir
         args = [
             _ray_bin(), "start", "--block", f"--node-ip-address={ip}", f"--temp-dir={temp_dir}",
-            "--num-cpus=1", f"--object-store-memory={self.object_store_bytes}", f'--resources={{"{self.resources[i]}": 1}}',
+            f"--num-cpus={self.num_cpus}", f"--object-store-memory={self.object_store_bytes}", f'--resources={{"{self.resources[i]}": 1}}',
             f"--node-manager-port={base + 1}", f"--object-manager-port={base + 2}",
             f"--metrics-export-port={base + 3}", f"--dashboard-agent-grpc-port={base + 4}",
             f"--dashboard-agent-listen-port={base + 5}", f"--runtime-env-agent-port={base + 6}",

