@@ -116,6 +116,8 @@ kv_transfer_params returned by a producer's `request_finished` (the handoff; its
       "kvstore_leases": ["<lease id>", ...],    # one per TP rank (== [kvstore_lease] for TP 1)
       "kvstore_namespace": "<namespace>",
       "kvstore_layout": "<32 hex chars>",       # rank 0's Layout.id
+      "kvstore_tp_size": 2,                     # the producer's tensor parallel size: a consumer
+                                                # of another size ignores the handle (and says so)
       "num_tokens": 256,                        # tokens those blocks cover
     }
 

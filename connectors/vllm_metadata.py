@@ -17,7 +17,7 @@ from kvstore.connectors.verify import Source
 
 HANDOFF_VERSION = 1
 HANDOFF_KEYS = ("kvstore_version", "kvstore_keys", "kvstore_node", "kvstore_lease", "kvstore_leases",
-                "kvstore_namespace", "kvstore_layout", "num_tokens")
+                "kvstore_namespace", "kvstore_layout", "kvstore_tp_size", "num_tokens")
 
 
 @dataclasses.dataclass

@@ -114,7 +114,7 @@ class KVStoreScheduler:
         self._check_handle(request, st)
         t0 = time.perf_counter()
         try:
-            present = min(self._client.longest_prefix(keys[:limit]) for keys in st.keys)
+            present = self._present(st, limit)
         except Exception as e:  # the store is unreachable: compute instead
             log.warning("kvstore lookup for request %s failed, computing it instead: %s", request.request_id, e)
             return 0, False
@@ -126,6 +126,15 @@ class KVStoreScheduler:
             return 0, False
         st.lookup = (first, present)
         return present * B - num_computed_tokens, self.settings.load_async
+
+    def _present(self, st: _Req, limit: int) -> int:
+        """The leading blocks (of the first `limit`) the store holds for every TP rank: one index
+        call per request, whatever the TP size (every rank's keys in one batch)."""
+        if len(st.keys) == 1:
+            return self._client.longest_prefix(st.keys[0][:limit])
+        found = self._client.contains([k for keys in st.keys for k in keys[:limit]])
+        ranks = [found[r * limit:(r + 1) * limit] for r in range(len(st.keys))]
+        return min(next((i for i, here in enumerate(flags) if not here), limit) for flags in ranks)
 
     def _admit(self, request: "Request", st: _Req, first: int, present: int) -> int:
         """Verified restores: the end block of what may be loaded of blocks first..present. The
@@ -170,6 +179,13 @@ class KVStoreScheduler:
         """Keeps the leases of a producer's handle whose keys are this request's own keys."""
         params = request.kv_transfer_params or {}
         if st.handle_leases or "kvstore_keys" not in params:
+            return
+        theirs_tp = params.get("kvstore_tp_size", 1)
+        if theirs_tp != len(st.keys):
+            log.error("request %s: its kvstore handle comes from a producer with tensor parallel size %s, this engine's "
+                      "is %d: each rank stores its own share of a block's heads, so the handoff cannot be used "
+                      "(run prefill and decode with the same tensor_parallel_size); computing the prompt instead",
+                      request.request_id, theirs_tp, len(st.keys))
             return
         try:
             theirs = [bytes.fromhex(k) for k in params["kvstore_keys"]]
@@ -334,6 +350,7 @@ class KVStoreScheduler:
             "kvstore_leases": leases,
             "kvstore_namespace": self.namespace,
             "kvstore_layout": self.layouts[0].id.hex(),
+            "kvstore_tp_size": len(self.layouts),
             "num_tokens": n * self._block_size,
         }
         return st.async_saves, params

@@ -25,7 +25,7 @@ def prompt(seed: int, n: int) -> list[int]:
     return np.random.default_rng(seed).integers(3, 500, n).tolist()
 
 
-def make_scheduler(model: str, address: str, role: str, **extra):
+def make_scheduler(model: str, address: str, role: str, tp: int = 1, **extra):
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.core.sched.scheduler import Scheduler
@@ -34,7 +34,7 @@ def make_scheduler(model: str, address: str, role: str, **extra):
 
     config = EngineArgs(
         model=model, dtype="float32", enforce_eager=True, max_model_len=1024, block_size=BLOCK, max_num_seqs=4,
-        max_num_batched_tokens=1024, enable_prefix_caching=True,
+        max_num_batched_tokens=1024, enable_prefix_caching=True, tensor_parallel_size=tp,
         kv_transfer_config=KVTransferConfig(
             kv_connector="KVStoreConnector", kv_connector_module_path="kvstore.connectors.vllm", kv_role=role,
             kv_load_failure_policy="recompute",
@@ -45,7 +45,8 @@ def make_scheduler(model: str, address: str, role: str, **extra):
     config.cache_config.num_gpu_blocks = NUM_BLOCKS
     kv_cache_config = KVCacheConfig(
         num_blocks=NUM_BLOCKS, kv_cache_tensors=[],
-        kv_cache_groups=[KVCacheGroupSpec(LAYERS, FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=32,
+        # A rank's KV cache holds its share of the model's 2 KV heads.
+        kv_cache_groups=[KVCacheGroupSpec(LAYERS, FullAttentionSpec(block_size=BLOCK, num_kv_heads=2 // tp, head_size=32,
                                                                     dtype=torch.float32))])
     return Scheduler(vllm_config=config, kv_cache_config=kv_cache_config,
                      structured_output_manager=StructuredOutputManager(config), block_size=BLOCK, log_stats=True)
@@ -227,7 +228,7 @@ def test_producer_handoff_lease_and_consumer_release(tiny_model, store):
     (out,) = [o for eco in outs.values() for o in eco.outputs]
     handle = out.kv_transfer_params
     assert set(handle) == {"kvstore_version", "kvstore_keys", "kvstore_node", "kvstore_lease", "kvstore_leases",
-                           "kvstore_namespace", "kvstore_layout", "num_tokens"}
+                           "kvstore_namespace", "kvstore_layout", "kvstore_tp_size", "num_tokens"}
     assert handle["kvstore_lease"] and handle["kvstore_leases"] == [handle["kvstore_lease"]]
     assert handle["num_tokens"] == 256 and handle["kvstore_node"] == client.node_id
     assert_clean(p, free0)  # nothing held: the blocks were committed in the step
@@ -245,6 +246,75 @@ def test_producer_handoff_lease_and_consumer_release(tiny_model, store):
     for _ in range(3):
         step(c)
     assert_clean(c, free1)
+
+
+def test_tensor_parallel_2_hands_off_every_ranks_blocks_with_one_lookup_per_request(tiny_model, store, caplog):
+    """TP=2 -> TP=2: each rank's share of a block has its own key (the layout names the rank);
+    the producer's handle leases every rank's blocks, the consumer asks the index once per
+    request for all ranks and plans every rank's load. A TP=1 consumer given that handle says why
+    it cannot use it and computes the prompt."""
+    import kvstore
+
+    address, client = store
+    p = make_scheduler(tiny_model, address, "kv_producer", tp=2)
+    layouts = p.connector.connector_scheduler.layouts
+    assert [(lay.tp_rank, lay.tp_size, lay.num_kv_heads) for lay in layouts] == [(0, 2, 1), (1, 2, 1)]
+    tokens = prompt(21, 300)
+    p.add_request(request("p2", tokens, max_tokens=1))
+    so = p.schedule()
+    (save,) = so.kv_connector_metadata.saves
+    assert len(save.keys) == 2 and not set(save.keys[0]) & set(save.keys[1])
+    for rank, layout in enumerate(layouts):  # what each rank's worker commits in wait_for_save
+        blocks = torch.randn((2, *layout.block_shape)).to(layout.torch_dtype)
+        assert client.put(layout, save.keys[rank], blocks, parents=kvstore.chain_parents(save.keys[rank]),
+                          wait_index=True).stored == 2
+    outs = p.update_from_output(so, output(p, so))
+    (out,) = [o for eco in outs.values() for o in eco.outputs]
+    handle = out.kv_transfer_params
+    assert handle["kvstore_tp_size"] == 2 and len(handle["kvstore_leases"]) == 2
+
+    c = make_scheduler(tiny_model, address, "kv_consumer", tp=2, kvstore_load_mode="sync")
+    free0 = free_blocks(c)
+    calls = IndexCalls(c.connector.connector_scheduler._client)
+    c.connector.connector_scheduler._client = calls
+    c.add_request(request("c2", tokens, kv_transfer_params=handle))
+    so, _ = step(c)
+    assert calls.names == ["contains"]  # both ranks' keys in one index call
+    (load,) = so.kv_connector_metadata.loads
+    assert load.keys == save.keys and len(load.block_ids) == 2
+    for _ in range(3):
+        step(c)
+    assert_clean(c, free0)
+
+    one = make_scheduler(tiny_model, address, "kv_consumer")
+    with caplog.at_level("ERROR", logger="kvstore.connectors.vllm_scheduler"):
+        one.add_request(request("c1", tokens, kv_transfer_params=handle))
+        so, _ = step(one)
+    assert not so.kv_connector_metadata.loads and so.num_scheduled_tokens == {"c1": 300}
+    assert "tensor parallel size 2" in caplog.text
+    step(one)
+    from kvstore.errors import LeaseError
+
+    for lease in handle["kvstore_leases"]:  # the TP=2 consumer's load ended every rank's lease
+        with pytest.raises(LeaseError):
+            client.release_lease(lease)
+
+
+class IndexCalls:
+    """A client whose index calls (lookups) are recorded by name."""
+
+    def __init__(self, client) -> None:
+        self._client, self.names = client, []
+
+    def __getattr__(self, name):
+        attr = getattr(self._client, name)
+        if name not in ("longest_prefix", "contains", "where"):
+            return attr
+
+        def recorded(*args, **kwargs):
+            self.names.append(name)
+            return attr(*args, **kwargs)
+        return recorded
 
 
 def test_a_foreign_handle_is_ignored(tiny_model, store):
