@@ -223,12 +223,14 @@ class RemoteClient:
 
     `put_node`: the node id puts go to unless the first block's parent is known to be elsewhere
     (picked at random among the nodes at connect; set it to choose one, e.g. the engine's nearest).
+    `config`: the settings this client was made with (the Ray client's attribute of that name:
+    connectors read its namespace); by default the environment's (KVSTORE_CONFIG, KVSTORE_*).
     """
 
     def __init__(self, endpoint: Endpoint, token: str, *, tls: TLS | None = None,
                  http_context: ssl.SSLContext | None = None, transfer_timeout_s: float = 5.0,
                  pull_streams: int = 1, max_request_bytes: int = 1024**3,
-                 http_timeout_s: float = HTTP_TIMEOUT_S) -> None:
+                 http_timeout_s: float = HTTP_TIMEOUT_S, config: Config | None = None) -> None:
         if not isinstance(token, str) or not token:
             raise ConfigError(f"token must be a non-empty string (a tenant's or the admin's credential), got "
                               f"{'an empty string' if token == '' else type(token).__name__}")
@@ -236,6 +238,7 @@ class RemoteClient:
             raise ConfigError(f"{endpoint.url}: a TLS endpoint needs the data plane's TLS settings and a plaintext "
                               "one none")
         self.endpoint = endpoint
+        self.config = config if config is not None else load_config(os.environ.get("KVSTORE_CONFIG") or None)
         self._pull_streams = pull_streams
         self._max_request_bytes = max_request_bytes
         self._http = _Http(endpoint, token, http_context, http_timeout_s)
@@ -609,5 +612,5 @@ def connect_remote(url: str, token: str | None = None, *, config: Config | None 
         context = tls.client_context()
     return RemoteClient(endpoint, token, tls=tls, http_context=context,
                         transfer_timeout_s=config.transfer_timeout_s, pull_streams=config.pull_streams,
-                        max_request_bytes=config.max_request_bytes)
+                        max_request_bytes=config.max_request_bytes, config=config)
 

@@ -465,3 +465,13 @@ def test_bad_lease_requests_get_a_4xx_naming_the_value(cluster, path, body, stat
     assert got == status, text
     for word in words:
         assert word in text
+
+
+def test_the_remote_client_carries_its_settings_as_the_ray_client_does(cluster):
+    """Connectors read `client.config` (the vLLM scheduler its namespace): a remote client without
+    it failed engine start unless kvstore_namespace was set."""
+    _, url = cluster
+    with connect_remote(url, token=A_TOKEN, namespace="team-x") as a:
+        assert a.config.namespace == "team-x"
+    with connect_remote(url, token=A_TOKEN) as a:
+        assert a.config.namespace == "default"

@@ -6,7 +6,8 @@ spec: model (dir), max_tokens, connector (None or a dict: kv_role, extra config,
 kv_load_failure_policy), ray (None or {"address", "node_ip"}: join the test's Ray cluster as a
 driver on that node first, so the connector's kvstore.connect() reuses it), no_ray (optional:
 Ray made unimportable in this process, an engine outside Ray that reaches kvstore through a
-kvstore:// address), max_lora_rank
+kvstore:// address), tp (optional: tensor parallel size; its workers are processes vLLM spawns,
+so no connector report), max_lora_rank
 (optional: enables LoRA), and rounds: a list of {prompts (each a list of token ids, or a dict
 {"tokens", "cache_salt" (optional), "lora" (optional: [name, int id, path])}), handoffs (per
 prompt: kv_transfer_params to pass, or None), corrupt (optional: hex keys whose blocks are
@@ -48,6 +49,10 @@ def main() -> None:
     from vllm.lora.request import LoRARequest
 
     kwargs = {}
+    if spec.get("tp", 1) > 1:  # workers in processes vLLM spawns: the connector's worker side lives there
+        kwargs.update(tensor_parallel_size=spec["tp"], distributed_executor_backend="mp")
+        # vLLM's CPU build binds each worker to a NUMA node of its own unless told which CPUs to use.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(r % os.cpu_count()) for r in range(spec["tp"])))
     if spec.get("max_lora_rank"):
         kwargs.update(enable_lora=True, max_lora_rank=spec["max_lora_rank"], max_loras=2)
     if spec.get("connector"):
@@ -73,7 +78,7 @@ def main() -> None:
         outs = llm.generate(inputs, params, lora_request=loras, use_tqdm=False)
         result = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
                   "kv_transfer_params": [o.kv_transfer_params for o in outs]}
-        if spec.get("connector"):
+        if spec.get("connector") and spec.get("tp", 1) == 1:  # else the workers' connectors are in other processes
             result.update(connector_report(result["kv_transfer_params"], handoffs))
             result.update(scheduler_report(llm))
         rounds.append(result)

@@ -145,6 +145,47 @@ def test_engines_outside_ray_hand_off_through_the_http_service(tiny_model, kv_cl
         next(service, None)
 
 
+def test_tensor_parallel_2_producer_hands_off_to_a_tensor_parallel_2_consumer(tiny_model, kv_cluster, tmp_path):
+    """Both engines with TP=2 on vLLM's CPU build: two worker processes each, whose connectors
+    save and load their rank's share of every block (the model's two KV heads, one per rank),
+    reaching kvstore through kvstore:// (the workers are processes vLLM spawns, in no Ray
+    cluster). The decode engine loads both ranks' blocks and its tokens equal a TP=2 engine's
+    without a connector."""
+    from kvtest_support import http_service
+
+    rc, client = kv_cluster
+    token_file = tmp_path / "token"
+    token_file.write_text(client._token)
+    service = http_service(client, client._token)
+    base = next(service)
+    try:
+        extra = {"kvstore_address": "kvstore://" + base.removeprefix("http://"), "kvstore_token_file": str(token_file),
+                 "kvstore_namespace": "tp2"}
+        (cold,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "tp": 2,
+                              "rounds": [{"prompts": [P4]}]})["rounds"]
+        indexed = client.stats()["index_keys"]
+        (made,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "tp": 2, "no_ray": True,
+                              "connector": connector("kv_producer", **extra), "rounds": [{"prompts": [P4]}]})["rounds"]
+        assert made["tokens"] == cold["tokens"]
+        (handle,) = made["kv_transfer_params"]
+        assert handle["kvstore_tp_size"] == 2 and len(handle["kvstore_leases"]) == 2
+        assert client.stats()["index_keys"] - indexed == 4  # 2 blocks x 2 ranks, each rank's under its own key
+        read = loads(client)
+        (used,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "tp": 2, "no_ray": True,
+                              "connector": connector("kv_consumer", **extra),
+                              "rounds": [{"prompts": [P4], "handoffs": [handle]}]})["rounds"]
+        assert used["tokens"] == cold["tokens"]
+        assert loads(client) - read >= 4  # every rank's 2 blocks were served to the decode engine
+    finally:
+        next(service, None)
+
+
+def loads(client) -> int:
+    """Blocks kvstore's nodes have served so far (store hits: each block read from an arena by a
+    client on the node, or pinned for a Flight pull, counts once)."""
+    return sum(n["store"]["hits"] for n in client.stats()["nodes"].values() if "store" in n)
+
+
 def test_a_failed_load_is_recomputed(tiny_model, kv_cluster, produced, baseline):
     """The blocks vanish between the lookup and the load (the worker deletes them first, a test
     hook): vLLM recomputes them (kv_load_failure_policy=recompute), tokens unchanged."""

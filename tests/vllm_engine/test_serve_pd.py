@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from test_engine import run_engine
+from test_engine import loads, run_engine
 from vllm_support import needs_vllm
 
 pytestmark = [pytest.mark.vllm, needs_vllm]
@@ -60,12 +60,6 @@ def words(seed: int, n: int) -> list[int]:
 
 def text(ids: list[int]) -> str:
     return " ".join(f"w{i - 3}" for i in ids)
-
-
-def loads(client) -> int:
-    """Blocks read from kvstore's nodes so far: same-node reads and Flight sends."""
-    nodes = client.stats()["nodes"].values()
-    return sum(n["store"]["hits"] + n["dataplane"]["blocks_sent"] for n in nodes if "store" in n)
 
 
 @pytest.mark.skipif(not serve_llm_imports(), reason="needs Ray Serve LLM (ray[serve] beside vLLM 0.29)")
