@@ -116,68 +116,63 @@ def test_consumer_on_another_node_loads_instead_of_computing(tiny_model, kv_clus
     assert control["tokens"][0] != baseline[0]
 
 
-def test_engines_outside_ray_hand_off_through_the_http_service(tiny_model, kv_cluster, baseline, tmp_path):
-    """A producer and a consumer engine with Ray unimportable in their processes: they reach
-    kvstore through its HTTP service (kvstore://, here with the admin's token from a file) and
-    the nodes' Flight servers, the handoff's lease taken and ended over HTTP."""
+@pytest.fixture(scope="module")
+def over_http(kv_cluster, tmp_path_factory):
+    """The kvstore cluster's HTTP service, in this process: the connector settings an engine
+    outside Ray uses to reach it (kvstore://, the admin's token from a file)."""
     from kvtest_support import http_service
 
-    rc, client = kv_cluster
-    token_file = tmp_path / "token"
+    _, client = kv_cluster
+    token_file = tmp_path_factory.mktemp("token") / "token"
     token_file.write_text(client._token)
     service = http_service(client, client._token)
     base = next(service)
-    try:
-        extra = {"kvstore_address": "kvstore://" + base.removeprefix("http://"), "kvstore_token_file": str(token_file),
-                 "kvstore_namespace": "outside-ray"}
-        (made,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "no_ray": True,
-                              "connector": connector("kv_producer", **extra), "rounds": [{"prompts": [P4]}]})["rounds"]
-        assert made["tokens"] == baseline[3:] and not made["ray_imported"]
-        (handle,) = made["kv_transfer_params"]
-        assert handle["kvstore_lease"] and handle["kvstore_node"] in (rc.node_id(0), rc.node_id(1))
-        assert made["totals"]["blocks_saved"] == 2
-        (used,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "no_ray": True,
-                              "connector": connector("kv_consumer", **extra),
-                              "rounds": [{"prompts": [P4], "handoffs": [handle]}]})["rounds"]
-        assert used["tokens"] == baseline[3:] and not used["ray_imported"]
-        assert used["totals"]["blocks_loaded"] == 2 and used["totals"]["blocks_load_failed"] == 0
-    finally:
-        next(service, None)
+    yield {"kvstore_address": "kvstore://" + base.removeprefix("http://"), "kvstore_token_file": str(token_file)}
+    next(service, None)
 
 
-def test_tensor_parallel_2_producer_hands_off_to_a_tensor_parallel_2_consumer(tiny_model, kv_cluster, tmp_path):
+def test_engines_outside_ray_hand_off_through_the_http_service(tiny_model, kv_cluster, baseline, over_http):
+    """A producer and a consumer engine with Ray unimportable in their processes: they reach
+    kvstore through its HTTP service and the nodes' Flight servers, the handoff's lease taken
+    and ended over HTTP."""
+    rc, _ = kv_cluster
+    extra = {**over_http, "kvstore_namespace": "outside-ray"}
+    (made,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "no_ray": True,
+                          "connector": connector("kv_producer", **extra), "rounds": [{"prompts": [P4]}]})["rounds"]
+    assert made["tokens"] == baseline[3:] and not made["ray_imported"]
+    (handle,) = made["kv_transfer_params"]
+    assert handle["kvstore_lease"] and handle["kvstore_node"] in (rc.node_id(0), rc.node_id(1))
+    assert made["totals"]["blocks_saved"] == 2
+    (used,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "no_ray": True,
+                          "connector": connector("kv_consumer", **extra),
+                          "rounds": [{"prompts": [P4], "handoffs": [handle]}]})["rounds"]
+    assert used["tokens"] == baseline[3:] and not used["ray_imported"]
+    assert used["totals"]["blocks_loaded"] == 2 and used["totals"]["blocks_load_failed"] == 0
+
+
+def test_tensor_parallel_2_producer_hands_off_to_a_tensor_parallel_2_consumer(tiny_model, kv_cluster, over_http):
     """Both engines with TP=2 on vLLM's CPU build: two worker processes each, whose connectors
     save and load their rank's share of every block (the model's two KV heads, one per rank),
     reaching kvstore through kvstore:// (the workers are processes vLLM spawns, in no Ray
     cluster). The decode engine loads both ranks' blocks and its tokens equal a TP=2 engine's
     without a connector."""
-    from kvtest_support import http_service
-
-    rc, client = kv_cluster
-    token_file = tmp_path / "token"
-    token_file.write_text(client._token)
-    service = http_service(client, client._token)
-    base = next(service)
-    try:
-        extra = {"kvstore_address": "kvstore://" + base.removeprefix("http://"), "kvstore_token_file": str(token_file),
-                 "kvstore_namespace": "tp2"}
-        (cold,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "tp": 2,
-                              "rounds": [{"prompts": [P4]}]})["rounds"]
-        indexed = client.stats()["index_keys"]
-        (made,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "tp": 2, "no_ray": True,
-                              "connector": connector("kv_producer", **extra), "rounds": [{"prompts": [P4]}]})["rounds"]
-        assert made["tokens"] == cold["tokens"]
-        (handle,) = made["kv_transfer_params"]
-        assert handle["kvstore_tp_size"] == 2 and len(handle["kvstore_leases"]) == 2
-        assert client.stats()["index_keys"] - indexed == 4  # 2 blocks x 2 ranks, each rank's under its own key
-        read = loads(client)
-        (used,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "tp": 2, "no_ray": True,
-                              "connector": connector("kv_consumer", **extra),
-                              "rounds": [{"prompts": [P4], "handoffs": [handle]}]})["rounds"]
-        assert used["tokens"] == cold["tokens"]
-        assert loads(client) - read >= 4  # every rank's 2 blocks were served to the decode engine
-    finally:
-        next(service, None)
+    _, client = kv_cluster
+    extra = {**over_http, "kvstore_namespace": "tp2"}
+    (cold,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "tp": 2,
+                          "rounds": [{"prompts": [P4]}]})["rounds"]
+    indexed = client.stats()["index_keys"]
+    (made,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "tp": 2, "no_ray": True,
+                          "connector": connector("kv_producer", **extra), "rounds": [{"prompts": [P4]}]})["rounds"]
+    assert made["tokens"] == cold["tokens"]
+    (handle,) = made["kv_transfer_params"]
+    assert handle["kvstore_tp_size"] == 2 and len(handle["kvstore_leases"]) == 2
+    assert client.stats()["index_keys"] - indexed == 4  # 2 blocks x 2 ranks, each rank's under its own key
+    read = loads(client)
+    (used,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "tp": 2, "no_ray": True,
+                          "connector": connector("kv_consumer", **extra),
+                          "rounds": [{"prompts": [P4], "handoffs": [handle]}]})["rounds"]
+    assert used["tokens"] == cold["tokens"]
+    assert loads(client) - read >= 4  # every rank's 2 blocks were served to the decode engine
 
 
 def loads(client) -> int:
