@@ -18,8 +18,9 @@ this module does not import it (tests/test_remote.py checks with Ray made unimpo
   the blocks on their owner and lets a tenant end only the leases it took (cluster/leases.py).
 - A put streams the blocks to one node (Flight do_put): the node holding the first block's
   parent when this client knows it (a chain stays on one node, for KV-aware routing), else the
-  node this client picked at connect (at random, so engines spread over the nodes); another if
-  that one fails.
+  node this client picked at connect (`nearest_node`: one on this host if there is one, the same
+  for every process of the host, so an engine's scheduler and workers agree; hosts spread over
+  the nodes); another if that one fails.
 - The servers scope every key by the caller's credential (kvstore/tenants.py), so the client
   sends keys as the engine computed them, and a tenant addresses only its own blocks.
 
@@ -40,11 +41,12 @@ import ipaddress
 import json
 import logging
 import os
-import random
+import socket
 import ssl
 import threading
 import time
 import urllib.parse
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -222,7 +224,9 @@ class RemoteClient:
     (from `connect("kvstore://...")`); thread-safe for concurrent calls. See the module doc.
 
     `put_node`: the node id puts go to unless the first block's parent is known to be elsewhere
-    (picked at random among the nodes at connect; set it to choose one, e.g. the engine's nearest).
+    (`nearest_node`: one on this host if there is one, chosen the same way by every process of the
+    host, so an engine's scheduler and its workers name the node that holds what they put; set it
+    to choose another).
     `config`: the settings this client was made with (the Ray client's attribute of that name:
     connectors read its namespace); by default the environment's (KVSTORE_CONFIG, KVSTORE_*).
     """
@@ -258,7 +262,7 @@ class RemoteClient:
             self._streams.shutdown()
             self._copier.shutdown()
             raise
-        self.put_node = random.choice(sorted(nodes)) if nodes else None  # where puts go by default
+        self.put_node = nearest_node(nodes)  # where puts go by default
         self._peers = Peers(token, transfer_timeout_s, tls)
 
     # -- control, over HTTP ------------------------------------------------------------------
@@ -614,3 +618,24 @@ def connect_remote(url: str, token: str | None = None, *, config: Config | None 
                         transfer_timeout_s=config.transfer_timeout_s, pull_streams=config.pull_streams,
                         max_request_bytes=config.max_request_bytes, config=config)
 
+
+def nearest_node(addresses: dict[str, str]) -> str | None:
+    """Of nodes (id -> data-plane "host:port"), the one this host's puts go to: among those whose
+    address this host owns (it can bind it), else among all, the one its host name picks. Every
+    process of a host picks the same node; hosts spread over the nodes."""
+    if not addresses:
+        return None
+    local = [n for n, address in addresses.items() if _is_local(address.rsplit(":", 1)[0].strip("[]"))]
+    pool = sorted(local or addresses)
+    return pool[zlib.crc32(socket.gethostname().encode()) % len(pool)]
+
+
+def _is_local(host: str) -> bool:
+    """Whether `host` (an IP address) is one of this machine's: binding to it succeeds only then."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((host, 0))
+        return True
+    except (ValueError, OSError):
+        return False

@@ -475,3 +475,18 @@ def test_the_remote_client_carries_its_settings_as_the_ray_client_does(cluster):
         assert a.config.namespace == "team-x"
     with connect_remote(url, token=A_TOKEN) as a:
         assert a.config.namespace == "default"
+
+
+def test_puts_go_to_a_node_on_this_host_the_same_for_every_process_of_it(cluster):
+    """An engine's scheduler and workers each make a client: they must name the same node (the
+    handoff's hint), and it should be one on their own host when there is one."""
+    from kvstore.cluster.remote import nearest_node
+
+    nodes, url = cluster
+    with connect_remote(url, token=A_TOKEN) as a, connect_remote(url, token=B_TOKEN) as b:
+        assert a.put_node == b.put_node == a.node_id and a.put_node in nodes.ids
+    elsewhere = {"far-1": "203.0.113.5:8471", "far-2": "[2001:db8::7]:8471"}  # documentation ranges: not ours
+    assert nearest_node({**elsewhere, "here": "127.0.0.1:8471"}) == "here"
+    assert nearest_node(elsewhere) in elsewhere  # none local: still one, by host name
+    assert nearest_node(elsewhere) == nearest_node(dict(reversed(list(elsewhere.items()))))
+    assert nearest_node({}) is None
