@@ -114,6 +114,20 @@ while True:
 """
 
 
+def _start_sender(program: str, what: str, sender_ip: str, max_bytes: int):
+    """A bound's sender process (`program` run with its IP and byte count), and the port it
+    printed once listening."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", program, sender_ip, str(max_bytes)], stdout=subprocess.PIPE,
+                            text=True)
+    line = proc.stdout.readline()
+    if not line.strip().isdigit():
+        proc.kill()
+        raise RuntimeError(f"the {what} bound's sender did not start on {sender_ip}")
+    return proc, int(line)
+
+
 _FLIGHT_SENDER = r"""
 import os, struct, sys
 import numpy as np, pyarrow as pa, pyarrow.flight as fl
@@ -157,15 +171,8 @@ class FlightBound:
     floor under kvstore's cross-node figures. Stop it with `close`."""
 
     def __init__(self, sender_ip: str = "127.0.0.1", max_bytes: int = 64 * 1024**2) -> None:
-        import subprocess
-
-        self.proc = subprocess.Popen([sys.executable, "-c", _FLIGHT_SENDER, sender_ip, str(max_bytes)],
-                                     stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        if not line.strip().isdigit():
-            self.proc.kill()
-            raise RuntimeError(f"the Flight bound's sender did not start on {sender_ip}")
-        self._client = flight.FlightClient(f"grpc+tcp://{sender_ip}:{int(line)}")
+        self.proc, port = _start_sender(_FLIGHT_SENDER, "Flight", sender_ip, max_bytes)
+        self._client = flight.FlightClient(f"grpc+tcp://{sender_ip}:{port}")
         self._writer, self._reader = self._client.do_exchange(flight.FlightDescriptor.for_command(b"bound"))
         self._writer.begin(pa.schema([("data", pa.large_binary())]))
 
@@ -228,16 +235,10 @@ class TcpBound:
 
     def __init__(self, sender_ip: str = "127.0.0.1", max_bytes: int = 64 * 1024**2) -> None:
         import socket
-        import subprocess
 
         self.max_bytes = max_bytes
-        self.proc = subprocess.Popen([sys.executable, "-c", _TCP_SENDER, sender_ip, str(max_bytes)],
-                                     stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        if not line.strip().isdigit():
-            self.proc.kill()
-            raise RuntimeError(f"the TCP bound's sender did not start on {sender_ip}")
-        self.address = (sender_ip, int(line))
+        self.proc, port = _start_sender(_TCP_SENDER, "TCP", sender_ip, max_bytes)
+        self.address = (sender_ip, port)
         self.sock = socket.create_connection(self.address)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
