@@ -13,6 +13,9 @@ Node A (127.0.0.2) runs this driver; node B (127.0.0.3) holds the blocks.
   bytes between preallocated buffers (>= 0.8).
 - lookup_keys_per_s: cluster-wide longest-prefix lookups of a 512-block prompt, all present,
   through the controller, keys per second (>= 200,000).
+- put_p50_us_same_node_64k: a client on A putting one 64 KiB block, p50, into slots its node
+  granted ahead (no call to the node actor); put_granted_vs_reserved: the same put with
+  put_grant_bytes=0 (one call to reserve) over it (>= 2).
 """
 from __future__ import annotations
 
@@ -73,6 +76,27 @@ class Fetcher:
         elapsed = time.perf_counter() - start
         assert len(arrays) == BLOCKS
         return elapsed
+
+
+@ray.remote(num_cpus=0)
+class Writer:
+    """On node A: times single-block puts of its own client, inside its process."""
+
+    def __init__(self, **settings) -> None:
+        self.client = connect(**settings)
+
+    def put_p50_us(self, layout: Layout, n: int) -> float:
+        blocks = torch.randint(0, 255, (n, layout.block_nbytes), dtype=torch.uint8)
+        keys = block_keys(np.random.default_rng().integers(0, 100_000, n * layout.block_tokens), layout)
+        self.client.put(layout, keys[:1], blocks[:1])  # warm-up: a granting client gets its first grant
+        times = []
+        for i in range(1, n):
+            start = time.perf_counter()
+            assert self.client.put(layout, keys[i:i + 1], blocks[i:i + 1]).stored == 1
+            times.append(time.perf_counter() - start)
+        self.client.flush()
+        self.client.delete(keys)
+        return float(np.median(times)) * 1e6
 
 
 def tcp_receive(peer, ip: str, buf: memoryview) -> float:
@@ -175,11 +199,25 @@ def main(argv=None) -> int:
         lookup_s = median_seconds(lambda: client.longest_prefix(prompt), max(args.repeats, 11))
         figures["lookup_keys_per_s"] = len(prompt) / lookup_s
         figures["lookup_ms_per_call"] = lookup_s * 1e3
+
+        # Same-node puts of one 64 KiB block: into granted slots (no call) and with put_grant_bytes=0
+        # (one call to reserve), alternated so both see the same machine.
+        put64k = Layout("bench/put-64k", num_layers=2, num_kv_heads=8, head_dim=128, dtype="float16", block_tokens=8)
+        writers = {name: Writer.options(resources={rc.resources[0]: 0.01}).remote(**settings)
+                   for name, settings in (("granted", {}), ("reserved", {"put_grant_bytes": 0}))}
+        put_us: dict[str, list[float]] = {name: [] for name in writers}
+        for _ in range(max(args.repeats, 3)):
+            for name, writer in writers.items():
+                put_us[name].append(ray.get(writer.put_p50_us.remote(put64k, 101)))
+        figures["put_p50_us_same_node_64k"] = med(put_us["granted"])
+        figures["put_p50_us_same_node_64k_reserved"] = med(put_us["reserved"])
+        figures["put_granted_vs_reserved"] = med(put_us["reserved"]) / med(put_us["granted"])
         client.close(shutdown_cluster=True)
     finally:
         rc.stop()
     targets = {"remote_get_vs_tcp": (">=", 0.8), "remote_get_vs_ray": (">=", 1.5),
-               "local_get_vs_memcpy": (">=", 0.8), "lookup_keys_per_s": (">=", 200_000)}
+               "local_get_vs_memcpy": (">=", 0.8), "lookup_keys_per_s": (">=", 200_000),
+               "put_granted_vs_reserved": (">=", 2.0)}
     return report("cluster", figures, targets, args.json,
                   notes={"blocks": BLOCKS, "lookup_batch_keys": LOOKUP_KEYS, "block_bytes": LAYOUT.block_nbytes, "nodes": "127.0.0.2 (driver), 127.0.0.3"})
 

@@ -9,10 +9,11 @@ host arena. A get reads the blocks in it through the arena's directory with no c
 brings them into the arena. A block held only by other nodes is pulled over Arrow Flight, one
 stream per owner, straight into the caller's buffer (and, if `cache_pulled_blocks`, into the
 local arena). Owners are remembered (cluster/locations.py); the index shards are asked
-(directly, not through the controller) only about keys the client has not seen. A put reserves
-slots through the node actor, copies into them in place, and sends the commit without waiting
-for it: this client reads its own writes at once, other processes once the node has run the
-commit (cluster/commits.py), the index with the node's next event batch (at once with `wait_index`).
+(directly, not through the controller) only about keys the client has not seen. A put copies
+into slots the node granted this client ahead (cluster/grants.py; a call only when they run
+out) and sends the bind that commits them without waiting for it: this client reads its own
+writes at once, other processes once the node has run the bind (cluster/commits.py), the index
+with the node's next event batch (at once with `wait_index`).
 
 Integrity: a block read from the arena is checked against its checksum as `verify_reads` says,
 a pulled block always (kvstore.integrity); a block that fails is a miss. A writer of reserved
@@ -21,6 +22,7 @@ hold (`renew`).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -35,11 +37,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from kvstore.cluster.commits import PendingCommits
 from kvstore.cluster.controller import CONTROLLER_NAME, ControllerActor
 from kvstore.cluster.dataplane import Peers
+from kvstore.cluster.grants import SlotPool
 from kvstore.cluster.leases import Lease, lease_parts
 from kvstore.cluster.locations import LocationCache, PeerBreaker
 from kvstore.cluster.lookups import IndexReader
 from kvstore.cluster.shardmap import shard_actor_name
 from kvstore.cluster.pulled import ClusterGetResult, Landing, PulledBlocks
+from kvstore.cluster.residency import check_engine_id
 from kvstore.cluster.node import node_actor_name
 from kvstore.config import Config, load_config
 from kvstore.errors import ConfigError, KVStoreError, LeaseError, TransferError
@@ -122,6 +126,7 @@ class Client:
         self._reported_at = time.monotonic()
         self._background: list = []  # commits of blocks cached by earlier gets (see flush)
         self._commits = PendingCommits(RPC_TIMEOUT_S)  # of puts, not waited for (cluster/commits.py)
+        self._slots = self._slot_pool()
 
     def _local_node_info(self) -> dict:
         """Waits until the controller has a node actor running on this Ray node."""
@@ -154,6 +159,13 @@ class Client:
             return ray.get(getattr(self._node if local else self._node_actor(node_id), method).remote(*args),
                            timeout=RPC_TIMEOUT_S)
 
+    def _slot_pool(self) -> SlotPool | None:
+        """This node's slots granted to this client's puts (cluster/grants.py); None: puts reserve."""
+        if not self.config.put_grant_bytes:
+            return None
+        return SlotPool(lambda layout, n, ahead: self._call_node("grant", layout, n, ahead, self.config.lease_ttl_s),
+                        self._arena.generations, self.config.put_grant_bytes)
+
     def _attach_to_node(self) -> None:
         """Finds this node's (new) node actor by name and maps its arena. The old mapping is
         kept until close: another thread may be reading through it (its bytes stay right: a key's
@@ -173,6 +185,7 @@ class Client:
         self._retired_arenas.append(self._arena)
         self._arena = HostArena.open(info["shm_name"])
         self._node = self._node_actors[self.node_id] = node
+        self._slots = self._slot_pool()  # the dead actor's grants died with it
         self._node_has_durable_tier = any(t != "host" for t in info["tiers"])
 
     # -- the store's API ---------------------------------------------------------------------
@@ -243,12 +256,49 @@ class Client:
 
     def put(self, layout: Layout, keys: Sequence[bytes], blocks: Blocks,
             parents: Sequence[bytes | None] | None = None, wait_index: bool = False) -> PutResult:
-        """Writes blocks into this node's host arena in place; present keys are skipped. Returns
-        once the bytes are in the arena: one call to the node actor (reserve); the commit that
-        makes them visible is sent without waiting (cluster/commits.py says who sees them when:
-        this client at once). With `wait_index`, it returns once the cluster's index has them."""
+        """Writes blocks into this node's host arena in place; keys present here are skipped.
+        Returns once the bytes are in the arena, with no call to the node actor while this
+        client's granted slots last (cluster/grants.py; else one, for more); the bind that makes
+        them visible is sent without waiting (cluster/commits.py says who sees them when: this
+        client at once). With `wait_index`, it returns once the cluster's index has them, and
+        its counts are the node's (a block another writer stored first counts as present)."""
         keys = check_keys(keys)
         rows = block_rows(layout, blocks, len(keys))
+        if self._slots is None:
+            return self._put_reserved(layout, keys, rows, parents, wait_index)
+        parent_of = dict(zip(keys, parents)) if parents is not None else {}
+        todo: dict[bytes, int] = {}  # key -> its first row, for keys not in this node's arena
+        holds = self._arena.directory.holds
+        for i, key in enumerate(keys):
+            if key not in todo and not holds(key):
+                todo[key] = i
+        slots = self._slots.take(layout, len(todo))  # generations checked: the copies run within the fence's grace
+        arena = self._arena.tensor
+        by_grant: dict[str, list[tuple[int, bytes, bytes | None]]] = {}
+        try:
+            for (key, i), granted in zip(todo.items(), slots):
+                arena[granted.slot, :layout.block_nbytes].copy_(rows[i])
+                by_grant.setdefault(granted.grant_id, []).append((granted.slot, key, parent_of.get(key)))
+        except BaseException:
+            self._slots.put_back(layout, slots)  # nothing was bound: a later put rewrites them whole
+            raise
+        self._slots.binding(set(by_grant))
+        binds = {grant_id: self._node.bind.remote(grant_id, writes, wait_index) for grant_id, writes in by_grant.items()}
+        rejected = list(todo)[len(slots):]
+        if not wait_index:
+            for grant_id, ref in binds.items():
+                self._commits.add([key for _, key, _ in by_grant[grant_id]], ref)
+            return PutResult(stored=len(slots), present=len(keys) - len(todo), rejected=rejected)
+        outcome: dict[bytes, str] = {}
+        for grant_id, ref in binds.items():
+            outcome.update(zip((key for _, key, _ in by_grant[grant_id]), ray.get(ref, timeout=RPC_TIMEOUT_S)))
+        counts = collections.Counter(outcome.values())
+        rejected += [key for key, result in outcome.items() if result in ("fenced", "rejected")]
+        return PutResult(stored=counts["stored"], present=len(keys) - len(todo) + counts["present"], rejected=rejected)
+
+    def _put_reserved(self, layout: Layout, keys: list[bytes], rows, parents: Sequence[bytes | None] | None,
+                      wait_index: bool) -> PutResult:
+        """A put without granted slots (put_grant_bytes=0): one call to reserve them."""
         hold = self.reserve(layout, keys, parents)
         try:
             self.check_hold(hold)  # one check covers the whole batch: it copies within the grace
@@ -507,6 +557,16 @@ class Client:
     def best_node(self, keys: Sequence[bytes]) -> dict:
         return ray.get(self._controller.best_node.remote(check_keys(keys)), timeout=RPC_TIMEOUT_S)
 
+    def report_residency(self, engine_id: str, stored: Sequence[bytes] = (), removed: Sequence[bytes] = (),
+                         cleared: bool = False, node_id: str | None = None) -> bool:
+        """An inference engine's blocks entering (`stored`) or leaving (`removed`) its own HBM,
+        for best_node (cluster/residency.py); with `cleared`, its earlier ones are forgotten
+        first. Also the engine's heartbeat: one silent for 30 s is forgotten. `node_id`: the
+        engine's node (default this client's). False if that is no node of the cluster."""
+        return ray.get(self._controller.report_residency.remote(
+            check_engine_id(engine_id), node_id or self.node_id, check_keys(stored), check_keys(removed), cleared),
+            timeout=RPC_TIMEOUT_S)
+
     def delete(self, keys: Sequence[bytes]) -> int:
         keys = check_keys(keys)
         # The controller deletes where the index says the keys are: this client's own recent puts
@@ -554,9 +614,13 @@ class Client:
         return ray.get(self._controller.stats.remote(), timeout=RPC_TIMEOUT_S)
 
     def close(self, shutdown_cluster: bool | None = None) -> None:
-        """Unmaps the arena; an embedded cluster (or shutdown_cluster=True) is stopped too."""
+        """Gives back unused granted slots and unmaps the arena; an embedded cluster (or
+        shutdown_cluster=True) is stopped too."""
         self._report_directory_reads()
         self.flush()
+        if self._slots is not None:  # after flush: a grant given back takes its unbound slots with it
+            for grant_id in self._slots.drain():
+                self._node.ungrant.remote(grant_id)
         self._index.stop()
         self._peers.close()
         self._copier.shutdown()

@@ -1,7 +1,7 @@
 """A client's puts whose commit is still on its way to the node actor.
 
-A same-node put returns once its bytes are in the arena; the commit that makes them visible is
-sent to the node actor without waiting for it (a round trip saved per put). The node actor runs
+A same-node put returns once its bytes are in the arena; the commit that makes them visible (a
+bind of granted slots, or a reserved hold's commit) is sent to the node actor without waiting for it (a round trip saved per put). The node actor runs
 calls concurrently, so a later call of the same client may overtake that commit: before this
 client reads, leases or deletes keys it wrote, it waits for their commits (`settle`), and so
 reads its own writes. Other processes see the blocks once the commit has run on the node (about

@@ -19,7 +19,7 @@ import time
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from kvstore.cluster import shardmap
+from kvstore.cluster import residency, shardmap
 from kvstore.cluster.lookups import IndexReader
 from kvstore.cluster.node import CONTROLLER_NAME, NodeActor, node_actor_name
 from kvstore.cluster.shardfeed import split_by_shard
@@ -69,6 +69,7 @@ class ControllerService:
         # and the sources some connector quarantined. Counters only: lost on a restart.
         self._verify_counts: dict[tuple[str, str], dict[str, int]] = {}
         self._quarantined: dict[tuple[str, str], dict] = {}
+        self._engines = residency.Engines()  # engines reporting their HBM residency
         self._stopping = threading.Event()
         self._membership = threading.Thread(target=self._watch_membership, name="kvstore-membership", daemon=True)
         self._membership.start()
@@ -136,12 +137,29 @@ class ControllerService:
         return self._index.prefix_by_node(keys, nodes)
 
     def best_node(self, keys: list[bytes]) -> dict:
-        """The node holding the longest prefix of the prompt (ties: the lowest node id)."""
+        """The node holding the longest prefix of the prompt, in its store or in the HBM of an
+        engine on it (cluster/residency.py: an HBM prefix wins a tie; then the lowest node id)."""
+        with self._lock:
+            node_of = self._engines.node_of()
         per_node = self.prefix_by_node(keys)
-        if not per_node:
-            return {"node_id": None, "prefix_blocks": 0, "per_node": {}}
-        best = min(per_node, key=lambda n: (-per_node[n], n))
-        return {"node_id": best, "prefix_blocks": per_node[best], "per_node": per_node}
+        per_engine = self._index.hbm_prefix_by_engine(keys, list(node_of)) if node_of and keys else {}
+        return residency.best_node(per_node, per_engine, node_of)
+
+    def report_residency(self, engine_id: str, node_id: str, stored: list[bytes], removed: list[bytes],
+                         cleared: bool = False) -> bool:
+        """An engine's connector: these prompt blocks entered (left) the engine's HBM; with
+        `cleared`, forget its earlier ones first. Also its heartbeat (every HEARTBEAT_S, maybe
+        with no blocks). Returns False if `node_id` is not a node of the cluster (ignored)."""
+        with self._lock:
+            if node_id not in self._nodes:
+                return False
+            self._engines.heard(engine_id, node_id)
+        stored_parts = {p.shard: p.keys for p in shardmap.split(stored, len(self._shards))} if stored else {}
+        removed_parts = {p.shard: p.keys for p in shardmap.split(removed, len(self._shards))} if removed else {}
+        shards = set(range(len(self._shards))) if cleared else stored_parts.keys() | removed_parts.keys()
+        ray.get([self._shards[s].report_residency.remote(engine_id, stored_parts.get(s, b""), removed_parts.get(s, b""),
+                                                         cleared) for s in shards], timeout=30)
+        return True
 
     def delete(self, keys: list[bytes]) -> int:
         targets: dict[str, list[bytes]] = {}
@@ -228,6 +246,12 @@ class ControllerService:
                 if self._clearing.pop(node_id, None) is None:  # else forgotten already, when its actor died
                     self._forget_node(node_id)
                 self._respawning.discard(node_id)
+        with self._lock:
+            silent = self._engines.expired() + self._engines.on_nodes(dead)
+        if silent:
+            log.info("forgetting the HBM residency of %d engines not heard from: %s", len(silent), silent[:4])
+            ray.wait([shard.forget_engines.remote(silent) for shard in self._shards], num_returns=len(self._shards),
+                     timeout=10)
         if dead - self._dropped_in_shards:  # every shard at once; one restarting rebuilds from live nodes only
             refs = [shard.drop_nodes.remote(sorted(dead)) for shard in self._shards]
             done, _ = ray.wait(refs, num_returns=len(refs), timeout=10)

@@ -107,6 +107,11 @@ class IndexReader:
         parts = shardmap.split(keys, self.count)
         return shardmap.prefix_by_node(parts, self._lookups.ask(parts, "prefix_by_node"), nodes, len(keys))
 
+    def hbm_prefix_by_engine(self, keys: list[bytes], engines) -> dict[str, int]:
+        """Per engine of `engines`, how many leading keys of the prompt it holds in its HBM."""
+        parts = shardmap.split(keys, self.count)
+        return shardmap.prefix_by_node(parts, self._lookups.ask(parts, "hbm_prefix_by_engine"), engines, len(keys))
+
     @property
     def counters(self) -> dict:
         return self._lookups.counters

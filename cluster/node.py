@@ -46,6 +46,14 @@ class _Hold:
     writing: bool
 
 
+@dataclasses.dataclass
+class _Grant:
+    layout: Layout
+    slots: dict[int, int]  # granted slot -> its generation, until bound
+    ttl_s: float
+    expires: float
+
+
 class NodeService:
     def __init__(self, node_id: str, namespace: str, token: str, overrides: dict) -> None:
         config = load_config(os.environ.get("KVSTORE_CONFIG") or None, **overrides)
@@ -73,6 +81,7 @@ class NodeService:
                 self._nvme_claim.release()
             raise
         self._holds: dict[str, _Hold] = {}
+        self._grants: dict[str, _Grant] = {}  # under _holds_lock, as holds
         self._expired: dict[str, None] = {}  # ids of holds that expired, oldest first
         self._holds_lock = threading.Lock()
         host = config.flight_host or ray.util.get_node_ip_address()
@@ -152,6 +161,49 @@ class NodeService:
             self._send_events()
         return committed
 
+    def grant(self, layout: dict, n: int, ahead: int = 0,
+              ttl_s: float | None = None) -> tuple[str, list[tuple[int, int]], float]:
+        """Slots for a writer on this node to fill before naming their keys (`bind`), so its puts
+        make no call until the grant runs out: (grant id, [(slot, generation)], ttl). Up to n made
+        room for, up to `ahead` more from free slots, never more ahead than a sixteenth of the
+        tier. The grant lives ttl_s (default lease_ttl_s) from its last bind; then its unbound slots are fenced:
+        a writer checks the slot's generation in the arena before each copy, as for `reserve`."""
+        parsed = Layout.from_dict(layout)
+        top = self.store.tiers[0]
+        ahead = max(0, min(ahead, top.geometry.data_bytes // 16 // self.store.check_layout(parsed)))
+        slots = self.store.grant(parsed, n, ahead)
+        ttl = self.config.lease_ttl_s if ttl_s is None else ttl_s
+        grant_id = secrets.token_hex(8)
+        with self._holds_lock:
+            self._grants[grant_id] = _Grant(parsed, dict(slots), ttl, time.monotonic() + ttl)
+        return grant_id, slots, ttl
+
+    def bind(self, grant_id: str, writes: list[tuple[int, bytes, bytes | None]], wait_index: bool = False) -> list[str]:
+        """Commits blocks written into a grant's slots: `writes[i]` is (slot, key, parent). Per
+        write, as TieredStore.bind says ("stored", "present", "fenced", "rejected"); a slot
+        not of this grant (or bound already) is "fenced". Renews the grant. Raises LeaseError if
+        the grant expired (its slots were fenced: nothing of these writes becomes visible)."""
+        with self._holds_lock:
+            grant = self._grants.get(grant_id)
+            if grant is None:
+                raise LeaseError(self._unknown_hold(grant_id))
+            mine = [(slot, grant.slots.pop(slot), key, parent) for slot, key, parent in writes
+                    if slot in grant.slots]
+            grant.expires = time.monotonic() + grant.ttl_s
+            if not grant.slots:
+                del self._grants[grant_id]
+        outcome = dict(zip((w[0] for w in mine), self.store.bind(grant.layout, mine)))
+        if wait_index:
+            self._send_events()
+        return [outcome.get(slot, "fenced") for slot, _, _ in writes]
+
+    def ungrant(self, grant_id: str) -> None:
+        """A writer that is done (its client closing) gives its unbound slots back."""
+        with self._holds_lock:
+            grant = self._grants.pop(grant_id, None)
+        if grant is not None:
+            self.store.ungrant(list(grant.slots.items()))
+
     def commit_leased(self, hold_id: str, layout: dict, ttl_s: float | None = None) -> tuple[int, str, list[bytes]]:
         """A handoff's end, in one call: commits a write hold (waiting for the index, as its
         reader on another node looks the blocks up at once) and pins the committed blocks for
@@ -214,8 +266,9 @@ class NodeService:
     def stats(self) -> dict:
         """The controller's stats call: info, the store's counters, the data plane's, open holds."""
         with self._holds_lock:
-            holds = len(self._holds)
+            holds, grants = len(self._holds), len(self._grants)
         return {**self.info(), "store": self.store.stats(), "dataplane": dict(self.server.counters), "holds": holds,
+                "grants": grants,
                 "nvme": self._nvme_claim.stats() if self._nvme_claim is not None else None,
                 "index_feed": self._feed.stats()}
 
@@ -258,12 +311,20 @@ class NodeService:
             for k, _ in expired:
                 del self._holds[k]
                 self._expired[k] = None
+            ended = [(k, g) for k, g in self._grants.items() if g.expires < now]
+            for k, _ in ended:
+                del self._grants[k]
+                self._expired[k] = None
             while len(self._expired) > 4096:  # remembered only to say "expired" rather than "unknown"
                 del self._expired[next(iter(self._expired))]
+        for grant_id, grant in ended:  # a writer that went idle (or died): routine
+            log.info("grant %s expired; fencing its %d unbound slots", grant_id, len(grant.slots))
+            self.store.fence_granted(list(grant.slots.items()))
         for hold_id, hold in expired:
             log.warning("hold %s expired; giving back %d blocks", hold_id, sum(h is not None for h in hold.handles))
             # A writer may still be copying into its slots: fence them rather than free them.
             (self.store.fence if hold.writing else self.store.release)(hold.handles)
+        self.store.reap_fenced()
 
     def _on_events(self, events: list[Event]) -> None:
         self._feed.enqueue(events)

@@ -55,6 +55,7 @@ from kvstore.cluster.leases import Lease, lease_parts
 from kvstore.cluster.locations import LocationCache, PeerBreaker
 from kvstore.cluster.protocol import MAX_KEYS
 from kvstore.cluster.pulled import ClusterGetResult, Landing, PulledBlocks
+from kvstore.cluster.residency import check_engine_id
 from kvstore.config import Config, load_config
 from kvstore.errors import (AuthError, ConfigError, InvalidKeyError, KVStoreError, LeaseError, TransferError)
 from kvstore.keys import check_key, check_keys
@@ -455,6 +456,15 @@ class RemoteClient:
             raise LeaseError(f"none of the {len(keys)} blocks is held anywhere: nothing to lease")
         return Lease(answer["lease_id"], answer["node_id"], [bytes.fromhex(k) for k in answer["pinned"]],
                      answer["expires_in_s"])
+
+    def report_residency(self, engine_id: str, stored: Sequence[bytes] = (), removed: Sequence[bytes] = (),
+                         cleared: bool = False, node_id: str | None = None) -> bool:
+        """As Client.report_residency, over POST /v1/residency (keys in this tenant's scope)."""
+        stored, removed = check_keys(stored), check_keys(removed)
+        answer = self._http.call("POST", "/v1/residency", {
+            "engine_id": check_engine_id(engine_id), "node_id": node_id or self.node_id,
+            "stored": [k.hex() for k in stored], "removed": [k.hex() for k in removed], "cleared": cleared})
+        return bool(answer["known_node"])
 
     def release_lease(self, lease: "Lease | str") -> None:
         """Unpins a lease this caller took; LeaseError if it is not open (ended, or another's)."""

@@ -29,7 +29,7 @@ from kvstore.events import AllBlocksCleared, BlockRemoved, BlockStored, Event, d
 
 log = logging.getLogger(__name__)
 
-LOOKUPS = ("first_missing", "prefix_by_node", "locate")  # what `batch` answers
+LOOKUPS = ("first_missing", "prefix_by_node", "locate", "hbm_prefix_by_engine")  # what `batch` answers
 ENDED_STREAMS_KEPT = 8  # per node: the streams of its last crashed actors
 
 
@@ -39,6 +39,7 @@ class IndexShard:
         registered there for its share; without (in-process use), it waits to be fed."""
         self.shard, self.count = shard, count
         self._index = CompactIndex()
+        self._hbm = CompactIndex()  # engines' HBM residency (cluster/residency.py): holders are engine ids
         self._lock = threading.Lock()
         self._streams: dict[str, list] = {}  # node id -> [stream id, number of the next chunk]
         self._synced: set[str] = set()  # nodes whose current stream's snapshot has been applied
@@ -130,6 +131,24 @@ class IndexShard:
                 dropped += self._index.drop_node(node_id)
             return dropped
 
+    # -- from engines, through the controller (cluster/residency.py) ---------------------------
+
+    def report_residency(self, engine_id: str, stored: bytes, removed: bytes, cleared: bool = False) -> None:
+        """An engine's blocks now in its HBM (`stored`) and gone from it (`removed`), after
+        forgetting all of its earlier ones if `cleared`."""
+        with self._lock:
+            if cleared:
+                self._hbm.drop_node(engine_id)
+            if removed:
+                self._hbm.remove(engine_id, keys_array(removed))
+            if stored:
+                self._hbm.add(engine_id, keys_array(stored), "GPU")
+
+    def forget_engines(self, engine_ids: list[str]) -> None:
+        with self._lock:
+            for engine_id in engine_ids:
+                self._hbm.drop_node(engine_id)
+
     def synced_nodes(self) -> list[str]:
         with self._lock:
             return sorted(self._synced)
@@ -140,6 +159,7 @@ class IndexShard:
     def stats(self) -> dict:
         with self._lock:
             return {"shard": self.shard, "keys": len(self._index), "bytes": self._index.nbytes(),
+                    "hbm_keys": len(self._hbm),
                     "streams_open": len(self._streams), "synced_nodes": len(self._synced), **self._counters}
 
     # -- lookups: keys are one buffer of concatenated 16-byte keys, in prompt order ------------
@@ -156,6 +176,10 @@ class IndexShard:
         with self._lock:
             return self._index.locate(keys_array(keys))
 
+    def hbm_prefix_by_engine(self, keys: bytes) -> dict[str, int]:
+        with self._lock:
+            return self._hbm.prefix_by_node(keys_array(keys))
+
     def batch(self, requests: list[tuple[str, bytes]]) -> list:
         """Several lookups (method, keys) in one call (cluster/lookups.py), answered in order."""
         for method, _ in requests:
@@ -163,7 +187,8 @@ class IndexShard:
                 raise KVStoreError(f"lookup {method!r} is not one of {LOOKUPS}")
         rows = [keys_array(keys) for _, keys in requests]
         with self._lock:
-            return [getattr(self._index, method)(keys) for (method, _), keys in zip(requests, rows)]
+            return [self._hbm.prefix_by_node(keys) if method == "hbm_prefix_by_engine"
+                    else getattr(self._index, method)(keys) for (method, _), keys in zip(requests, rows)]
 
     # -- rebuild -----------------------------------------------------------------------------
 

@@ -241,9 +241,11 @@ class KVStoreConnector(KVConnectorBase_V1):
 
     def shutdown(self) -> None:
         """vLLM, once when the engine stops (the engine core's scheduler, and each worker): a
-        worker lets the transfers in flight finish; the scheduler has nothing to stop."""
+        worker lets the transfers in flight finish; the scheduler stops reporting HBM residency."""
         if self.connector_worker is not None:
             self.connector_worker.shutdown()
+        elif self.connector_scheduler.residency is not None:
+            self.connector_scheduler.residency.close()
 
     # ============================================================================================
     # Scheduler side (engine core)

@@ -18,6 +18,7 @@ from kvstore.connectors.verify import Source, Verifier
 from kvstore.connectors.vllm_keys import cache_extras
 from kvstore.connectors.vllm_metadata import (HANDOFF_VERSION, Check, KVStoreConnectorMetadata, KVStoreWorkerMetadata,
                                               Transfer)
+from kvstore.connectors.vllm_residency import HBMResidency, events_endpoint
 from kvstore.connectors.vllm_settings import Settings
 from kvstore.connectors.vllm_stats import Counters
 from kvstore.layout import Layout
@@ -70,6 +71,10 @@ class KVStoreScheduler:
         self._told_embeds = False  # the refusal of prompt embeddings was logged
         self._sync_loaded: list[str] = []  # sync loads sent last step: release their leases
         self._held: set[str] = set()       # finished requests whose blocks wait for async saves
+        # With vLLM's KV events on: which prompts' blocks this engine holds in HBM, told to kvstore.
+        endpoint = events_endpoint(vllm_config)
+        self.residency = HBMResidency(client, tc.engine_id, endpoint, vllm_config.kv_events_config.topic) \
+            if endpoint else None
 
     def _req_state(self, request: "Request") -> _Req:
         """The request's state, made the first time the scheduler shows it (in
@@ -90,6 +95,8 @@ class KVStoreScheduler:
                 keys = [kvstore.block_keys(prompt, layout, self.namespace, extra=extra, block_extra=block_extra)
                         for layout in self.layouts]
             st = self._reqs[request.request_id] = _Req(keys=keys, prompt_len=len(prompt))
+            if self.residency is not None and keys[0]:
+                self.residency.learn(request.block_hashes, keys[0])
         return st
 
     # -- lookups ----------------------------------------------------------------------------------

@@ -95,6 +95,7 @@ class Config:
     cache_pulled_blocks: bool = _setting(True, "Keep a copy of every block a get pulls from another node in this node's host tier (the next get is local); off, a pull costs one copy fewer.", "bool")
     pull_streams: int = _setting(1, "Most Flight streams one get opens to one owner (a large pull is split; each stream moves at least 32 MiB). More than 1 was slower on a 2-core machine (docs/benchmarks.md); try it where cores are plenty.", "int")
     transfer_timeout_s: float = _setting(5.0, "Deadline of one data-plane transfer of up to 256 MiB between nodes (larger ones get proportionally longer): a pull from a dead or stalled peer ends as a miss within it (twice it at worst), and that peer is left alone for a while; a put stream that stalls has its slots given back.", "float")
+    put_grant_bytes: int = _setting(64 << 20, "A client's same-node puts write into slots its node granted ahead (cluster/grants.py), so a put makes no call to the node until they run out: the most bytes of slots a client keeps granted beyond the put at hand (taken only from free slots, at most a sixteenth of the host tier; unused ones go back after lease_ttl_s). 0: every put reserves its slots with one call.", "int")
     fence_grace_s: float = _setting(10.0, "After a writer's hold expires, how long its slots stay unused: longer than any one copy the writer started before it saw the fence.", "float")
     verify_reads: str = _setting("sampled", "Which local shared-memory reads re-check the block's checksum (NVMe reads and transfers between nodes always do). sampled: verify_sample_fraction of them.", "str", ("off", "sampled", "always"))
     verify_sample_fraction: float = _setting(0.0625, "Fraction of local reads checked when verify_reads is sampled.", "float")
@@ -133,6 +134,8 @@ class Config:
             raise ConfigError(f"pull_streams={self.pull_streams!r} must be at least 1")
         if self.transfer_timeout_s <= 0:
             raise ConfigError(f"transfer_timeout_s={self.transfer_timeout_s!r} must be positive")
+        if self.put_grant_bytes < 0:
+            raise ConfigError(f"put_grant_bytes={self.put_grant_bytes!r} must not be negative")
         if self.fence_grace_s <= 0:
             raise ConfigError(f"fence_grace_s={self.fence_grace_s!r} must be positive")
         if not 0 <= self.verify_sample_fraction <= 1:

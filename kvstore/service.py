@@ -13,18 +13,22 @@
                          "expires_in_s"}: pins the blocks on their node for a reader to come (cluster/leases.py)
     POST /v1/leases/release  {"lease_id": "..."} -> {"released": true}; 404 for a lease the caller did
                          not take (or that ended)
+    POST /v1/residency   {"engine_id", "node_id", "stored": [hex, ...], "removed": [hex, ...], "cleared": bool}
+                         -> {"known_node": bool}: an engine's blocks entering or leaving its HBM, and its
+                         heartbeat (cluster/residency.py); best_node weighs them
     GET  /               the status page (HTML, refreshes itself)
 
 Auth: `Authorization: Bearer <token>`, or HTTP Basic auth with the token as the password (a
 browser opening the page asks for it): never a credential in the URL, where logs and browser
 histories keep it. The admin token opens everything; a tenant's (kvstore/tenants.py) opens
-/v1/lookup and /v1/leases, in its own key scope, and /v1/dataplane (nodes' ids and Flight
+/v1/lookup, /v1/leases and /v1/residency, in its own key scope, and /v1/dataplane (nodes' ids and Flight
 addresses, nothing else: what a remote client, kvstore/cluster/remote.py, needs to reach them),
 and gets 403 on the cluster-wide views. A tenant ends only the leases it took through this
 service (it remembers who took each, until its TTL is over).
 The service talks to the cluster through `backend`, any object with the cluster client's
 `stats()`, `nodes()`, `where(keys)`, `longest_prefix(keys)`, `best_node(keys)`, `lease(layout,
-keys, ttl_s, node_id)` and `release_lease(lease_id)` (so this module does not import Ray). Backend calls block, so they run in worker threads; stats are cached for
+keys, ttl_s, node_id)`, `release_lease(lease_id)` and `report_residency(engine_id, stored, removed,
+cleared, node_id)` (so this module does not import Ray). Backend calls block, so they run in worker threads; stats are cached for
 `STATS_TTL_S` so a busy scraper does not load the controller, nodes' addresses for
 `ADDRESSES_TTL_S` (sooner when a lookup names a node not among them).
 """
@@ -40,7 +44,8 @@ import time
 
 from aiohttp import web
 
-from kvstore.errors import KVStoreError
+from kvstore.cluster.residency import check_engine_id
+from kvstore.errors import InvalidKeyError, KVStoreError
 from kvstore.keys import KEY_BYTES, block_keys
 from kvstore.layout import Layout
 from kvstore.metrics import dataplane_rates, render
@@ -52,7 +57,7 @@ STATS_TTL_S = 1.0
 ADDRESSES_TTL_S = 2.0
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_LOOKUP_KEYS = 65536
-TENANT_PATHS = {"/v1/lookup", "/v1/dataplane", "/v1/leases", "/v1/leases/release"}  # a tenant's; the rest is the admin's
+TENANT_PATHS = {"/v1/lookup", "/v1/dataplane", "/v1/leases", "/v1/leases/release", "/v1/residency"}  # a tenant's; the rest is the admin's
 MAX_LEASE_TTL_S = 3600.0
 MAX_LEASES_REMEMBERED = 100_000  # leases taken through this service whose taker it remembers
 
@@ -83,6 +88,7 @@ class Service:
             web.post("/v1/lookup", self.lookup),
             web.post("/v1/leases", self.lease),
             web.post("/v1/leases/release", self.release_lease),
+            web.post("/v1/residency", self.residency),
             web.get("/", self.page),
         ])
         return app
@@ -219,6 +225,29 @@ class Service:
         await asyncio.to_thread(self.backend.release_lease, lease_id)
         return web.json_response({"released": True})
 
+    async def residency(self, request: web.Request) -> web.Response:
+        """An engine's connector reporting the prompt blocks in its HBM (cluster/residency.py).
+        A tenant's engine ids and keys are its own: scoped as its blocks are."""
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            raise _bad(f"body must be a JSON object, got {type(body).__name__}")
+        tenant = self._caller(request)
+        try:
+            engine_id = check_engine_id(body.get("engine_id"))
+        except InvalidKeyError as e:
+            raise _bad(str(e)) from None
+        node_id, cleared = body.get("node_id"), body.get("cleared", False)
+        if not isinstance(node_id, str) or len(node_id) > 256:
+            raise _bad(f"node_id={node_id!r:.80} must be a node id (a string)")
+        if not isinstance(cleared, bool):
+            raise _bad(f"cleared={cleared!r:.80} must be true or false")
+        stored = tenant.stored(_hex_keys(body.get("stored", []), "stored"))
+        removed = tenant.stored(_hex_keys(body.get("removed", []), "removed"))
+        if not tenant.is_admin:
+            engine_id = f"{tenant.name}/{engine_id}"
+        known = await asyncio.to_thread(self.backend.report_residency, engine_id, stored, removed, cleared, node_id)
+        return web.json_response({"known_node": known})
+
     def _remember_lease(self, lease_id: str, tenant: str, ttl_s: float) -> None:
         """Who took a lease, until it ends (the oldest forgotten first past the bound)."""
         now = time.monotonic()
@@ -268,23 +297,26 @@ def _bad(message: str) -> web.HTTPBadRequest:
     return web.HTTPBadRequest(text=json.dumps({"error": message}), content_type="application/json")
 
 
+def _hex_keys(hexes, name: str) -> list[bytes]:
+    if not isinstance(hexes, list) or len(hexes) > MAX_LOOKUP_KEYS:
+        raise _bad(f"{name} must be a list of at most {MAX_LOOKUP_KEYS} hex strings")
+    keys = []
+    for i, h in enumerate(hexes):
+        try:
+            key = bytes.fromhex(h)
+        except (TypeError, ValueError):
+            raise _bad(f"{name}[{i}]={h!r:.80} is not hex") from None
+        if len(key) != KEY_BYTES:
+            raise _bad(f"{name}[{i}]={h!r:.80} is {len(key)} bytes, not {KEY_BYTES}")
+        keys.append(key)
+    return keys
+
+
 def _lookup_keys(body) -> list[bytes]:
     if not isinstance(body, dict):
         raise _bad(f"body must be a JSON object, got {type(body).__name__}")
     if "keys" in body:
-        hexes = body["keys"]
-        if not isinstance(hexes, list) or len(hexes) > MAX_LOOKUP_KEYS:
-            raise _bad(f"keys must be a list of at most {MAX_LOOKUP_KEYS} hex strings")
-        keys = []
-        for i, h in enumerate(hexes):
-            try:
-                key = bytes.fromhex(h)
-            except (TypeError, ValueError):
-                raise _bad(f"keys[{i}]={h!r:.80} is not hex") from None
-            if len(key) != KEY_BYTES:
-                raise _bad(f"keys[{i}]={h!r:.80} is {len(key)} bytes, not {KEY_BYTES}")
-            keys.append(key)
-        return keys
+        return _hex_keys(body["keys"], "keys")
     if "token_ids" in body:
         token_ids = body["token_ids"]
         if not isinstance(token_ids, list) or len(token_ids) > MAX_LOOKUP_KEYS * 16:

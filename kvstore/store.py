@@ -27,6 +27,9 @@ one LRU over all classes would.
 Writers outside the store (`reserve`) are fenced: each slot of a memory tier has a generation,
 and `fence` (a writer's hold expired) bumps it and keeps the slot out of use for `fence_grace_s`,
 so a late writer that checks its generation before each copy can never land in a reused slot.
+Writers may also hold *granted* slots (`grant`): top-tier slots handed out before any key is
+known, so a writer on the node fills one and names its key when it `bind`s it, with no call in
+between. A granted slot is allocated but no block's; fenced the same way when its grant expires.
 
 Events (vLLM KV-event shapes) go to `listener`, called with the lock held and in order: it must
 only enqueue.
@@ -46,7 +49,8 @@ import torch
 
 from kvstore.block import BlockEntry, BlockState
 from kvstore.config import Config
-from kvstore.errors import CorruptBlockError, InvalidKeyError, InvalidLayoutError, LayoutMismatchError, TierIOError
+from kvstore.errors import (CorruptBlockError, InvalidKeyError, InvalidLayoutError, LayoutMismatchError, LeaseError,
+                            TierIOError)
 from kvstore.events import AllBlocksCleared, BlockRemoved, Event, stored_events
 from kvstore.integrity import ReadVerifier, checksum
 from kvstore.keys import check_key, check_keys
@@ -137,6 +141,7 @@ class TieredStore:
         self.verifier = verifier or ReadVerifier()
         self.fence_grace_s = fence_grace_s
         self._fenced: list[tuple[float, int, int]] = []  # (free after, tier, slot) of fenced writers
+        self._granted: dict[int, int] = {}  # top-tier slot granted to a writer, unbound -> its class
         self._listener = listener
         self._lock = threading.Lock()
         self._moved = threading.Condition(self._lock)
@@ -431,6 +436,101 @@ class TieredStore:
                 if handle is not None:
                     self._settle_unwritten(handle.entry)
 
+    def grant(self, layout: Layout, n: int, ahead: int = 0) -> list[tuple[int, int]]:
+        """Top-tier slots for blocks of `layout` whose keys the writer will name later (`bind`),
+        as (slot, generation): up to n made room for as `reserve` does (fewer when no room is),
+        then up to `ahead` more only from free slots (a writer's next puts evict nothing now)."""
+        self.check_layout(layout)
+        top = self.tiers[0]
+        if top.durable:
+            raise InvalidLayoutError(f"the top tier {top.name!r} cannot be written in place")
+        with self._lock:
+            stride = self._layout_class[layout.id]
+            slots = self._reserve(0, stride, n)
+            while len(slots) < n + ahead and (slot := top.allocator.alloc(stride)) is not None:
+                top.begin_write(slot)
+                slots.append(slot)
+            for slot in slots:
+                self._granted[slot] = stride
+            return [(slot, int(top.generations[slot])) for slot in slots]
+
+    def bind(self, layout: Layout, writes: Sequence[tuple[int, int, bytes, bytes | None]],
+             checksums: Sequence[int] | None = None, owner: str | None = None) -> list[str]:
+        """Commits blocks written into granted slots: `writes[i]` is (slot, generation, key,
+        parent). Per write: "stored"; "present" (the key was stored meanwhile: its slot is freed);
+        "fenced" (the slot's grant expired, or it was never granted: nothing of it is read);
+        "rejected" (over `owner`'s quota). `checksums` as in `commit`."""
+        self.check_layout(layout)
+        keys = check_keys([w[2] for w in writes])
+        parents = self._check_parents([w[3] for w in writes], len(writes))
+        top = self.tiers[0]
+        for slot, *_ in writes:
+            if not isinstance(slot, int) or not 0 <= slot < top.num_slots:
+                raise LeaseError(f"slot {slot!r} is not a slot of the {top.name} tier (0..{top.num_slots - 1})")
+        sums = list(checksums) if checksums is not None else [checksum(top.view(w[0])[:layout.block_nbytes])
+                                                              for w in writes]
+        outcome = ["fenced"] * len(writes)
+        with self._lock:
+            stride = self._layout_class[layout.id]
+            self._counters["puts"] += len(writes)
+            owner_id = self._usage.owner_id(owner)
+            fresh: list[tuple[int, BlockEntry]] = []
+            for i, ((slot, generation, _, _), key, parent) in enumerate(zip(writes, keys, parents)):
+                if self._granted.get(slot) != stride or int(top.generations[slot]) != generation:
+                    self._counters["fenced_writes"] += 1
+                    continue
+                del self._granted[slot]
+                if key in self._index:
+                    outcome[i] = "present"
+                    self._counters["put_present"] += 1
+                    self._release_slot(0, slot, erase=True)
+                    continue
+                entry = BlockEntry(key, layout.id, layout.block_nbytes, 0, slot, parent, owner=owner_id)
+                entry.checksum = sums[i]
+                self._index[key] = entry
+                fresh.append((i, entry))
+            allowed = {id(e) for e in self._within_quota(0, [e for _, e in fresh])}
+            live = []
+            for i, entry in fresh:
+                if id(entry) in allowed:
+                    self._occupy(0, entry.slot, entry)
+                    live.append(entry)
+                    outcome[i] = "stored"
+                else:
+                    outcome[i] = "rejected"
+                    self._counters["put_rejected"] += 1
+                    self._settle_unwritten(entry)
+            self._commit_writes(live)
+        return outcome
+
+    def fence_granted(self, slots: Sequence[tuple[int, int]]) -> None:
+        """Ends granted (slot, generation)s whose writer may still be writing (their grant
+        expired): as `fence` does for reserved slots."""
+        top = self.tiers[0]
+        with self._lock:
+            for slot, generation in slots:
+                if slot in self._granted and int(top.generations[slot]) == generation:
+                    del self._granted[slot]
+                    top.generations[slot] += 1
+                    self._fenced.append((time.monotonic() + self.fence_grace_s, 0, slot))
+                    self._counters["fenced_writes"] += 1
+
+    def reap_fenced(self) -> None:
+        """Frees fenced slots whose grace is over (an allocation does it too; an owner calls this
+        now and then so that an idle store's slots and stats do not wait for the next one)."""
+        if self._fenced:
+            with self._lock:
+                self._reap_fenced()
+
+    def ungrant(self, slots: Sequence[tuple[int, int]]) -> None:
+        """Gives back granted (slot, generation)s their writer will not use."""
+        top = self.tiers[0]
+        with self._lock:
+            for slot, generation in slots:
+                if slot in self._granted and int(top.generations[slot]) == generation:
+                    del self._granted[slot]
+                    self._release_slot(0, slot, erase=True)
+
     def acquire(self, layout: Layout, keys: Sequence[bytes]) -> list[BlockHandle | None]:
         """Pins blocks for an outside reader, in a memory tier (a block on a durable tier is
         promoted first). None for a miss, or for a block that could not be brought into memory.
@@ -491,12 +591,16 @@ class TieredStore:
             for tier, counters in zip(self.tiers, self._tier_counters):
                 tiers.append({**tier.stats(), **dataclasses.asdict(counters)})
             return {"blocks": len(self._index), "slot_bytes": self.slot_nbytes, **self._counters, "tiers": tiers,
+                    "granted_slots": len(self._granted),
                     **self._class_stats(), "tenants": self._usage.stats()}
 
     def _class_stats(self) -> dict:
         """Per size class: its slots and blocks in every tier, and what rounding loses (the part
         of its used slots' bytes that no block fills). Vectorized over slots: no walk of the index."""
         classes: dict[int, dict] = {}
+        granted: dict[int, int] = {}  # class -> its granted slots: used, but no block's yet
+        for stride in self._granted.values():
+            granted[stride] = granted.get(stride, 0) + 1
         for t, tier in enumerate(self.tiers):
             g = tier.geometry
             used = self._nbytes[t]
@@ -508,7 +612,7 @@ class TieredStore:
                 held = np.array([tier.allocator.chunk_class(c) == stride for c in range(g.num_chunks)]) \
                     if not g.single else mine
                 out["tiers"][tier.name] = row
-                out["blocks"] += row["used_slots"]
+                out["blocks"] += row["used_slots"] - (granted.get(stride, 0) if t == 0 else 0)
                 out["block_bytes"] += int(per_chunk[held].sum())
         total_slots = total_blocks = 0
         for out in classes.values():

@@ -34,6 +34,12 @@ class Backend:
     def best_node(self, keys):
         return {"node_id": None, "prefix_blocks": 0, "per_node": {}}
 
+    reported: list = []
+
+    def report_residency(self, engine_id, stored, removed, cleared, node_id):
+        self.reported.append((engine_id, stored, removed, cleared, node_id))
+        return node_id in ("n1", "n2")
+
 
 @pytest.fixture(scope="module")
 def address():
@@ -63,8 +69,8 @@ def raw(address, request: bytes) -> tuple[int, bytes]:
     return int(head.split()[1]), body
 
 
-def post(address, body: bytes, auth: bytes = b"Bearer " + TOKEN.encode()) -> tuple[int, bytes]:
-    return raw(address, b"POST /v1/lookup HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: " + auth +
+def post(address, body: bytes, auth: bytes = b"Bearer " + TOKEN.encode(), path: bytes = b"/v1/lookup") -> tuple[int, bytes]:
+    return raw(address, b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: " + auth +
                b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
@@ -118,3 +124,26 @@ def test_the_data_plane_list_has_addresses_and_nothing_else_of_the_nodes(address
         {"node_id": "n1", "address": "10.0.0.1:8471", "tls": False},
         {"node_id": "n2", "address": "10.0.0.2:8471", "tls": False}]}
     assert get(address, b"/v1/dataplane", None)[0] == 401
+
+
+@pytest.mark.parametrize("body, named", [
+    ({"node_id": "n1"}, "engine_id=None"),
+    ({"engine_id": "x" * 200, "node_id": "n1"}, "engine_id="),
+    ({"engine_id": "e", "node_id": 5}, "node_id=5"),
+    ({"engine_id": "e", "node_id": "n1", "cleared": "yes"}, "cleared='yes'"),
+    ({"engine_id": "e", "node_id": "n1", "stored": ["zz"]}, "stored[0]='zz'"),
+    ({"engine_id": "e", "node_id": "n1", "removed": "ab" * 16}, "removed must be a list"),
+])
+def test_bad_residency_reports_are_a_400_naming_the_value(address, body, named):
+    status, reply = post(address, json.dumps(body).encode(), path=b"/v1/residency")
+    assert status == 400 and named in json.loads(reply)["error"]
+
+
+def test_a_residency_report_reaches_the_backend_and_says_whether_the_node_is_known(address):
+    Backend.reported.clear()
+    body = {"engine_id": "e1", "node_id": "n2", "stored": [HELD.hex()], "removed": [], "cleared": True}
+    status, reply = post(address, json.dumps(body).encode(), path=b"/v1/residency")
+    assert status == 200 and json.loads(reply) == {"known_node": True}
+    assert Backend.reported == [("e1", [HELD], [], True, "n2")]
+    status, reply = post(address, json.dumps({**body, "node_id": "elsewhere"}).encode(), path=b"/v1/residency")
+    assert status == 200 and json.loads(reply) == {"known_node": False}

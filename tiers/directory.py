@@ -148,6 +148,15 @@ class SlotDirectory:
             i = (i + 1) % self.capacity
         return None
 
+    def holds(self, key: bytes) -> bool:
+        """Whether key's block is published here now (a writer skips it; a race only costs a copy)."""
+        k0, k1 = _words(key)
+        i = self._find(k0, k1)
+        if i is None:
+            return False
+        slot = int(self._index_slots[i])
+        return slot >= 0 and not int(self.seq[slot]) & 1 and self.keys[slot, 0] == k0 and self.keys[slot, 1] == k1
+
     def read(self, key: bytes, slots, dst, verify: bool) -> str:
         """Copies key's block out of `slots` (the arena's tensor: `slots[slot, :n]` is a slot's bytes) into
         dst (uint8, the block's length). Returns "hit"; "miss" (not here, or being rewritten: the

@@ -46,8 +46,8 @@ def tokens(seed: int, blocks: int) -> np.ndarray:
 class NodeClient:
     """A kvstore client living on one Ray node (placed with that node's custom resource)."""
 
-    def __init__(self) -> None:
-        self.client = kvstore.connect()
+    def __init__(self, **settings) -> None:
+        self.client = kvstore.connect(**settings)
         self.node_id = self.client.node_id
 
     def put(self, seed: int, blocks: int, namespace: str = "default") -> list[bytes]:
@@ -191,13 +191,13 @@ def test_a_same_node_get_calls_no_actor(cluster):
 
 
 @ray.remote(num_cpus=0)
-def _commit_later(node, args):
+def _bind_later(node, args):
     time.sleep(2)
-    return ray.get(node.commit.remote(*args))
+    return ray.get(node.bind.remote(*args))
 
 
-class DelayedCommits:
-    """A node actor handle whose commits run 2 s after they are sent (a slow node actor)."""
+class DelayedBinds:
+    """A node actor handle whose binds (a put's commit) run 2 s after they are sent (a slow node actor)."""
 
     def __init__(self, handle) -> None:
         self.handle, self.refs = handle, []
@@ -206,12 +206,12 @@ class DelayedCommits:
         return getattr(self.handle, name)
 
     @property
-    def commit(self):
+    def bind(self):
         sent = self
 
         class Later:
             def remote(self, *args):
-                sent.refs.append(_commit_later.remote(sent.handle, args))
+                sent.refs.append(_bind_later.remote(sent.handle, args))
                 return sent.refs[-1]
         return Later()
 
@@ -219,10 +219,10 @@ class DelayedCommits:
 def test_a_put_does_not_wait_for_its_commit_and_its_client_reads_and_deletes_it_at_once(cluster):
     _, client = cluster
     keys = block_keys(tokens(31, 3), LAYOUT, "own-writes")
-    delayed = client._node = DelayedCommits(client._node)
+    delayed = client._node = DelayedBinds(client._node)
     try:
         assert client.put(LAYOUT, keys, payload(keys)).stored == 3
-        assert ray.wait(delayed.refs, timeout=0)[0] == []  # it returned before its commit ran
+        assert len(delayed.refs) == 1 and ray.wait(delayed.refs, timeout=0)[0] == []  # returned before it ran
         out = torch.zeros((3, LAYOUT.block_nbytes), dtype=torch.uint8)
         result = client.get(LAYOUT, keys, out)
         assert result.sources == [(client.node_id, "local")] * 3 and torch.equal(out, payload(keys))
@@ -230,10 +230,51 @@ def test_a_put_does_not_wait_for_its_commit_and_its_client_reads_and_deletes_it_
         more = block_keys(tokens(32, 2), LAYOUT, "own-writes")
         client.put(LAYOUT, more, payload(more))
         assert client.delete(more) == 2
-        assert ray.wait(delayed.refs, num_returns=2, timeout=0)[0] == delayed.refs
+        assert len(delayed.refs) == 2 and ray.wait(delayed.refs, num_returns=2, timeout=0)[0] == delayed.refs
         assert pull(client, more).hits == 0
     finally:
         client._node = delayed.handle
+
+
+def test_same_node_puts_make_no_call_while_their_granted_slots_last(cluster):
+    rc, client = cluster
+    client.put(LAYOUT, *_own("warm-up", 0, 1))  # the first put asks for a grant, with slots ahead
+    counting = client._node = Counting(client._node, None)
+    try:
+        written = []
+        for i in range(1, 21):
+            keys, blocks = _own("granted", i, 2)
+            assert client.put(LAYOUT, keys, blocks).stored == 2
+            written += keys
+        assert set(counting.names) == {"bind"}  # sent, never waited for: no round trip
+        assert pull(client, written).hits == 40  # its own writes, at once
+    finally:
+        client._node = counting.handle
+    # Another process on the node reads them once their binds ran, bytes checked.
+    got = ray.get(on_node(rc, 0).get_checked.remote(written))
+    assert got["hits"] == 40 and got["corrupt"] == 0 and {s[1] for s in got["sources"]} == {"local"}
+
+
+def test_granted_slots_of_a_writer_that_died_are_fenced_and_reclaimed(cluster):
+    rc, _ = cluster
+    node = ray.get_actor(f"kvstore-node-{rc.node_id(1)}", namespace="kvstore")
+    store = lambda: ray.get(node.stats.remote())["store"]  # noqa: E731
+    used = lambda: sum(t["used_slots"] for t in store()["tiers"])  # noqa: E731
+    before, blocks, fenced = used(), store()["blocks"], store()["fenced_writes"]
+    writer = NodeClient.options(resources={rc.resources[1]: 0.01}).remote(lease_ttl_s=1.0)
+    ray.get(writer.put.remote(90, 2, "dead-writer"))
+    wait_for(lambda: store()["blocks"] == blocks + 2, 10, "the writer's bind to run")
+    granted = store()["granted_slots"]
+    assert granted > 0 and used() == before + 2 + granted  # slots ahead are the writer's, unused
+    ray.kill(writer)  # dies holding them
+    wait_for(lambda: store()["granted_slots"] == 0, 15, "the dead writer's grant to expire")
+    assert store()["fenced_writes"] >= fenced + granted
+    wait_for(lambda: used() == before + 2, 30, "the fenced slots to be free after the grace")
+
+
+def _own(namespace: str, seed: int, n: int):
+    keys = block_keys(tokens(1000 + seed, n), LAYOUT, namespace)
+    return keys, payload(keys)
 
 
 def test_pulls_from_several_owners_at_once_and_cache_their_locations(cluster):
@@ -444,6 +485,25 @@ def test_longest_prefix_and_best_node_across_nodes(cluster):
     c = on_node(rc, 2)
     got = ray.get(c.get_checked.remote(keys))
     assert got["hits"] == 30 and got["corrupt"] == 0
+
+
+def test_best_node_prefers_an_engine_holding_the_prompt_in_hbm(cluster):
+    rc, client = cluster
+    keys = block_keys(tokens(70, 6), LAYOUT, "hbm")
+    client.put(LAYOUT, keys[:4], payload(keys[:4]), wait_index=True)  # node A's store: the first 4 blocks
+    assert client.best_node(keys)["node_id"] == rc.node_id(0)
+    # An engine on node B reports 5 of them in its HBM (its connector, from vLLM's KV events).
+    assert client.report_residency("engine-b", keys[:5], node_id=rc.node_id(1))
+    best = client.best_node(keys)
+    assert (best["node_id"], best["engine_id"], best["hbm_prefix_blocks"]) == (rc.node_id(1), "engine-b", 5)
+    assert client.where(keys[4:5]) == [[]]  # an engine's HBM is no holder to pull from
+    client.report_residency("engine-b", removed=keys[3:5], node_id=rc.node_id(1))  # evicted from its HBM
+    best = client.best_node(keys)
+    assert (best["node_id"], best["engine_id"], best["prefix_blocks"]) == (rc.node_id(0), None, 4)
+    assert best["per_engine"] == {"engine-b": 3}
+    assert not client.report_residency("engine-x", keys, node_id="no-such-node")  # ignored
+    client.report_residency("engine-b", cleared=True, node_id=rc.node_id(1))
+    assert client.best_node(keys)["per_engine"] == {"engine-b": 0}
 
 
 def test_lease_pins_and_expires(cluster):

@@ -7,7 +7,9 @@ kv_load_failure_policy), ray (None or {"address", "node_ip"}: join the test's Ra
 driver on that node first, so the connector's kvstore.connect() reuses it), no_ray (optional:
 Ray made unimportable in this process, an engine outside Ray that reaches kvstore through a
 kvstore:// address), tp (optional: tensor parallel size; its workers are processes vLLM spawns,
-so no connector report), max_lora_rank
+so no connector report), multiprocessing (optional: the engine core in a process of its own,
+VLLM_ENABLE_V1_MULTIPROCESSING=1; no connector report either), kv_events (optional: a ZMQ
+endpoint where vLLM publishes its KV events, with prefix caching on), max_lora_rank
 (optional: enables LoRA), and rounds: a list of {prompts (each a list of token ids, or a dict
 {"tokens", "cache_salt" (optional), "lora" (optional: [name, int id, path])}), handoffs (per
 prompt: kv_transfer_params to pass, or None), corrupt (optional: hex keys whose blocks are
@@ -33,7 +35,7 @@ def main() -> None:
         from kvtest_support import NO_RAY
 
         exec(NO_RAY)
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if spec.get("multiprocessing") else "0"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import torch
@@ -60,10 +62,15 @@ def main() -> None:
         kwargs["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KVStoreConnector", kv_connector_module_path="kvstore.connectors.vllm",
             kv_role=c["kv_role"], kv_load_failure_policy=c.get("kv_load_failure_policy", "recompute"),
-            kv_connector_extra_config=c.get("extra", {}))
+            kv_connector_extra_config=c.get("extra", {}), **({"engine_id": c["engine_id"]} if c.get("engine_id") else {}))
+    if spec.get("kv_events"):  # vLLM publishes its prefix cache's changes there (needs prefix caching)
+        from vllm.config import KVEventsConfig
+
+        kwargs["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
+                                                    endpoint=spec["kv_events"])
     llm = LLM(model=spec["model"], dtype="float32", enforce_eager=True, seed=0, max_model_len=1024,
               kv_cache_memory_bytes=spec.get("kv_cache_bytes", 16 * 1024**2), max_num_seqs=4,
-              enable_prefix_caching=False, **kwargs)
+              enable_prefix_caching=bool(spec.get("kv_events")), **kwargs)
     rounds = []
     for rnd in spec["rounds"]:
         if rnd.get("corrupt"):
@@ -78,10 +85,16 @@ def main() -> None:
         outs = llm.generate(inputs, params, lora_request=loras, use_tqdm=False)
         result = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
                   "kv_transfer_params": [o.kv_transfer_params for o in outs]}
-        if spec.get("connector") and spec.get("tp", 1) == 1:  # else the workers' connectors are in other processes
-            result.update(connector_report(result["kv_transfer_params"], handoffs))
+        if spec.get("connector") and spec.get("tp", 1) == 1 and not spec.get("multiprocessing"):
+            result.update(connector_report(result["kv_transfer_params"], handoffs))  # else in other processes
             result.update(scheduler_report(llm))
         rounds.append(result)
+    if spec.get("kv_events"):
+        import time
+
+        time.sleep(1.5)  # the connector reports the HBM residency of the last round's blocks (every 0.2 s)
+    if spec.get("multiprocessing"):
+        llm.llm_engine.engine_core.shutdown()  # the engine core's process, which would outlive this one
     print("RESULT " + json.dumps({"rounds": rounds}), flush=True)
     os._exit(0)  # the engine's threads and Ray's would otherwise hold the exit
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -173,6 +174,36 @@ def test_tensor_parallel_2_producer_hands_off_to_a_tensor_parallel_2_consumer(ti
                           "rounds": [{"prompts": [P4], "handoffs": [handle]}]})["rounds"]
     assert used["tokens"] == cold["tokens"]
     assert loads(client) - read >= 4  # every rank's 2 blocks were served to the decode engine
+
+
+def test_multiprocess_engines_hand_off_and_best_node_names_the_engine_holding_the_prompt_in_hbm(
+        tiny_model, kv_cluster, baseline, over_http):
+    """Producer and consumer with vLLM's engine core in a process of its own
+    (VLLM_ENABLE_V1_MULTIPROCESSING=1: the connector's scheduler side lives there), outside Ray,
+    through kvstore://. The producer publishes its KV events: its connector maps them to kvstore
+    keys and reports them, so best_node names the producer engine for the prompt it holds in HBM."""
+    _, client = kv_cluster
+    with socket.socket() as s:  # a free port for the producer's KV events
+        s.bind(("127.0.0.1", 0))
+        events = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    extra = {**over_http, "kvstore_namespace": "multiprocess"}
+    producer = {**connector("kv_producer", **extra), "engine_id": "mp-producer"}
+    (made,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "no_ray": True, "multiprocessing": True,
+                          "kv_events": events, "connector": producer, "rounds": [{"prompts": [P4]}]})["rounds"]
+    assert made["tokens"] == baseline[3:]
+    (handle,) = made["kv_transfer_params"]
+    keys = [bytes.fromhex(k) for k in handle["kvstore_keys"]]
+    assert len(keys) == 2 and client.longest_prefix(keys) == 2
+    best = client.best_node(keys)
+    assert best["engine_id"] == "mp-producer" and best["hbm_prefix_blocks"] == 2 and best["prefix_blocks"] == 2
+    assert best["node_id"] == handle["kvstore_node"]  # the engine's node: where its client puts
+    assert client.best_node(keys[::-1])["engine_id"] is None  # not a prefix it holds
+    read = loads(client)
+    (used,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "no_ray": True, "multiprocessing": True,
+                          "connector": connector("kv_consumer", **extra),
+                          "rounds": [{"prompts": [P4], "handoffs": [handle]}]})["rounds"]
+    assert used["tokens"] == baseline[3:]
+    assert loads(client) - read >= 2  # the decode engine's core loaded the handoff's blocks
 
 
 def loads(client) -> int:
