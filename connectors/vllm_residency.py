@@ -30,17 +30,27 @@ REPORT_PERIOD_S = 0.2
 
 
 def events_endpoint(vllm_config) -> str | None:
-    """Where this engine publishes its KV events (its host's loopback), or None if it does not."""
+    """Where to subscribe to this engine's KV events, or None if it publishes none this side
+    can follow. vLLM binds its PUB socket to a wildcard (its default, tcp://*:5557), [::] or
+    ipc:// endpoint, and connects it to any other (a router's subscriber, which binds): only a
+    bound one can have a second subscriber."""
     config = getattr(vllm_config, "kv_events_config", None)
     if config is None or not config.enable_kv_cache_events or config.publisher != "zmq":
         return None
-    endpoint = config.endpoint.replace("*", "127.0.0.1").replace("0.0.0.0", "127.0.0.1")
+    endpoint = config.endpoint
     rank = vllm_config.parallel_config.data_parallel_rank
-    if rank:  # vLLM offsets a data-parallel rank's port by its rank
+    if rank and endpoint.startswith("tcp://"):  # vLLM offsets a data-parallel rank's port by its rank
         from vllm.distributed.kv_events import ZmqEventPublisher
 
         endpoint = ZmqEventPublisher.offset_endpoint_port(endpoint, rank)
-    return endpoint
+    if endpoint.startswith("ipc://"):
+        return endpoint
+    if endpoint.startswith("tcp://") and ("*" in endpoint or "::" in endpoint):
+        return endpoint.replace("*", "127.0.0.1").replace("[::]", "[::1]")
+    log.warning("kvstore connector: the engine's KV events go to %s (vLLM connects to it, as to a router's "
+                "subscriber): its HBM residency is not reported; publish on a bound endpoint (tcp://*:PORT, "
+                "ipc://PATH) to have both", endpoint)
+    return None
 
 
 def _external(block_hash):
@@ -60,6 +70,7 @@ class HBMResidency:
         self._lock = threading.Lock()
         self._sub = zmq.Context.instance().socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.IPV6, 1)  # [::1] as well as 127.0.0.1
         self._sub.connect(endpoint)
         self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self._stop = threading.Event()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -177,15 +176,13 @@ def test_tensor_parallel_2_producer_hands_off_to_a_tensor_parallel_2_consumer(ti
 
 
 def test_multiprocess_engines_hand_off_and_best_node_names_the_engine_holding_the_prompt_in_hbm(
-        tiny_model, kv_cluster, baseline, over_http):
+        tiny_model, kv_cluster, baseline, over_http, tmp_path):
     """Producer and consumer with vLLM's engine core in a process of its own
     (VLLM_ENABLE_V1_MULTIPROCESSING=1: the connector's scheduler side lives there), outside Ray,
     through kvstore://. The producer publishes its KV events: its connector maps them to kvstore
     keys and reports them, so best_node names the producer engine for the prompt it holds in HBM."""
     _, client = kv_cluster
-    with socket.socket() as s:  # a free port for the producer's KV events
-        s.bind(("127.0.0.1", 0))
-        events = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    events = f"ipc://{tmp_path / 'kv-events'}"  # bound by the engine (so the connector can follow it), no network
     extra = {**over_http, "kvstore_namespace": "multiprocess"}
     producer = {**connector("kv_producer", **extra), "engine_id": "mp-producer"}
     (made,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "no_ray": True, "multiprocessing": True,
@@ -197,7 +194,7 @@ def test_multiprocess_engines_hand_off_and_best_node_names_the_engine_holding_th
     best = client.best_node(keys)
     assert best["engine_id"] == "mp-producer" and best["hbm_prefix_blocks"] == 2 and best["prefix_blocks"] == 2
     assert best["node_id"] == handle["kvstore_node"]  # the engine's node: where its client puts
-    assert client.best_node(keys[::-1])["engine_id"] is None  # not a prefix it holds
+    assert client.best_node([bytes(16)] + keys)["engine_id"] is None  # not a prefix it holds
     read = loads(client)
     (used,) = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "no_ray": True, "multiprocessing": True,
                           "connector": connector("kv_consumer", **extra),
