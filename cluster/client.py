@@ -125,7 +125,8 @@ class Client:
         self._directory_reads = [0, 0]  # hits, misses
         self._reported_at = time.monotonic()
         self._background: list = []  # commits of blocks cached by earlier gets (see flush)
-        self._commits = PendingCommits(RPC_TIMEOUT_S)  # of puts, not waited for (cluster/commits.py)
+        # Of puts, not waited for; binds of granted slots queued and sent in batches (cluster/commits.py).
+        self._commits = PendingCommits(RPC_TIMEOUT_S, lambda binds: self._node.bind_many.remote(binds))
         self._slots = self._slot_pool()
 
     def _local_node_info(self) -> dict:
@@ -259,8 +260,8 @@ class Client:
         """Writes blocks into this node's host arena in place; keys present here are skipped.
         Returns once the bytes are in the arena, with no call to the node actor while this
         client's granted slots last (cluster/grants.py; else one, for more); the bind that makes
-        them visible is sent without waiting (cluster/commits.py says who sees them when: this
-        client at once). With `wait_index`, it returns once the cluster's index has them, and
+        them visible is queued and sent by a thread, batched with other puts' (cluster/commits.py
+        says who sees them when: this client at once). With `wait_index`, it returns once the cluster's index has them, and
         its counts are the node's (a block another writer stored first counts as present)."""
         keys = check_keys(keys)
         rows = block_rows(layout, blocks, len(keys))
@@ -283,12 +284,12 @@ class Client:
             self._slots.put_back(layout, slots)  # nothing was bound: a later put rewrites them whole
             raise
         self._slots.binding(set(by_grant))
-        binds = {grant_id: self._node.bind.remote(grant_id, writes, wait_index) for grant_id, writes in by_grant.items()}
         rejected = list(todo)[len(slots):]
         if not wait_index:
-            for grant_id, ref in binds.items():
-                self._commits.add([key for _, key, _ in by_grant[grant_id]], ref)
+            for grant_id, writes in by_grant.items():
+                self._commits.defer([key for _, key, _ in writes], grant_id, writes)
             return PutResult(stored=len(slots), present=len(keys) - len(todo), rejected=rejected)
+        binds = {grant_id: self._node.bind.remote(grant_id, writes, True) for grant_id, writes in by_grant.items()}
         outcome: dict[bytes, str] = {}
         for grant_id, ref in binds.items():
             outcome.update(zip((key for _, key, _ in by_grant[grant_id]), ray.get(ref, timeout=RPC_TIMEOUT_S)))

@@ -197,6 +197,18 @@ class NodeService:
             self._send_events()
         return [outcome.get(slot, "fenced") for slot, _, _ in writes]
 
+    def bind_many(self, binds: list[tuple[str, list[tuple[int, bytes, bytes | None]]]]) -> list[list[str]]:
+        """Several `bind`s in one call (a client's queued puts): per bind its outcomes, all
+        "fenced" for a grant that expired."""
+        out = []
+        for grant_id, writes in binds:
+            try:
+                out.append(self.bind(grant_id, writes))
+            except LeaseError as e:
+                log.info("%s", e)
+                out.append(["fenced"] * len(writes))
+        return out
+
     def ungrant(self, grant_id: str) -> None:
         """A writer that is done (its client closing) gives its unbound slots back."""
         with self._holds_lock:
