@@ -61,9 +61,12 @@ class Engines:
 def best_node(per_node: dict[str, int], per_engine: dict[str, int], node_of: dict[str, str]) -> dict:
     """best_node's answer from the store's prefix per node and the HBM prefix per engine:
     {"node_id", "prefix_blocks", "per_node", "engine_id" (the engine there holding the longest
-    prefix in HBM, when that prefix is what won), "hbm_prefix_blocks", "per_engine"}. Ties go to
+    prefix in HBM, when that prefix is what won), "hbm_prefix_blocks", "per_engine" (engines
+    holding at least the prompt's first block)}. Ties go to
     HBM, then to the lowest node (and engine) id."""
-    per_engine = {e: n for e, n in per_engine.items() if e in node_of}
+    # Only engines holding some of the prompt: the others' names are none of the asker's business
+    # (a tenant's keys are scoped, so only its own engines can hold them).
+    per_engine = {e: n for e, n in per_engine.items() if e in node_of and n}
     candidates = [(-blocks, 1, node, "") for node, blocks in per_node.items()]
     candidates += [(-blocks, 0, node_of[engine], engine) for engine, blocks in per_engine.items() if blocks]
     if not candidates:

@@ -162,6 +162,26 @@ def test_every_surface_refuses_or_misses_another_tenants_blocks(cluster, http):
     status, _ = _http(http + "/v1/leases/release", {"lease_id": a_lease["lease_id"]}, A_ROTATED)
     case("flight get naming A's hold", "tenant B", "A's lease still open" if status == 200 else "ended",
          status == 200)  # A ends it itself: B's attempts ended nothing
+    # Residency: A's engine reports A's prompt in its HBM; B reporting under the same engine id,
+    # clearing it or claiming the keys, touches only its own engine's entries, and B's lookups do
+    # not name A's engine.
+    node = json.loads(_http(http + "/v1/dataplane", token=A_ROTATED)[1])["nodes"][0]["node_id"]
+    report = {"engine_id": "engine-1", "node_id": node, "stored": [k.hex() for k in keys]}
+    assert _http(http + "/v1/residency", report, A_ROTATED)[0] == 200
+    a_best = lambda: json.loads(_http(http + "/v1/lookup", {"keys": [k.hex() for k in keys]}, A_ROTATED)[1])["best_node"]  # noqa: E731
+    assert a_best()["engine_id"] == "a/engine-1" and a_best()["hbm_prefix_blocks"] == 4
+    status, _ = _http(http + "/v1/residency", {**report, "stored": [], "cleared": True}, B_TOKEN)
+    case("http /v1/residency (clear)", "tenant B", f"{status}, A's engine {a_best()['engine_id']}",
+         status == 200 and a_best()["engine_id"] == "a/engine-1")
+    status, _ = _http(http + "/v1/residency", {**report, "removed": report["stored"], "stored": []}, B_TOKEN)
+    case("http /v1/residency (remove)", "tenant B", f"{status}, A's prefix {a_best()['hbm_prefix_blocks']}",
+         status == 200 and a_best()["hbm_prefix_blocks"] == 4)
+    b_best = json.loads(_http(http + "/v1/lookup", {"keys": [k.hex() for k in keys]}, B_TOKEN)[1])["best_node"]
+    case("http /v1/lookup best_node", "tenant B", f"engines named {sorted(b_best['per_engine'])}",
+         b_best["engine_id"] is None and b_best["per_engine"] == {})
+    for who, token in bad.items():
+        status, _ = _http(http + "/v1/residency", report, token)
+        case("http /v1/residency", who, str(status), status == 401)
     # Flight, do_put: B's bytes under A's keys land in B's own space only.
     garbage = payload(2, 4)
     peer_b = DataPlaneClient(address, B_TOKEN, timeout_s=10)
