@@ -56,10 +56,12 @@ start, the error naming the layer and its spec. A model that mixes sliding-windo
 layers runs: with this connector vLLM turns its hybrid KV cache manager off and keeps every block
 of every layer (`vllm_keys._attention_group`).
 
-Load modes (`kvstore_load_mode`): "async" (default) returns `(n, True)` from
-`get_num_new_matched_tokens`: the request waits in WAITING_FOR_REMOTE_KVS while a worker thread
-pulls its blocks, and the scheduler learns of the end through `finished_recving`; other requests
-keep running meanwhile. "sync" returns `(n, False)`: the blocks are pulled in `start_load_kv`,
+Load modes (`kvstore_load_mode`): "async" (the default when vLLM's engine core runs in a process of
+its own, as it does by default) returns `(n, True)` from `get_num_new_matched_tokens`: the request
+waits in WAITING_FOR_REMOTE_KVS while a worker thread pulls its blocks, and the scheduler learns of
+the end through `finished_recving`; other requests keep running meanwhile. "sync" (the default with
+an in-process engine core, VLLM_ENABLE_V1_MULTIPROCESSING=0, where vLLM's step loop would starve
+the loading thread of the GIL) returns `(n, False)`: the blocks are pulled in `start_load_kv`,
 before the step's forward.
 
 Save modes (`kvstore_save_mode`): "sync" (the default for kv_producer) copies each layer's

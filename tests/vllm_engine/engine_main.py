@@ -10,13 +10,13 @@ kvstore:// address), tp (optional: tensor parallel size; its workers are process
 so no connector report), multiprocessing (optional: the engine core in a process of its own,
 VLLM_ENABLE_V1_MULTIPROCESSING=1; no connector report either), kv_events (optional: a ZMQ
 endpoint where vLLM publishes its KV events, with prefix caching on), max_lora_rank
-(optional: enables LoRA), and rounds: a list of {prompts (each a list of token ids, or a dict
+(optional: enables LoRA), max_model_len and kv_cache_bytes (optional), and rounds: a list of {prompts (each a list of token ids, or a dict
 {"tokens", "cache_salt" (optional), "lora" (optional: [name, int id, path])}), handoffs (per
 prompt: kv_transfer_params to pass, or None), corrupt (optional: hex keys whose blocks are
 replaced by noise in the store before the round, the negative control)}. The rounds run one
 after the other in the same engine.
 
-Prints one line `RESULT {json}`: per round the generated token ids, the returned
+Prints one line `RESULT {json}`: per round the generated token ids, the seconds generate took, the returned
 kv_transfer_params, the connector's per-process totals after the round, where the store
 holds the blocks named in the round's handoffs and outputs, and the verifiers' state (the
 worker's checks, the scheduler's samples and quarantine).
@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 
 def main() -> None:
@@ -68,7 +69,7 @@ def main() -> None:
 
         kwargs["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
                                                     endpoint=spec["kv_events"])
-    llm = LLM(model=spec["model"], dtype="float32", enforce_eager=True, seed=0, max_model_len=1024,
+    llm = LLM(model=spec["model"], dtype="float32", enforce_eager=True, seed=0, max_model_len=spec.get("max_model_len", 1024),
               kv_cache_memory_bytes=spec.get("kv_cache_bytes", 16 * 1024**2), max_num_seqs=4,
               enable_prefix_caching=bool(spec.get("kv_events")), **kwargs)
     rounds = []
@@ -82,16 +83,15 @@ def main() -> None:
         inputs = [{"prompt_token_ids": p["tokens"], **({"cache_salt": p["cache_salt"]} if p.get("cache_salt") else {})}
                   for p in prompts]
         loras = [LoRARequest(*p["lora"]) if p.get("lora") else None for p in prompts]
+        start = time.perf_counter()
         outs = llm.generate(inputs, params, lora_request=loras, use_tqdm=False)
-        result = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
+        result = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "seconds": time.perf_counter() - start,
                   "kv_transfer_params": [o.kv_transfer_params for o in outs]}
         if spec.get("connector") and spec.get("tp", 1) == 1 and not spec.get("multiprocessing"):
             result.update(connector_report(result["kv_transfer_params"], handoffs))  # else in other processes
             result.update(scheduler_report(llm))
         rounds.append(result)
     if spec.get("kv_events"):
-        import time
-
         time.sleep(1.5)  # the connector reports the HBM residency of the last round's blocks (every 0.2 s)
     if spec.get("multiprocessing"):
         llm.llm_engine.engine_core.shutdown()  # the engine core's process, which would outlive this one

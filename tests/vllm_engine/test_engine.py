@@ -95,8 +95,8 @@ def test_producer_saves_and_hands_off(produced, baseline, kv_cluster):
 def test_consumer_on_another_node_loads_instead_of_computing(tiny_model, kv_cluster, produced, baseline):
     rc, _ = kv_cluster
     handles = produced["kv_transfer_params"]
-    first, control = run_engine({
-        "model": tiny_model, "max_tokens": MAX_TOKENS, "connector": connector("kv_consumer"),
+    first, control = run_engine({  # async loads (an in-process engine core's default is sync)
+        "model": tiny_model, "max_tokens": MAX_TOKENS, "connector": connector("kv_consumer", kvstore_load_mode="async"),
         "ray": {"address": rc.gcs_address, "node_ip": rc.ips[1]},
         "rounds": [
             {"prompts": [P1, P2], "handoffs": handles[:2]},

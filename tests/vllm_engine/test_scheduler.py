@@ -26,6 +26,7 @@ def prompt(seed: int, n: int) -> list[int]:
 
 
 def make_scheduler(model: str, address: str, role: str, tp: int = 1, **extra):
+    extra = {"kvstore_load_mode": "async", **extra}  # a scheduler of its own process's (the in-process default is sync)
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.core.sched.scheduler import Scheduler

@@ -36,13 +36,17 @@ def test_the_version_escape_hatch_is_not_mistaken_for_a_setting(monkeypatch):
     load_config(None)
 
 
-def test_settings_defaults_and_names():
+def test_settings_defaults_and_names(monkeypatch):
     from kvstore.connectors.vllm_settings import Settings
 
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # vLLM's default: the engine core in its own process
     s = Settings.from_vllm(vllm_config("kv_producer", kvstore_address="10.0.0.5:6379",
                                        kvstore_token_file="/etc/kvstore/secret/token"))
     assert (s.address, s.token_file, s.load_async, s.save_async) == ("10.0.0.5:6379", "/etc/kvstore/secret/token",
                                                                      True, False)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: loads in the step, not a starved thread
+    assert not Settings.from_vllm(vllm_config("kv_consumer")).load_async
+    assert Settings.from_vllm(vllm_config(kvstore_load_mode="async")).load_async
     assert Settings.from_vllm(vllm_config("kv_both")).save_async  # a prefix cache saves in the background
     assert not Settings.from_vllm(vllm_config(kvstore_load_mode="sync")).load_async
 

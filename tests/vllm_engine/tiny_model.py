@@ -14,8 +14,8 @@ VOCAB = 512
 
 
 def build_tiny_llama(path: str, num_layers: int = 2, seed: int = 1234, **config_overrides) -> str:
-    """`config_overrides` go into LlamaConfig (e.g. layer_types and sliding_window); the weights
-    depend only on the seed and the shapes."""
+    """`config_overrides` go into LlamaConfig (e.g. layer_types and sliding_window, or larger
+    shapes for a benchmark); the weights depend only on the seed and the shapes."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -31,10 +31,10 @@ def build_tiny_llama(path: str, num_layers: int = 2, seed: int = 1234, **config_
     fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     fast.save_pretrained(path)
 
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=num_layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
-                         initializer_range=0.1, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                         torch_dtype="float32", **config_overrides)
+    config = LlamaConfig(**{**dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=num_layers,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
+                                   initializer_range=0.1, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                                   torch_dtype="float32"), **config_overrides})
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32)
     model.save_pretrained(path, safe_serialization=True)
