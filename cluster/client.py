@@ -48,7 +48,7 @@ from kvstore.cluster.node import node_actor_name
 from kvstore.config import Config, load_config
 from kvstore.errors import ConfigError, KVStoreError, LeaseError, TransferError
 from kvstore.integrity import ReadVerifier, copy_with_checksum
-from kvstore.keys import check_keys
+from kvstore.keys import check_keys, check_parents
 from kvstore.layout import Layout
 from kvstore.payload import Blocks, block_rows
 from kvstore.store import PutResult
@@ -267,7 +267,7 @@ class Client:
         rows = block_rows(layout, blocks, len(keys))
         if self._slots is None:
             return self._put_reserved(layout, keys, rows, parents, wait_index)
-        parent_of = dict(zip(keys, parents)) if parents is not None else {}
+        parent_of = dict(zip(keys, check_parents(parents, len(keys))))  # checked here: the bind is not waited for
         todo: dict[bytes, int] = {}  # key -> its first row, for keys not in this node's arena
         holds = self._arena.directory.holds
         for i, key in enumerate(keys):

@@ -145,6 +145,15 @@ def check_keys(keys: Iterable[object]) -> list[bytes]:
     return [check_key(k, i) for i, k in enumerate(keys)]
 
 
+def check_parents(parents: Sequence[object] | None, n: int) -> list[bytes | None]:
+    """Each of n blocks' parent key (None: a chain's first block), checked; all None if not given."""
+    if parents is None:
+        return [None] * n
+    if len(parents) != n:
+        raise InvalidKeyError(f"parents has {len(parents)} entries for {n} keys")
+    return [None if p is None else check_key(p, i) for i, p in enumerate(parents)]
+
+
 def chain_parents(keys: Sequence[bytes], first_parent: bytes | None = None) -> list[bytes | None]:
     """Parents of a chain of keys: the first has `first_parent`, each other the key before it."""
     return [first_parent, *keys[:-1]] if keys else []

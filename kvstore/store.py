@@ -53,7 +53,7 @@ from kvstore.errors import (CorruptBlockError, InvalidKeyError, InvalidLayoutErr
                             TierIOError)
 from kvstore.events import AllBlocksCleared, BlockRemoved, Event, stored_events
 from kvstore.integrity import ReadVerifier, checksum
-from kvstore.keys import check_key, check_keys
+from kvstore.keys import check_keys, check_parents
 from kvstore.layout import Layout
 from kvstore.payload import Blocks, block_rows
 from kvstore.policy import EvictionPolicy, make_policy
@@ -209,7 +209,7 @@ class TieredStore:
         stride = self.check_layout(layout)
         keys = check_keys(keys)
         rows = block_rows(layout, blocks, len(keys))
-        parents = self._check_parents(parents, len(keys))
+        parents = check_parents(parents, len(keys))
         result = PutResult()
         chunk = max(1, self.tiers[0].geometry.num_chunks * self.tiers[0].geometry.slots_per_chunk(stride) // 4)
         for start in range(0, len(keys), chunk):
@@ -369,7 +369,7 @@ class TieredStore:
         """
         self.check_layout(layout)
         keys = check_keys(keys)
-        parents = self._check_parents(parents, len(keys))
+        parents = check_parents(parents, len(keys))
         top = self.tiers[0]
         if top.durable:
             raise InvalidLayoutError(f"the top tier {top.name!r} cannot be written in place")
@@ -462,7 +462,7 @@ class TieredStore:
         "rejected" (over `owner`'s quota). `checksums` as in `commit`."""
         self.check_layout(layout)
         keys = check_keys([w[2] for w in writes])
-        parents = self._check_parents([w[3] for w in writes], len(writes))
+        parents = check_parents([w[3] for w in writes], len(writes))
         top = self.tiers[0]
         for slot, *_ in writes:
             if not isinstance(slot, int) or not 0 <= slot < top.num_slots:
@@ -684,14 +684,6 @@ class TieredStore:
                     "raise chunk_bytes, or the tier sizes: a tier smaller than 8 chunks has smaller chunks)")
         return (head + f"no size class fits them: {c.describe()} (add a size of at least {nbytes} "
                 "to block_sizes, or add auto)")
-
-    @staticmethod
-    def _check_parents(parents, n: int) -> list[bytes | None]:
-        if parents is None:
-            return [None] * n
-        if len(parents) != n:
-            raise InvalidKeyError(f"parents has {len(parents)} entries for {n} keys")
-        return [None if p is None else check_key(p, i) for i, p in enumerate(parents)]
 
     @staticmethod
     def _meta(entry: BlockEntry) -> SlotMeta:

@@ -248,6 +248,11 @@ def test_same_node_puts_make_no_call_while_their_granted_slots_last(cluster):
             written += keys
         assert set(counting.names) <= {"bind_many"}  # queued, sent in batches, never waited for
         assert pull(client, written).hits == 40  # its own writes, at once
+        keys, blocks = _own("granted", 99, 2)
+        with pytest.raises(kvstore.errors.InvalidKeyError, match="parents has 1 entries"):  # not lost in a bind
+            client.put(LAYOUT, keys, blocks, parents=[None])
+        with pytest.raises(kvstore.errors.InvalidKeyError, match="position 1"):
+            client.put(LAYOUT, keys, blocks, parents=[None, b"short"])
     finally:
         client._node = counting.handle
     # Another process on the node reads them once their binds ran, bytes checked.
