@@ -26,7 +26,6 @@ def prompt(seed: int, n: int) -> list[int]:
 
 
 def make_scheduler(model: str, address: str, role: str, tp: int = 1, **extra):
-    extra = {"kvstore_load_mode": "async", **extra}  # a scheduler of its own process's (the in-process default is sync)
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.core.sched.scheduler import Scheduler
@@ -40,8 +39,11 @@ def make_scheduler(model: str, address: str, role: str, tp: int = 1, **extra):
             kv_connector="KVStoreConnector", kv_connector_module_path="kvstore.connectors.vllm", kv_role=role,
             kv_load_failure_policy="recompute",
             kv_connector_extra_config={"kvstore_address": address, "kvstore_namespace": "sched-test",
-                                       # verified restores off unless a test turns them on
-                                       "kvstore_verify_fraction": 0, "kvstore_verify_first_n": 0, **extra}),
+                                       # verified restores off unless a test turns them on; async
+                                       # loads, as in an engine core of its own process (the
+                                       # in-process default is sync)
+                                       "kvstore_verify_fraction": 0, "kvstore_verify_first_n": 0,
+                                       "kvstore_load_mode": "async", **extra}),
     ).create_engine_config()
     config.cache_config.num_gpu_blocks = NUM_BLOCKS
     kv_cache_config = KVCacheConfig(
