@@ -40,17 +40,6 @@ MODEL = dict(num_layers=8, hidden_size=512, intermediate_size=1536, num_attentio
              head_dim=64, max_position_embeddings=4096)
 
 
-def run_engine(spec: dict, timeout_s: float = 600) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "engine_main.py"), json.dumps(spec)], env=env,
-                          capture_output=True, text=True, timeout=timeout_s)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"engine exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def openai_server(model: str, port: int, role: str, extra: dict) -> subprocess.Popen:
     """vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`: `vllm serve` does not
     run from the CPU build) on loopback, with the connector in `role`; its engine core in a
@@ -147,6 +136,7 @@ def main(argv=None) -> int:
     from kvstore.cluster.localcluster import RayTestCluster
     from kvtest_support import http_service
     from tiny_model import build_tiny_llama
+    from vllm_support import run_engine
 
     work = tempfile.mkdtemp(prefix="kvstore-ttft-")
     model = build_tiny_llama(os.path.join(work, "model"), **MODEL)

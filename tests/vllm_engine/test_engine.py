@@ -8,17 +8,13 @@ connector gives the tokens everything must match (greedy decoding, float32).
 """
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from tiny_model import build_tiny_llama, build_tiny_lora
-from vllm_support import HERE, needs_engine, needs_vllm
+from vllm_support import engine_process, needs_engine, needs_vllm, run_engine
 
 pytestmark = [pytest.mark.vllm, needs_vllm, needs_engine]
 
@@ -31,22 +27,6 @@ def prompt(seed: int, n: int) -> list[int]:
 
 # 300 tokens: two full blocks and a tail; 256: exactly two blocks (the whole prompt is stored).
 P1, P2, P3, P4 = prompt(11, 300), prompt(12, 256), prompt(13, 300), prompt(14, 300)
-
-
-def engine_process(spec: dict, timeout_s: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "RAY_AUTH_MODE": "disabled",
-           "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, os.path.join(HERE, "engine_main.py"), json.dumps(spec)], env=env,
-                          capture_output=True, text=True, timeout=timeout_s)
-
-
-def run_engine(spec: dict, timeout_s: float = 240) -> dict:
-    proc = engine_process(spec, timeout_s)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise AssertionError(f"engine exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
 
 
 def connector(role: str, **extra) -> dict:

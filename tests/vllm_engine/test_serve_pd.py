@@ -16,8 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from test_engine import loads, run_engine
-from vllm_support import needs_engine, needs_vllm
+from test_engine import loads
+from vllm_support import needs_engine, needs_vllm, run_engine
 
 pytestmark = [pytest.mark.vllm, needs_vllm, needs_engine]
 

@@ -132,3 +132,23 @@ def test_sleep_mode_is_declared_unsupported():
     from kvstore.connectors.vllm import KVStoreConnector
 
     assert KVStoreConnector.supports_sleep_mode(None) is False
+
+
+def test_the_kv_events_followed_are_those_vllm_binds():
+    """vLLM binds its KV-event socket for wildcard, [::] and ipc:// endpoints and connects it to any
+    other (a router's subscriber binds there): the connector can only follow a bound one."""
+    from kvstore.connectors.vllm_residency import events_endpoint
+
+    def config(endpoint, enabled=True, publisher="zmq"):
+        return types.SimpleNamespace(
+            kv_events_config=types.SimpleNamespace(enable_kv_cache_events=enabled, publisher=publisher,
+                                                   endpoint=endpoint),
+            parallel_config=types.SimpleNamespace(data_parallel_rank=0))
+
+    assert events_endpoint(config("tcp://*:5557")) == "tcp://127.0.0.1:5557"
+    assert events_endpoint(config("tcp://[::]:5557")) == "tcp://[::1]:5557"
+    assert events_endpoint(config("ipc:///tmp/kv-events")) == "ipc:///tmp/kv-events"
+    assert events_endpoint(config("tcp://10.0.0.7:5557")) is None  # vLLM connects there: a router's
+    assert events_endpoint(config("tcp://*:5557", enabled=False)) is None
+    assert events_endpoint(config("tcp://*:5557", publisher="null")) is None
+    assert events_endpoint(types.SimpleNamespace(kv_events_config=None)) is None

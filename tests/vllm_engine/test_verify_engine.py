@@ -16,8 +16,8 @@ import re
 import pytest
 import torch
 
-from test_engine import MAX_TOKENS, cold_tokens, connector, engine_process, produce, prompt, run_engine
-from vllm_support import needs_engine, needs_vllm
+from test_engine import MAX_TOKENS, cold_tokens, connector, produce, prompt
+from vllm_support import engine_process, needs_engine, needs_vllm, run_engine
 
 pytestmark = [pytest.mark.vllm, needs_vllm, needs_engine]
 

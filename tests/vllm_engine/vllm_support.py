@@ -3,7 +3,10 @@ conftest.py files; the fixtures are in this folder's conftest.py)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -25,6 +28,23 @@ def _have_engine() -> bool:
         return True
     except importlib.metadata.PackageNotFoundError:
         return False
+
+
+def engine_process(spec: dict, timeout_s: float = 240) -> subprocess.CompletedProcess:
+    """Runs engine_main.py (one vLLM engine, its own process) with `spec`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, os.path.join(HERE, "engine_main.py"), json.dumps(spec)], env=env,
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
+def run_engine(spec: dict, timeout_s: float = 240) -> dict:
+    """engine_main.py's result for `spec` (AssertionError with the engine's output if it failed)."""
+    proc = engine_process(spec, timeout_s)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise AssertionError(f"engine exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 needs_engine = pytest.mark.skipif(not (HAVE_VLLM and _have_engine()),
