@@ -259,7 +259,8 @@ class Client:
             parents: Sequence[bytes | None] | None = None, wait_index: bool = False) -> PutResult:
         """Writes blocks into this node's host arena in place; keys present here are skipped.
         Returns once the bytes are in the arena, with no call to the node actor while this
-        client's granted slots last (cluster/grants.py; else one, for more); the bind that makes
+        client's granted slots last (cluster/grants.py; else one, for more, and when the node has
+        no room, this client's queued binds are sent first and it asks again); the bind that makes
         them visible is queued and sent by a thread, batched with other puts' (cluster/commits.py
         says who sees them when: this client at once). With `wait_index`, it returns once the cluster's index has them, and
         its counts are the node's (a block another writer stored first counts as present)."""
@@ -274,6 +275,10 @@ class Client:
             if key not in todo and not holds(key):
                 todo[key] = i
         slots = self._slots.take(layout, len(todo))  # generations checked: the copies run within the fence's grace
+        if len(slots) < len(todo) and self._commits.settle():
+            # The node found no room, maybe because this client's own queued binds hold the
+            # arena's slots (an unbound slot is never demoted): once they land, it has room.
+            slots += self._slots.take(layout, len(todo) - len(slots))
         arena = self._arena.tensor
         by_grant: dict[str, list[tuple[int, bytes, bytes | None]]] = {}
         try:

@@ -22,6 +22,7 @@ import kvstore
 from kvstore import Layout, block_keys, chain_parents
 from kvstore.cluster.localcluster import RayTestCluster
 from kvstore.cluster.shardmap import shard_actor_name
+from delayed_binds import DelayedBinds
 from kvtest_support import http_call, http_service, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -188,32 +189,6 @@ def test_a_same_node_get_calls_no_actor(cluster):
         assert counting.calls == 1  # a block not in the arena may be on this node's NVMe: ask it
     finally:
         client._node = counting.handle
-
-
-@ray.remote(num_cpus=0)
-def _bind_later(node, args):
-    time.sleep(2)
-    return ray.get(node.bind_many.remote(*args))
-
-
-class DelayedBinds:
-    """A node actor handle whose binds (a put's commit) run 2 s after they are sent (a slow node actor)."""
-
-    def __init__(self, handle) -> None:
-        self.handle, self.refs = handle, []
-
-    def __getattr__(self, name):
-        return getattr(self.handle, name)
-
-    @property
-    def bind_many(self):
-        sent = self
-
-        class Later:
-            def remote(self, *args):
-                sent.refs.append(_bind_later.remote(sent.handle, args))
-                return sent.refs[-1]
-        return Later()
 
 
 def test_a_put_does_not_wait_for_its_commit_and_its_client_reads_and_deletes_it_at_once(cluster):

@@ -22,6 +22,7 @@ import ray
 import torch
 
 import kvstore
+from delayed_binds import DelayedBinds
 from kvstore import Layout, block_keys
 from kvstore.cluster.identity import LOCK_NAME, claim_nvme_dir
 from kvstore.cluster.localcluster import RayTestCluster
@@ -260,6 +261,22 @@ def test_a_crashed_node_actor_is_dropped_then_restarted_and_serves_its_nvme_bloc
     # The client on B attaches to the new node actor and its arena: it puts and reads again.
     again = ray.get(writer.put.remote(5, 3))
     assert ray.get(writer.get_checked.remote(again)) == {"hits": 3, "corrupt": 0, "sources": [(b, "local")] * 3}
+
+
+@pytest.mark.cluster
+def test_puts_outrunning_their_binds_in_a_full_arena_store_every_block(kv):
+    """A put's granted slots stay unbound, and cannot be demoted, until its queued bind lands.
+    Puts of more blocks than the 8-slot arena holds, with every bind late, find the arena full of
+    the writer's own unbound slots: the writer sends its binds and is granted room again, rather
+    than storing part of the put (the CI failure of 36 of 40 blocks stored)."""
+    keys = block_keys(tokens(6, 16), LAYOUT, "outrun")
+    delayed = kv.client._node = DelayedBinds(kv.client._node)
+    try:
+        assert put_in_chunks(kv.client, keys) == 16
+    finally:
+        kv.client._node = delayed.handle
+    assert checked_get(kv.client, keys) == {"hits": 16, "corrupt": 0,
+                                            "sources": [(kv.rc.node_id(0), "local")] * 16}
 
 
 @pytest.mark.cluster
