@@ -275,6 +275,9 @@ def test_puts_outrunning_their_binds_in_a_full_arena_store_every_block(kv):
         assert put_in_chunks(kv.client, keys) == 16
     finally:
         kv.client._node = delayed.handle
+    # The last put's slots stay unbound until its late bind lands: an NVMe block read meanwhile
+    # would find no arena slot to land in (a clean miss, but not what this test is about).
+    ray.get(delayed.refs, timeout=30)
     assert checked_get(kv.client, keys) == {"hits": 16, "corrupt": 0,
                                             "sources": [(kv.rc.node_id(0), "local")] * 16}
 
