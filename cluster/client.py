@@ -564,11 +564,13 @@ class Client:
         return ray.get(self._controller.best_node.remote(check_keys(keys)), timeout=RPC_TIMEOUT_S)
 
     def report_residency(self, engine_id: str, stored: Sequence[bytes] = (), removed: Sequence[bytes] = (),
-                         cleared: bool = False, node_id: str | None = None) -> bool:
+                         cleared: bool = False, node_id: str | None = None) -> dict:
         """An inference engine's blocks entering (`stored`) or leaving (`removed`) its own HBM,
         for best_node (cluster/residency.py); with `cleared`, its earlier ones are forgotten
         first. Also the engine's heartbeat: one silent for 30 s is forgotten. `node_id`: the
-        engine's node (default this client's). False if that is no node of the cluster."""
+        engine's node (default this client's). Returns {"known_node": whether that is a node of
+        the cluster (else the report is ignored), "resend": whether the engine must report all
+        it holds again, with `cleared` (an index shard restarted and lost its reports)}."""
         return ray.get(self._controller.report_residency.remote(
             check_engine_id(engine_id), node_id or self.node_id, check_keys(stored), check_keys(removed), cleared),
             timeout=RPC_TIMEOUT_S)

@@ -70,6 +70,7 @@ class ControllerService:
         self._verify_counts: dict[tuple[str, str], dict[str, int]] = {}
         self._quarantined: dict[tuple[str, str], dict] = {}
         self._engines = residency.Engines()  # engines reporting their HBM residency
+        self._resend_residency: set[str] = set()  # engines some shard lacks the reports of (see _check_residency)
         self._stopping = threading.Event()
         self._membership = threading.Thread(target=self._watch_membership, name="kvstore-membership", daemon=True)
         self._membership.start()
@@ -146,20 +147,25 @@ class ControllerService:
         return residency.best_node(per_node, per_engine, node_of)
 
     def report_residency(self, engine_id: str, node_id: str, stored: list[bytes], removed: list[bytes],
-                         cleared: bool = False) -> bool:
+                         cleared: bool = False) -> dict:
         """An engine's connector: these prompt blocks entered (left) the engine's HBM; with
-        `cleared`, forget its earlier ones first. Also its heartbeat (every HEARTBEAT_S, maybe
-        with no blocks). Returns False if `node_id` is not a node of the cluster (ignored)."""
+        `cleared`, forget its earlier ones first (the report holds all it has). Also its
+        heartbeat (every HEARTBEAT_S, maybe with no blocks). Returns {"known_node": False} if
+        `node_id` is not a node of the cluster (ignored); "resend": True when some shard lacks
+        the engine's earlier reports (it restarted): the engine then reports all it holds, cleared."""
         with self._lock:
             if node_id not in self._nodes:
-                return False
+                return {"known_node": False, "resend": False}
             self._engines.heard(engine_id, node_id)
+            resend = engine_id in self._resend_residency and not cleared
+            if cleared:
+                self._resend_residency.discard(engine_id)
         stored_parts = {p.shard: p.keys for p in shardmap.split(stored, len(self._shards))} if stored else {}
         removed_parts = {p.shard: p.keys for p in shardmap.split(removed, len(self._shards))} if removed else {}
         shards = set(range(len(self._shards))) if cleared else stored_parts.keys() | removed_parts.keys()
         ray.get([self._shards[s].report_residency.remote(engine_id, stored_parts.get(s, b""), removed_parts.get(s, b""),
                                                          cleared) for s in shards], timeout=30)
-        return True
+        return {"known_node": True, "resend": resend}
 
     def delete(self, keys: list[bytes]) -> int:
         targets: dict[str, list[bytes]] = {}
@@ -219,6 +225,23 @@ class ControllerService:
             except Exception:
                 log.exception("membership check failed; retrying")
 
+    def _check_residency(self) -> None:
+        """Finds the engines whose residency some shard lacks (it restarted, or forgot an engine
+        gone silent that reports again): their next report is answered "resend". An engine whose
+        resend lands while this runs may be asked once more: a resend replaces, never adds."""
+        with self._lock:
+            heard = set(self._engines.node_of())
+        if not heard:
+            return
+        try:
+            per_shard = ray.get([shard.whole_engines.remote() for shard in self._shards], timeout=LOOKUP_TIMEOUT_S)
+        except Exception as e:  # a shard is restarting: asked again next round
+            log.info("index shards' residency state unavailable (%s)", type(e).__name__)
+            return
+        whole = set.intersection(*(set(engines) for engines in per_shard))
+        with self._lock:
+            self._resend_residency = heard - whole
+
     def _forget_node(self, node_id: str) -> None:
         """This controller's state of a node whose actor is gone (its Ray node died, or the actor
         crashed). The caller holds the lock and tells the shards."""
@@ -252,6 +275,7 @@ class ControllerService:
             log.info("forgetting the HBM residency of %d engines not heard from: %s", len(silent), silent[:4])
             ray.wait([shard.forget_engines.remote(silent) for shard in self._shards], num_returns=len(self._shards),
                      timeout=10)
+        self._check_residency()
         if dead - self._dropped_in_shards:  # every shard at once; one restarting rebuilds from live nodes only
             refs = [shard.drop_nodes.remote(sorted(dead)) for shard in self._shards]
             done, _ = ray.wait(refs, num_returns=len(refs), timeout=10)

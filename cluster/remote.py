@@ -458,13 +458,13 @@ class RemoteClient:
                      answer["expires_in_s"])
 
     def report_residency(self, engine_id: str, stored: Sequence[bytes] = (), removed: Sequence[bytes] = (),
-                         cleared: bool = False, node_id: str | None = None) -> bool:
+                         cleared: bool = False, node_id: str | None = None) -> dict:
         """As Client.report_residency, over POST /v1/residency (keys in this tenant's scope)."""
         stored, removed = check_keys(stored), check_keys(removed)
         answer = self._http.call("POST", "/v1/residency", {
             "engine_id": check_engine_id(engine_id), "node_id": node_id or self.node_id,
             "stored": [k.hex() for k in stored], "removed": [k.hex() for k in removed], "cleared": cleared})
-        return bool(answer["known_node"])
+        return {"known_node": bool(answer["known_node"]), "resend": bool(answer["resend"])}
 
     def release_lease(self, lease: "Lease | str") -> None:
         """Unpins a lease this caller took; LeaseError if it is not open (ended, or another's)."""

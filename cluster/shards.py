@@ -40,6 +40,7 @@ class IndexShard:
         self.shard, self.count = shard, count
         self._index = CompactIndex()
         self._hbm = CompactIndex()  # engines' HBM residency (cluster/residency.py): holders are engine ids
+        self._hbm_whole: set[str] = set()  # engines whose whole residency this shard has (a cleared report since it started)
         self._lock = threading.Lock()
         self._streams: dict[str, list] = {}  # node id -> [stream id, number of the next chunk]
         self._synced: set[str] = set()  # nodes whose current stream's snapshot has been applied
@@ -135,10 +136,11 @@ class IndexShard:
 
     def report_residency(self, engine_id: str, stored: bytes, removed: bytes, cleared: bool = False) -> None:
         """An engine's blocks now in its HBM (`stored`) and gone from it (`removed`), after
-        forgetting all of its earlier ones if `cleared`."""
+        forgetting all of its earlier ones if `cleared` (a report of all it holds)."""
         with self._lock:
             if cleared:
                 self._hbm.drop_node(engine_id)
+                self._hbm_whole.add(engine_id)
             if removed:
                 self._hbm.remove(engine_id, keys_array(removed))
             if stored:
@@ -148,6 +150,13 @@ class IndexShard:
         with self._lock:
             for engine_id in engine_ids:
                 self._hbm.drop_node(engine_id)
+                self._hbm_whole.discard(engine_id)
+
+    def whole_engines(self) -> list[str]:
+        """Engines whose whole residency this shard has: any other must send all of it again
+        (this shard restarted, or forgot it while it was silent)."""
+        with self._lock:
+            return sorted(self._hbm_whole)
 
     def synced_nodes(self) -> list[str]:
         with self._lock:

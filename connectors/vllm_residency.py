@@ -8,7 +8,8 @@ publishes them and knows, for every prompt it has seen, both vLLM's block hashes
 maps the hashes of GPU blocks to TP rank 0's keys (the keys a router looks a prompt up by), and
 reports them to the kvstore cluster in batches (`report_residency`), with a heartbeat every
 HEARTBEAT_S, so `best_node` can name this engine for a prompt whose prefix is in its HBM
-(cluster/residency.py). Blocks of prompts the connector never saw (decode tokens, requests that
+(cluster/residency.py). It keeps what the engine holds, to report it all again when the cluster
+answers "resend" (an index shard restarted and lost the reports). Blocks of prompts the connector never saw (decode tokens, requests that
 came before it) are not reported: the report is a routing hint, never a claim of data.
 """
 from __future__ import annotations
@@ -67,6 +68,7 @@ class HBMResidency:
         self._client = client
         self.engine_id = engine_id
         self._key_of: collections.OrderedDict = collections.OrderedDict()  # vLLM hash -> kvstore key
+        self._resident: dict[bytes, None] = {}  # the keys the engine's HBM holds now (the reader thread's)
         self._lock = threading.Lock()
         self._sub = zmq.Context.instance().socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
@@ -75,6 +77,7 @@ class HBMResidency:
         self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self._stop = threading.Event()
         self.reports = 0  # sent to the cluster (tests and stats)
+        self.resends = 0  # of them, everything the engine holds, the cluster having lost it
         self._thread = threading.Thread(target=self._run, name="kvstore-hbm-residency", daemon=True)
         self._thread.start()
         log.info("kvstore connector: reporting engine %s's HBM residency from its KV events at %s", engine_id, endpoint)
@@ -110,7 +113,7 @@ class HBMResidency:
             now = time.monotonic()
             if (stored or removed or cleared) and now - reported_at >= REPORT_PERIOD_S or now - reported_at >= HEARTBEAT_S:
                 try:
-                    self._client.report_residency(self.engine_id, list(stored), list(removed), cleared)
+                    answer = self._client.report_residency(self.engine_id, list(stored), list(removed), cleared)
                 except Exception as e:  # noqa: BLE001 - kept and sent again with the next report
                     log.warning("kvstore connector: reporting HBM residency failed (sent again later): %s", e)
                     reported_at = now
@@ -120,6 +123,13 @@ class HBMResidency:
                 removed.clear()
                 cleared = False
                 reported_at = now
+                if answer["resend"]:  # the next report: everything the engine holds, in place of the lost
+                    log.info("kvstore connector: the cluster lost engine %s's residency; reporting its %d blocks "
+                             "again", self.engine_id, len(self._resident))
+                    stored.update(self._resident)
+                    cleared = True
+                    self.resends += 1
+                    reported_at = 0.0
 
     @staticmethod
     def _events(payload: bytes) -> list:
@@ -138,6 +148,7 @@ class HBMResidency:
         if kind == "AllBlocksCleared":
             stored.clear()
             removed.clear()
+            self._resident.clear()
             return True
         if event.get("medium") not in (None, "GPU"):
             return False
@@ -147,9 +158,13 @@ class HBMResidency:
             if kind == "BlockStored":
                 removed.pop(key, None)
                 stored[key] = None
+                self._resident[key] = None
+                if len(self._resident) > MAX_MAPPED:  # one whose removal could not be mapped, likely
+                    del self._resident[next(iter(self._resident))]
             elif kind == "BlockRemoved":
                 stored.pop(key, None)
                 removed[key] = None
+                self._resident.pop(key, None)
         return False
 
 

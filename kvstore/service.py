@@ -14,8 +14,9 @@
     POST /v1/leases/release  {"lease_id": "..."} -> {"released": true}; 404 for a lease the caller did
                          not take (or that ended)
     POST /v1/residency   {"engine_id", "node_id", "stored": [hex, ...], "removed": [hex, ...], "cleared": bool}
-                         -> {"known_node": bool}: an engine's blocks entering or leaving its HBM, and its
-                         heartbeat (cluster/residency.py); best_node weighs them
+                         -> {"known_node": bool, "resend": bool}: an engine's blocks entering or leaving
+                         its HBM, and its heartbeat (cluster/residency.py); best_node weighs them. "resend":
+                         an index shard lost the engine's reports: report all it holds, with "cleared"
     GET  /               the status page (HTML, refreshes itself)
 
 Auth: `Authorization: Bearer <token>`, or HTTP Basic auth with the token as the password (a
@@ -245,8 +246,8 @@ class Service:
         removed = tenant.stored(_hex_keys(body.get("removed", []), "removed"))
         if not tenant.is_admin:
             engine_id = f"{tenant.name}/{engine_id}"
-        known = await asyncio.to_thread(self.backend.report_residency, engine_id, stored, removed, cleared, node_id)
-        return web.json_response({"known_node": known})
+        answer = await asyncio.to_thread(self.backend.report_residency, engine_id, stored, removed, cleared, node_id)
+        return web.json_response({"known_node": answer["known_node"], "resend": answer["resend"]})
 
     def _remember_lease(self, lease_id: str, tenant: str, ttl_s: float) -> None:
         """Who took a lease, until it ends (the oldest forgotten first past the bound)."""

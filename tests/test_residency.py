@@ -45,6 +45,22 @@ def test_an_engines_hbm_prefix_is_counted_apart_from_the_stores_holders():
     assert reader.hbm_prefix_by_engine(prompt, ["e1"]) == {"e1": 0}
 
 
+def test_a_shard_has_an_engines_whole_residency_only_from_a_cleared_report_on():
+    """What the controller asks to answer "resend": a shard restarted (a new one here) or one
+    that forgot a silent engine lacks its earlier reports until one says all it holds."""
+    table, _ = shards()
+    prompt = [rand_key() for _ in range(4)]
+    report(table, "e1", prompt, cleared=True)
+    assert [shard.whole_engines() for shard in table] == [["e1"], ["e1"]]
+    table[0] = IndexShard(0, 2)  # restarted: empty
+    report(table, "e1", removed=prompt[:1])
+    assert [shard.whole_engines() for shard in table] == [[], ["e1"]]
+    report(table, "e1", prompt[1:], cleared=True)
+    assert [shard.whole_engines() for shard in table] == [["e1"], ["e1"]]
+    table[1].forget_engines(["e1"])
+    assert table[1].whole_engines() == []
+
+
 def test_the_stores_holders_and_hbm_residency_do_not_mix():
     table, reader = shards()
     prompt = [rand_key() for _ in range(3)]

@@ -38,7 +38,7 @@ class Backend:
 
     def report_residency(self, engine_id, stored, removed, cleared, node_id):
         self.reported.append((engine_id, stored, removed, cleared, node_id))
-        return node_id in ("n1", "n2")
+        return {"known_node": node_id in ("n1", "n2"), "resend": engine_id == "lost-by-a-shard"}
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,9 @@ def test_a_residency_report_reaches_the_backend_and_says_whether_the_node_is_kno
     Backend.reported.clear()
     body = {"engine_id": "e1", "node_id": "n2", "stored": [HELD.hex()], "removed": [], "cleared": True}
     status, reply = post(address, json.dumps(body).encode(), path=b"/v1/residency")
-    assert status == 200 and json.loads(reply) == {"known_node": True}
+    assert status == 200 and json.loads(reply) == {"known_node": True, "resend": False}
     assert Backend.reported == [("e1", [HELD], [], True, "n2")]
     status, reply = post(address, json.dumps({**body, "node_id": "elsewhere"}).encode(), path=b"/v1/residency")
-    assert status == 200 and json.loads(reply) == {"known_node": False}
+    assert status == 200 and json.loads(reply) == {"known_node": False, "resend": False}
+    status, reply = post(address, json.dumps({**body, "engine_id": "lost-by-a-shard"}).encode(), path=b"/v1/residency")
+    assert status == 200 and json.loads(reply) == {"known_node": True, "resend": True}

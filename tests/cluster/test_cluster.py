@@ -17,11 +17,13 @@ import pyarrow.flight as flight
 import pytest
 import ray
 import torch
+import zmq
 
 import kvstore
 from kvstore import Layout, block_keys, chain_parents
 from kvstore.cluster.localcluster import RayTestCluster
 from kvstore.cluster.shardmap import shard_actor_name
+from kvstore.connectors.vllm_residency import HBMResidency
 from delayed_binds import DelayedBinds
 from kvtest_support import http_call, http_service, wait_for
 
@@ -473,7 +475,7 @@ def test_best_node_prefers_an_engine_holding_the_prompt_in_hbm(cluster):
     client.put(LAYOUT, keys[:4], payload(keys[:4]), wait_index=True)  # node A's store: the first 4 blocks
     assert client.best_node(keys)["node_id"] == rc.node_id(0)
     # An engine on node B reports 5 of them in its HBM (its connector, from vLLM's KV events).
-    assert client.report_residency("engine-b", keys[:5], node_id=rc.node_id(1))
+    assert client.report_residency("engine-b", keys[:5], node_id=rc.node_id(1)) == {"known_node": True, "resend": False}
     best = client.best_node(keys)
     assert (best["node_id"], best["engine_id"], best["hbm_prefix_blocks"]) == (rc.node_id(1), "engine-b", 5)
     assert client.where(keys[4:5]) == [[]]  # an engine's HBM is no holder to pull from
@@ -481,7 +483,7 @@ def test_best_node_prefers_an_engine_holding_the_prompt_in_hbm(cluster):
     best = client.best_node(keys)
     assert (best["node_id"], best["engine_id"], best["prefix_blocks"]) == (rc.node_id(0), None, 4)
     assert best["per_engine"] == {"engine-b": 3}
-    assert not client.report_residency("engine-x", keys, node_id="no-such-node")  # ignored
+    assert not client.report_residency("engine-x", keys, node_id="no-such-node")["known_node"]  # ignored
     client.report_residency("engine-b", cleared=True, node_id=rc.node_id(1))
     assert client.best_node(keys)["per_engine"] == {}
 
@@ -696,6 +698,40 @@ def test_the_index_has_at_least_two_shards_and_one_restarted_rebuilds_from_the_n
     assert shards[0]["streams"] >= 1
     assert [s["streams"] for s in shards[1:]] == streams_elsewhere, "the other shards were not resent anything"
     print(f"shard 0 rebuilt; a partial answer was seen during the rebuild: {seen_partial}")
+
+
+def test_an_engines_hbm_residency_is_reported_again_after_a_shard_restart(cluster, tmp_path):
+    """The connector's residency reporter follows an engine's KV events (vLLM's wire format, on a
+    real ZMQ socket). A restarted shard has lost its part of the reports: the cluster answers the
+    engine's next report (its heartbeat at the latest) with "resend", and the reporter sends
+    everything the engine holds, so best_node names the engine for the whole prompt again."""
+    rc, client = cluster
+    keys = block_keys(tokens(71, 12), LAYOUT, "hbm-resend")
+    hashes = [f"vllm-hash-{i}".encode() for i in range(len(keys))]
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    endpoint = f"ipc://{tmp_path}/kv-events"
+    pub.bind(endpoint)
+    reporter = HBMResidency(client, "engine-resend", endpoint)
+    try:
+        reporter.learn(hashes, keys)
+        stored = {"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": None, "token_ids": [],
+                  "block_size": 16, "lora_id": None, "medium": "GPU"}
+
+        def named() -> bool:
+            pub.send_multipart([b"", (0).to_bytes(8, "big"), msgpack.packb([time.time(), [stored], 0])])
+            best = client.best_node(keys)  # (sent until the subscription has joined: ZMQ drops before)
+            return (best["engine_id"], best["hbm_prefix_blocks"]) == ("engine-resend", 12)
+
+        wait_for(named, 30, "the engine's HBM residency to be reported")
+        assert reporter.resends == 0
+        ray.kill(ray.get_actor(shard_actor_name(0), namespace="kvstore"), no_restart=False)
+        # No more events: only the reporter's heartbeat can learn that shard 0 lost its part.
+        wait_for(lambda: reporter.resends >= 1, 30, "the cluster to ask the reporter for everything again")
+        wait_for(lambda: client.best_node(keys)["hbm_prefix_blocks"] == 12, 10, "the engine's whole residency again")
+        assert client.best_node(keys)["engine_id"] == "engine-resend"
+    finally:
+        reporter.close()
+        pub.close(linger=0)
 
 
 def test_controller_restart_rebuilds_the_index(cluster):
