@@ -15,9 +15,17 @@ Each consumer answers a warm-up prompt first, so one-time start-up costs are not
   (VLLM_ENABLE_V1_MULTIPROCESSING=1), where the connector's scheduler side runs;
 - openai: two vLLM OpenAI servers in PD roles on kvstore:// (the prefill server asked with
   max_tokens=1 and do_remote_decode, the decode server with the kv_transfer_params it returned);
-  without the KV: the decode server answering a prompt of the same length that no store holds.
+  without the KV: the decode server answering a prompt of the same length that no store holds;
+- serve: Ray Serve LLM's PD app (`build_pd_openai_app`, vLLM 0.29 and ray[serve]: run it with
+  .venv-vllm-0.29.0/bin/python and `--paths serve`), its engines in the Ray cluster as
+  helm/examples configures them, asked through its OpenAI endpoint with the openai client. Its
+  decode side orchestrates prefill, so what a client sees is the whole request's time to the
+  first streamed token: prefill on one engine, then decode's first token on the other, with the
+  KV handed over; without: the same app with the decode engine in another key namespace, so
+  it finds nothing and computes the prompt itself.
 Figures: `ttft_s_<path>_kv`, `ttft_s_<path>_recompute`, `speedup_<path>` (recompute / with KV;
-target >= 1.5: a load must beat computing the prompt).
+target >= 1.5: a load must beat computing the prompt; for serve, where both include the
+prefill, at most 2 can be reached).
 """
 from __future__ import annotations
 
@@ -125,6 +133,37 @@ def two_servers(model: str, extra: dict, prompt: list[int], warm: list[int], col
                 proc.kill()
 
 
+def serve_pd(model: str, host: str, prompt: list[int], warm: list[int], same_namespace: bool) -> float:
+    """Ray Serve LLM's PD app, deployed in the Ray cluster this process is a driver of: seconds
+    to the first streamed token of `prompt` (after a warm-up request of `warm`). Without
+    `same_namespace`, the decode engine's keys are not the prefill engine's: it computes."""
+    import openai
+    from ray import serve
+    from ray.serve.llm import build_pd_openai_app
+    from vllm_support import serve_engine_config
+
+    sizes = {"max_model_len": 4096, "kv_cache_bytes": 256 * 1024**2}
+    app = build_pd_openai_app({
+        "prefill_config": serve_engine_config(model, "kv_producer", "ttft-serve", **sizes),
+        "decode_config": serve_engine_config(model, "kv_consumer", "ttft-serve" if same_namespace else "ttft-elsewhere",
+                                             **sizes)})
+    serve.start(http_options={"host": host, "port": 8124})
+    try:
+        serve.run(app, blocking=False)
+        api = openai.OpenAI(base_url=f"http://{host}:8124/v1", api_key="unused", timeout=300)
+
+        def first_token_s(tokens: list[int]) -> float:
+            start = time.perf_counter()
+            for _ in api.completions.create(model="tiny", prompt=tokens, max_tokens=1, temperature=0, stream=True):
+                return time.perf_counter() - start
+            raise AssertionError("the PD app streamed nothing")
+
+        first_token_s(warm)
+        return first_token_s(prompt)
+    finally:
+        serve.shutdown()
+
+
 def main(argv=None) -> int:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--load-mode", choices=("async", "sync"), help="the consumers' kvstore_load_mode (default: the connector's)")
@@ -163,6 +202,13 @@ def main(argv=None) -> int:
             at_producer, at_consumer, extra = paths.get(name, ({}, {}, remote))
             extra = {**extra, "kvstore_namespace": f"ttft-{name}", "kvstore_verify_fraction": 0,
                      "kvstore_verify_first_n": 0, **({"kvstore_load_mode": args.load_mode} if args.load_mode else {})}
+            if name == "serve":
+                with_kv = serve_pd(model, rc.ips[0], prompt, warm, same_namespace=True)
+                recomputed = serve_pd(model, rc.ips[0], cold, warm, same_namespace=False)
+                figures.update({"ttft_s_serve_kv": with_kv, "ttft_s_serve_recompute": recomputed,
+                                "speedup_serve": recomputed / with_kv})
+                print(f"{name}: with the KV {with_kv:.3f} s, decode recomputing {recomputed:.3f} s", flush=True)
+                continue
             if name == "openai":
                 with_kv, recomputed = two_servers(model, extra, prompt, warm, cold)
                 figures.update({"ttft_s_openai_kv": with_kv, "ttft_s_openai_recompute": recomputed,

@@ -10,47 +10,18 @@ ray[serve] there) and is skipped where `ray.serve.llm` does not import.
 """
 from __future__ import annotations
 
-import importlib.util
 import time
 
 import numpy as np
 import pytest
 
 from test_engine import loads
-from vllm_support import needs_engine, needs_vllm, run_engine
+from vllm_support import needs_engine, needs_vllm, run_engine, serve_engine_config, serve_llm_imports
 
 pytestmark = [pytest.mark.vllm, needs_vllm, needs_engine]
 
 MAX_TOKENS = 8
 PORT = 8123
-
-
-def serve_llm_imports() -> bool:
-    if importlib.util.find_spec("ray.serve") is None:
-        return False
-    try:
-        import ray.serve.llm  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def engine_config(model: str, role: str):
-    from ray.serve.llm import LLMConfig
-
-    return LLMConfig(
-        model_loading_config={"model_id": "tiny", "model_source": model},
-        deployment_config={"num_replicas": 1},
-        placement_group_config={"bundles": [{"CPU": 1}]},
-        engine_kwargs={"dtype": "float32", "enforce_eager": True, "max_model_len": 1024, "max_num_seqs": 4,
-                       "kv_cache_memory_bytes": 16 * 1024**2, "enable_prefix_caching": False,
-                       "kv_transfer_config": {
-                           "kv_connector": "KVStoreConnector", "kv_connector_module_path": "kvstore.connectors.vllm",
-                           "kv_role": role, "kv_load_failure_policy": "recompute",
-                           # no kvstore_address: the Ray cluster the engine runs in, as in helm/examples
-                           "kv_connector_extra_config": {"kvstore_namespace": "serve-pd", "kvstore_verify_fraction": 0,
-                                                         "kvstore_verify_first_n": 0}}},
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}})
 
 
 def words(seed: int, n: int) -> list[int]:
@@ -72,8 +43,8 @@ def test_serve_pd_app_hands_kv_over_and_answers_as_one_engine(tiny_model, kv_clu
     prompts = [words(21, 300), words(22, 300), words(23, 300)]
     baseline = run_engine({"model": tiny_model, "max_tokens": MAX_TOKENS, "rounds": [{"prompts": prompts}]})
     expected = [text(t) for t in baseline["rounds"][0]["tokens"]]
-    app = build_pd_openai_app({"prefill_config": engine_config(tiny_model, "kv_producer"),
-                               "decode_config": engine_config(tiny_model, "kv_consumer")})
+    app = build_pd_openai_app({"prefill_config": serve_engine_config(tiny_model, "kv_producer"),
+                               "decode_config": serve_engine_config(tiny_model, "kv_consumer")})
     serve.start(http_options={"host": rc.ips[0], "port": PORT})
     try:
         serve.run(app, blocking=False)
