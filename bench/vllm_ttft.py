@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     prompt, warm, cold = (rng.integers(3, 500, PROMPT_TOKENS).tolist() for _ in range(3))
     base = {"model": model, "max_tokens": 1, "max_model_len": 4096, "kv_cache_bytes": 256 * 1024**2}
-    rc = RayTestCluster(2).start()
+    rc = RayTestCluster(2, num_cpus=3).start()  # CPUs for Ray Serve's replicas (the serve path)
     figures: dict = {}
     try:
         client = kvstore.connect(rc.gcs_address, host_tier_bytes="1GiB", event_batch_ms=10, lease_ttl_s=120)
