@@ -9,8 +9,9 @@ maps the hashes of GPU blocks to TP rank 0's keys (the keys a router looks a pro
 reports them to the kvstore cluster in batches (`report_residency`), with a heartbeat every
 HEARTBEAT_S, so `best_node` can name this engine for a prompt whose prefix is in its HBM
 (cluster/residency.py). It keeps what the engine holds, to report it all again when the cluster
-answers "resend" (an index shard restarted and lost the reports). Blocks of prompts the connector never saw (decode tokens, requests that
-came before it) are not reported: the report is a routing hint, never a claim of data.
+answers "resend" (an index shard restarted and lost the reports). Blocks of prompts the
+connector never saw (decode tokens, requests that came before it) are not reported: the report
+is a routing hint, never a claim of data.
 """
 from __future__ import annotations
 
